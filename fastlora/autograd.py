@@ -1,0 +1,143 @@
+r"""The LoRA linear op and its exact gradients, registered with ``torch.library`` so that ``torch.compile``
+traces through it without a graph break.
+
+Forward, with x (M, K), W (N, K), A (r, K), B (N, r), s the scaling and m the dropout keep mask (scaled by
+1/(1-p), all ones without dropout)::
+
+    h = (x ⊙ m) Aᵀ                      (M, r)   saved, fp32 for half inputs
+    y = x Wᵀ + b + s · h Bᵀ             (M, N)
+
+Backward, given dY = ∂L/∂y (M, N)::
+
+    ∂L/∂h = dh = s · dY B               (M, r)
+    ∂L/∂B = dB = s · dYᵀ h              (N, r)    since y depends on B only through s·h Bᵀ
+    ∂L/∂A = dA = dhᵀ (x ⊙ m)            (r, K)    since h = (x ⊙ m) Aᵀ
+    ∂L/∂x = dx = dY W + (dh A) ⊙ m      (M, K)    the base path, plus the LoRA path through the mask
+    ∂L/∂W = dW = dYᵀ x                  (N, K)    only when W requires grad (frozen in LoRA: skipped)
+    ∂L/∂b = db = Σ_rows dY              (N,)      only when b requires grad
+
+``B @ A`` appears nowhere. Saved for backward: x, h and the dropout seed (plus the parameters, which cost no
+memory); the mask m is regenerated from the seed, so it is the forward's bit for bit, and never stored.
+
+Each op's body picks the implementation: the Triton kernels (``fastlora.kernels``) or the pure-PyTorch math
+(``fastlora.reference``); both expose ``lora_forward`` / ``lora_backward`` with the same signature.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+__all__ = ["lora_linear_train", "lora_linear_infer"]
+
+
+def _impl(use_triton: bool):
+    if use_triton:
+        from fastlora import kernels  # imported on first use: importing triton is slow and optional
+
+        return kernels
+    return reference
+
+
+def _draw_seed(dropout_p: float) -> Tensor:
+    """The dropout seed, from torch's default (CPU) generator: torch.manual_seed makes runs repeatable, and
+    activation checkpointing, which restores the RNG state, recomputes the same mask. It is drawn inside the
+    op so that torch.compile'd code consumes the generator exactly as eager code does."""
+    if dropout_p > 0.0:
+        return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+    return torch.zeros((), dtype=torch.int64)
+
+
+@torch.library.custom_op("fastlora::lora_linear_fwd", mutates_args=())
+def _lora_linear_fwd(
+    x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
+    scaling: float, dropout_p: float, use_triton: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (y, h, seed); the seed (a CPU int64 scalar) is saved for the backward's mask."""
+    seed = _draw_seed(dropout_p)
+    y, h = _impl(use_triton).lora_forward(
+        x, weight, lora_A, lora_B, bias, scaling, dropout_p, int(seed), save_h=True
+    )
+    return y, h, seed
+
+
+@_lora_linear_fwd.register_fake
+def _(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton):
+    M = x.shape[0]
+    y = x.new_empty(M, weight.shape[0])
+    h = x.new_empty(M, lora_A.shape[0], dtype=reference.h_dtype(x.dtype))
+    return y, h, torch.empty((), dtype=torch.int64, device="cpu")
+
+
+@torch.library.custom_op("fastlora::lora_linear_infer", mutates_args=())
+def _lora_linear_infer(
+    x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
+    scaling: float, dropout_p: float, use_triton: bool,
+) -> Tensor:
+    y, _ = _impl(use_triton).lora_forward(
+        x, weight, lora_A, lora_B, bias, scaling, dropout_p, int(_draw_seed(dropout_p)), save_h=False
+    )
+    return y
+
+
+@_lora_linear_infer.register_fake
+def _(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("fastlora::lora_linear_bwd", mutates_args=())
+def _lora_linear_bwd(
+    grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, h: Tensor, seed: Tensor,
+    scaling: float, dropout_p: float, use_triton: bool, needs_grad: list[bool],
+) -> list[Tensor]:
+    """Returns [dx, dW, dA, dB, dbias]; a gradient that is not needed comes back as an empty tensor
+    (custom ops cannot return None)."""
+    grads = _impl(use_triton).lora_backward(
+        grad_y, x, weight, lora_A, lora_B, h, scaling, dropout_p, int(seed), *needs_grad
+    )
+    return [g if g is not None else grad_y.new_empty(0) for g in grads]
+
+
+@_lora_linear_bwd.register_fake
+def _(grad_y, x, weight, lora_A, lora_B, h, seed, scaling, dropout_p, use_triton, needs_grad):
+    like = (x, weight, lora_A, lora_B, grad_y.new_empty(weight.shape[0]))
+    return [t.new_empty(t.shape) if need else grad_y.new_empty(0) for t, need in zip(like, needs_grad)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton = inputs
+    _, h, seed = output
+    ctx.save_for_backward(x, weight, lora_A, lora_B, h, seed)
+    ctx.scaling, ctx.dropout_p, ctx.use_triton = scaling, dropout_p, use_triton
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_y, grad_h, grad_seed):
+    # h and seed are internal outputs that callers never use: their gradients are ignored.
+    x, weight, lora_A, lora_B, h, seed = ctx.saved_tensors
+    nx, nw, na, nb, nbias = ctx.needs_input_grad[:5]
+    needs = [nx, nw, na, nb, nbias and ctx.has_bias]
+    if not any(needs):
+        return (None,) * 8
+    grads = _lora_linear_bwd(
+        grad_y, x, weight, lora_A, lora_B, h, seed, ctx.scaling, ctx.dropout_p, ctx.use_triton, needs
+    )
+    out = [g if need else None for g, need in zip(grads, needs)]
+    return (*out, None, None, None)
+
+
+torch.library.register_autograd("fastlora::lora_linear_fwd", _backward, setup_context=_setup_context)
+
+
+def lora_linear_train(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton) -> Tensor:
+    """2-D op with autograd: saves x, h and the seed."""
+    y, _, _ = _lora_linear_fwd(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton)
+    return y
+
+
+def lora_linear_infer(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton) -> Tensor:
+    """2-D op without autograd: saves nothing and skips h's extra store."""
+    return _lora_linear_infer(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton)

@@ -1,0 +1,74 @@
+"""Backend selection: which implementation `lora_linear` runs.
+
+``auto`` (the default) runs the Triton kernels on CUDA tensors of a kernel dtype (fp16, bf16, fp32) and the
+pure-PyTorch path everywhere else; ``torch`` always runs the pure-PyTorch path; ``triton`` always runs the
+kernels and fails loudly where they cannot run. The environment variable ``FASTLORA_BACKEND`` sets the
+initial choice.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_backend: str | None = None  # None: not chosen yet, read FASTLORA_BACKEND
+
+
+def _check(name: object, source: str) -> str:
+    if not isinstance(name, str) or name.lower() not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
+    return name.lower()
+
+
+def set_backend(name: str) -> None:
+    """Choose the implementation: ``"auto"``, ``"torch"`` or ``"triton"``."""
+    global _backend
+    _backend = _check(name, "backend")
+
+
+def get_backend() -> str:
+    """The current choice: set_backend's last value, else ``$FASTLORA_BACKEND``, else ``"auto"``."""
+    if _backend is None:
+        return _check(os.environ.get("FASTLORA_BACKEND", "auto"), "FASTLORA_BACKEND")
+    return _backend
+
+
+def triton_interpreted() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton(device: torch.device, dtype: torch.dtype) -> bool:
+    """Resolve the backend for tensors on ``device`` with compute dtype ``dtype``.
+
+    Raises where ``triton`` was asked for but cannot run, instead of silently falling back.
+    """
+    backend = get_backend()
+    if backend == "torch":
+        return False
+    kernel_device = device.type == "cuda" or (device.type == "cpu" and triton_interpreted())
+    if backend == "auto":
+        return device.type == "cuda" and dtype in KERNEL_DTYPES and triton_available()
+    if not triton_available():
+        raise RuntimeError("fastlora backend 'triton' needs the triton package: pip install triton")
+    if not kernel_device:
+        raise RuntimeError(
+            f"fastlora backend 'triton' cannot run on {device.type} tensors: the kernels need CUDA, or the CPU "
+            "through the Triton interpreter (set TRITON_INTERPRET=1 before triton is imported)"
+        )
+    if dtype not in KERNEL_DTYPES:
+        raise TypeError(
+            f"fastlora backend 'triton' supports input dtypes {[str(d) for d in KERNEL_DTYPES]}, got {dtype}; "
+            "use backend 'torch' or 'auto' for it"
+        )
+    return True

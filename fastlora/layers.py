@@ -1,0 +1,148 @@
+"""nn.Modules. No math of their own: they hold parameters and call ``fastlora.functional``."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .functional import lora_linear
+
+__all__ = ["LoRALinear"]
+
+
+def _check_lora_args(r, lora_alpha, lora_dropout) -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"LoRA rank r must be a positive int, got {r!r}")
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)):
+        raise TypeError(f"lora_alpha must be a number, got {lora_alpha!r}")
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout must be a float in [0, 1), got {lora_dropout!r}")
+
+
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """PEFT's default: adapters stay fp32 on an fp16/bf16 base; otherwise they take the base's dtype."""
+    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+
+
+class LoRALinear(nn.Module):
+    r"""Drop-in for ``nn.Linear`` with a LoRA update: ``y = x Wᵀ + b + s · (dropout(x) Aᵀ) Bᵀ``.
+
+    ``weight`` (out, in) and ``bias`` (out,) are frozen (set ``bias.requires_grad_(True)`` to train the bias);
+    ``lora_A`` (r, in) and ``lora_B`` (out, r) train. ``scaling`` is ``lora_alpha / r``, or ``lora_alpha / √r``
+    with ``use_rslora``. Initialised as PEFT: A kaiming-uniform (a=√5), B zeros, so a new layer equals its base.
+    Adapters are fp32 on an fp16/bf16 base (PEFT's default); the output has the input's dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0, use_rslora: bool = False):
+        super().__init__()
+        _check_lora_args(r, lora_alpha, lora_dropout)
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.out_features = out_features
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.lora_dropout = float(lora_dropout)
+        self.use_rslora = bool(use_rslora)
+        self.merged = False
+        self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory), requires_grad=False)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        adapter = {"device": device, "dtype": adapter_dtype(self.weight.dtype)}
+        self.lora_A = nn.Parameter(torch.empty((r, in_features), **adapter))
+        self.lora_B = nn.Parameter(torch.empty((out_features, r), **adapter))
+        self.reset_parameters()
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialisation of weight and bias, then PEFT's of the adapters."""
+        if self.weight.device.type != "meta":
+            with torch.no_grad():
+                nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+                if self.bias is not None:
+                    bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
+                    nn.init.uniform_(self.bias, -bound, bound)
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        if self.lora_A.device.type == "meta":
+            return
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                    use_rslora: bool = False) -> "LoRALinear":
+        """Wrap ``linear``, sharing its weight and bias tensors (no copy) and freezing them."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        _check_lora_args(r, lora_alpha, lora_dropout)
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
+                    dtype=linear.weight.dtype, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                    use_rslora=use_rslora)
+        layer.weight = linear.weight
+        layer.weight.requires_grad_(False)
+        if linear.bias is not None:
+            layer.bias = linear.bias
+            layer.bias.requires_grad_(False)
+        adapter = {"device": linear.weight.device, "dtype": adapter_dtype(linear.weight.dtype)}
+        layer.lora_A = nn.Parameter(torch.empty((r, linear.in_features), **adapter))
+        layer.lora_B = nn.Parameter(torch.empty((linear.out_features, r), **adapter))
+        layer.reset_lora_parameters()
+        return layer
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return F.linear(input, self.weight, self.bias)
+        return lora_linear(input, self.weight, self.lora_A, self.lora_B, self.bias, scaling=self.scaling,
+                           dropout_p=self.lora_dropout, training=self.training)
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """s · B @ A in the weight's dtype, computed in fp32 at least: the only place B@A is formed."""
+        wide = torch.promote_types(self.lora_A.dtype, torch.float32)
+        delta = (self.lora_B.to(wide) @ self.lora_A.to(wide)) * self.scaling
+        return delta.to(self.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold s·B@A into weight in place; forward then runs the plain linear."""
+        if self.merged:
+            warnings.warn("LoRALinear.merge(): already merged, nothing to do")
+            return
+        self.weight.add_(self.delta_weight())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo merge(): subtract s·B@A from weight (exact up to the weight dtype's rounding)."""
+        if not self.merged:
+            warnings.warn("LoRALinear.unmerge(): not merged, nothing to do")
+            return
+        self.weight.sub_(self.delta_weight())
+        self.merged = False
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear computing this layer's current function (W + s·B@A); this layer is unchanged."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.weight.device, dtype=self.weight.dtype)
+        merged = self.weight if self.merged else self.weight + self.delta_weight()
+        linear.weight.copy_(merged)
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}"
+                + (", use_rslora=True" if self.use_rslora else "") + (", merged=True" if self.merged else ""))
