@@ -193,6 +193,10 @@ def plan_injection(model: nn.Module, config: LoraConfig) -> _Plan:
                     f"modules_to_save={cfg.modules_to_save!r}")
         if excluded and not unmatched:
             head = "all modules matched by target_modules were excluded"
+        elif excluded:
+            shown = ", ".join(excluded[:8]) + (" ..." if len(excluded) > 8 else "")
+            head = ("no module is left to adapt: the matches, if any, were excluded by exclude_modules or "
+                    f"modules_to_save (excluded: {shown})")
         else:
             head = "no module of the model matches the LoRA targets"
         raise ValueError(f"{head}: searched {len(named)} module names with {searched}. The model's leaf modules "
@@ -357,9 +361,15 @@ class LoraModel(nn.Module):
     # -- merge / unload -----------------------------------------------------------------------------------------
     def merge_adapter(self) -> None:
         """Fold every LoRA update into its base weight (forward then runs the plain layers)."""
-        todo = [layer for _, layer in self.lora_layers() if not layer.merged]
+        todo = [(name, layer) for name, layer in self.lora_layers() if not layer.merged]
         if not todo:
             warnings.warn("merge_adapter(): all adapters are already merged, nothing to do")
+        for name, layer in todo:
+            tied = self._tied_elsewhere(name, layer.weight)
+            if tied:
+                warnings.warn(f"merge_adapter(): {name}.weight is shared with {tied}, which change with it; "
+                              "merge_and_unload() unties them instead")
+        todo = [layer for _, layer in todo]
         for layer in todo:
             layer.merge()
 
@@ -371,9 +381,23 @@ class LoraModel(nn.Module):
         for layer in todo:
             layer.unmerge()
 
+    def _tied_elsewhere(self, name: str, weight: torch.Tensor) -> list[str]:
+        return [n for n, p in self.model.named_parameters(remove_duplicate=False)
+                if p is weight and not n.startswith(name + ".")]
+
     def _unload(self, merge: bool) -> nn.Module:
         for name, (layer, original) in self._lora_layers.items():
             if merge and not layer.merged:
+                tied = self._tied_elsewhere(name, layer.weight)
+                if tied:
+                    # merging in place would change the tied layers too (PEFT does that): untie, so the merged
+                    # model computes what the adapted one did
+                    layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+                    model_config = getattr(self.model, "config", None)
+                    if getattr(model_config, "tie_word_embeddings", False):
+                        model_config.tie_word_embeddings = False
+                    warnings.warn(f"merge_and_unload(): {name}.weight was shared with {tied}; the merged layer now "
+                                  "has its own copy (config.tie_word_embeddings set to False where present)")
                 layer.merge()
             elif not merge and layer.merged:
                 layer.unmerge()
