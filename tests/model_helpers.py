@@ -36,13 +36,15 @@ def tiny_llama(bias: bool = False, seed: int = 0, cls: str = "LlamaForCausalLM")
 
 
 def tiny_opt(seed: int = 0):
-    """OPT-style: biases everywhere, project_in/out (word_embed_proj_dim < hidden), lm_head tied to embed_tokens."""
+    """OPT-style: biases everywhere, project_in/out (word_embed_proj_dim < hidden), lm_head tied to embed_tokens;
+    the model's own dropout off, so that train-mode passes are deterministic."""
     import transformers
 
     torch.manual_seed(seed)
     cfg = transformers.OPTConfig(vocab_size=61, hidden_size=16, ffn_dim=24, num_hidden_layers=2,
                                  num_attention_heads=4, max_position_embeddings=32, word_embed_proj_dim=8,
-                                 do_layer_norm_before=False, pad_token_id=1)
+                                 do_layer_norm_before=False, pad_token_id=1, dropout=0.0,
+                                 attention_dropout=0.0)
     return transformers.OPTForCausalLM(cfg)
 
 
