@@ -6,7 +6,6 @@ loop, optimizer state, ``save_pretrained`` and adapter management are untouched.
 """
 from __future__ import annotations
 
-import types
 import warnings
 
 import torch
@@ -36,7 +35,7 @@ def _fast_path(module, x: torch.Tensor, args, kwargs):
     if len(active) != 1:
         return None
     name = active[0]
-    if name not in module.lora_A or name in getattr(module, "lora_variant", {}) or module.lora_B[name].bias is not None:
+    if name not in module.lora_A or _variant(module, name) or module.lora_B[name].bias is not None:
         return None
     dropout = module.lora_dropout[name]
     p = _dropout_p(dropout)
@@ -48,14 +47,32 @@ def _fast_path(module, x: torch.Tensor, args, kwargs):
     return name, p, dropout.training
 
 
-def _accelerated_forward(self, x: torch.Tensor, *args, **kwargs):
-    fast = _fast_path(self, x, args, kwargs)
-    if fast is None:
-        return type(self).forward(self, x, *args, **kwargs)
-    name, p, training = fast
-    base = self.get_base_layer()
-    return lora_linear(x, base.weight, self.lora_A[name].weight, self.lora_B[name].weight, base.bias,
-                       scaling=self.scaling[name], dropout_p=p, training=training)
+def _variant(module, name: str) -> str | None:
+    """The name of a LoRA variant (DoRA, ...) on adapter ``name``; peft < 0.15 marks DoRA in ``use_dora`` only."""
+    variant = getattr(module, "lora_variant", {}).get(name)
+    if variant is not None:
+        return "DoRA" if "Dora" in type(variant).__name__ else f"LoRA variant {type(variant).__name__}"
+    if getattr(module, "use_dora", {}).get(name, False):
+        return "DoRA"
+    return None
+
+
+class _AcceleratedForward:
+    """The instance-level ``forward`` of an accelerated layer (an object rather than a bound function, so that
+    the model still pickles and deep-copies)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs):
+        module = self.module
+        fast = _fast_path(module, x, args, kwargs)
+        if fast is None:
+            return type(module).forward(module, x, *args, **kwargs)
+        name, p, training = fast
+        base = module.get_base_layer()
+        return lora_linear(x, base.weight, module.lora_A[name].weight, module.lora_B[name].weight, base.bias,
+                           scaling=module.scaling[name], dropout_p=p, training=training)
 
 
 def _why_not(module) -> str | None:
@@ -66,9 +83,9 @@ def _why_not(module) -> str | None:
     if not active:
         return "no active adapter"
     name = active[0]
-    variant = getattr(module, "lora_variant", {}).get(name)
+    variant = _variant(module, name)
     if variant is not None:
-        return "DoRA" if "Dora" in type(variant).__name__ else f"LoRA variant {type(variant).__name__}"
+        return variant
     if getattr(module, "fan_in_fan_out", False):
         return "fan_in_fan_out (Conv1D weight layout)"
     if module.lora_B[name].bias is not None:
@@ -117,7 +134,7 @@ def accelerate_peft(peft_model: nn.Module) -> nn.Module:
         if reason is not None:
             skipped.append(f"{name} ({reason})")
             continue
-        module.forward = types.MethodType(_accelerated_forward, module)
+        module.forward = _AcceleratedForward(module)
         module.__dict__[_FLAG] = True
     if found == 0:
         warnings.warn("accelerate_peft: the model has no PEFT lora.Linear layer; nothing was changed")
