@@ -10,7 +10,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import fastlora
 from fastlora import LoraConfig, LoRAEmbedding, LoRALinear
 from model_helpers import assert_same
 

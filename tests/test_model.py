@@ -39,6 +39,8 @@ CASES = {
     "opt-embedding-tied-head-saved": (tiny_opt, dict(target_modules=["q_proj", "v_proj", "embed_tokens"],
                                                      modules_to_save=["lm_head"])),
     "modules-to-save-suffix": (llama_bias, dict(target_modules=["q_proj"], bias="all", modules_to_save=["norm"])),
+    "opt-bias-all-saved-layer-norms": (tiny_opt, dict(target_modules=["v_proj", "fc1"], bias="all",
+                                                      modules_to_save=["self_attn_layer_norm"])),
     "seq-cls-head": (llama_cls, dict(target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS")),
 }
 
