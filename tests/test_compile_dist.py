@@ -3,8 +3,8 @@
 Runs on the CPU (the PyTorch path) everywhere and, where CUDA is present, on the GPU too (the kernels)."""
 from __future__ import annotations
 
-import os
 import sys
+import time
 
 import pytest
 import torch
@@ -88,6 +88,12 @@ def test_custom_ops_pass_opcheck():
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     torch.library.opcheck(ag._lora_linear_infer, (x.detach(), W, A.detach(), B.detach(), None, 0.5, 0.0, False),
                           test_utils=("test_schema", "test_faketensor"))
+    h = torch.randn(5, 3)
+    seed = torch.zeros((), dtype=torch.int64)
+    for needs in ([True, False, True, True, False], [False, True, False, True, True]):
+        torch.library.opcheck(ag._lora_linear_bwd, (torch.randn(5, 6), x.detach(), W, A.detach(), B.detach(), h,
+                                                    seed, 0.5, 0.0, False, needs),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -161,7 +167,10 @@ def test_autocast_matches_linear_behaviour(device):
 def _dist_worker(rank, world, init_file, mode, result_file):
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    from datetime import timedelta
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
     try:
         torch.manual_seed(0)
         model = TwoLayer()
@@ -186,6 +195,7 @@ def _dist_worker(rank, world, init_file, mode, result_file):
                 g = g.full_tensor()
             grads[name] = g.detach().clone()
         torch.save(grads, f"{result_file}.{rank}")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -214,8 +224,16 @@ def test_distributed_gradients_equal_single_process(tmp_path, mode):
 
     world = 2
     result = tmp_path / "grads"
-    mp.start_processes(_dist_worker, args=(world, str(tmp_path / "init"), mode, str(result)), nprocs=world,
-                       join=True, start_method="spawn")
+    context = mp.start_processes(_dist_worker, args=(world, str(tmp_path / "init"), mode, str(result)),
+                                 nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + 300  # a hung collective fails the test instead of hanging CI
+    try:
+        while not context.join(timeout=5):
+            assert time.monotonic() < deadline, f"{mode} workers did not finish in 300 s"
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
     expected = _single_process_grads()
     for rank in range(world):
         got = torch.load(f"{result}.{rank}")
