@@ -302,8 +302,11 @@ def _autotune_enabled() -> bool:
     return not interpreted and os.environ.get("FASTLORA_AUTOTUNE", "1") not in ("", "0")
 
 
-def _cfg(num_warps, num_stages, **kwargs):
-    return triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages)
+def _cfg(num_warps, num_stages, small_m=False, **kwargs):
+    """A config; ``small_m`` tags the ones meant for M <= FUSED_SHRINK_MAX_M (and only those run there)."""
+    cfg = triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages)
+    cfg.fastlora_small_m = small_m
+    return cfg
 
 
 _GEMM_CONFIGS = [
@@ -316,29 +319,34 @@ _GEMM_CONFIGS = [
     _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
     _cfg(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
     # small M (decode / inference): bound by reading W, so narrow N tiles give enough programs
-    _cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1),
-    _cfg(4, 4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1),
-    _cfg(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=1),
-    _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=1),
-    _cfg(4, 3, BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, GROUP_M=1),
+    _cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, small_m=True),
+    _cfg(4, 4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, small_m=True),
+    _cfg(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, small_m=True),
+    _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, small_m=True),
+    _cfg(4, 3, BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, small_m=True),
 ]
 _GEMM_FIXED = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=2)
 
+# The shrink is a memory-bound pass over x: short row tiles give enough programs to fill the device.
 _SHRINK_CONFIGS = [
-    _cfg(4, 4, BLOCK_M=32, BLOCK_K=128),
-    _cfg(4, 4, BLOCK_M=64, BLOCK_K=64),
-    _cfg(4, 3, BLOCK_M=64, BLOCK_K=128),
-    _cfg(8, 3, BLOCK_M=128, BLOCK_K=64),
     _cfg(4, 4, BLOCK_M=16, BLOCK_K=256),
+    _cfg(4, 4, BLOCK_M=32, BLOCK_K=128),
+    _cfg(4, 4, BLOCK_M=32, BLOCK_K=64),
+    _cfg(4, 4, BLOCK_M=64, BLOCK_K=64),
+    _cfg(8, 3, BLOCK_M=64, BLOCK_K=128),
 ]
 _SHRINK_FIXED = dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=2)
 
+# dY pass: taller row tiles mean fewer fp32 atomics into dB (M/BLOCK_M · N · r of them), shorter ones more
+# programs for the memory-bound read of dY; the autotuner measures the trade.
 _DY_CONFIGS = [
     _cfg(4, 3, BLOCK_M=64, BLOCK_N=64),
+    _cfg(8, 3, BLOCK_M=64, BLOCK_N=64),
     _cfg(4, 3, BLOCK_M=64, BLOCK_N=128),
     _cfg(8, 3, BLOCK_M=128, BLOCK_N=64),
     _cfg(8, 3, BLOCK_M=128, BLOCK_N=128),
-    _cfg(4, 4, BLOCK_M=32, BLOCK_N=128),
+    _cfg(4, 4, BLOCK_M=32, BLOCK_N=128, small_m=True),
+    _cfg(4, 4, BLOCK_M=16, BLOCK_N=128, small_m=True),
 ]
 _DY_FIXED = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2)
 
@@ -351,11 +359,50 @@ _GRAD_A_CONFIGS = [
 _GRAD_A_FIXED = dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=2)
 
 
-def _prune_by_m(configs, named_args, **kwargs):
-    """Row tiles much taller than M waste the tile; keep the configs whose BLOCK_M fits the bucketed M."""
-    m = named_args["M_BUCKET"]
-    small = m <= FUSED_SHRINK_MAX_M
-    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, m) and (small or c.kwargs["BLOCK_M"] >= 32)]
+_SMEM_BUDGET = 200 * 1024  # bytes of shared memory a config may plan for (H100: 227 KB per block)
+
+
+def _fits_m(c, m: int) -> bool:
+    """Row tiles much taller than the (bucketed) M waste the tile; small M keeps only its own short-tile configs
+    (tagged small_m) and large M only the others."""
+    return c.kwargs["BLOCK_M"] <= max(16, m) and c.fastlora_small_m == (m <= FUSED_SHRINK_MAX_M)
+
+
+def _regs_per_thread(elements: int, c) -> int:
+    return elements // (32 * c.num_warps)
+
+
+def _prune_gemm(configs, named_args, **kwargs):
+    """Keep configs that fit M, the shared-memory budget and the register file: the dX epilogue keeps a second
+    (BLOCK_M, BLOCK_N) fp32 accumulator for the masked low-rank term, so it needs twice the registers."""
+    args = {**named_args, **kwargs}
+    m, esize = args["M_BUCKET"], args["a_ptr"].element_size()
+    accs = 2 if args["LO_DROPOUT"] else 1
+    keep = []
+    for c in configs:
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        smem = c.num_stages * (bm * bk + bk * bn) * esize
+        wide_epilogue = bm * bn >= 128 * 256 and args["R_BLOCK"] > 16  # the (R_BLOCK, BN) tile spills there
+        if _fits_m(c, m) and smem <= _SMEM_BUDGET and accs * _regs_per_thread(bm * bn, c) <= 128 \
+                and not wide_epilogue:
+            keep.append(c)
+    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+def _prune_rank(configs, named_args, **kwargs):
+    """Shrink / dY / dA kernels: keep configs that fit M and keep their rank-wide fp32 tiles in registers."""
+    args = {**named_args, **kwargs}
+    m, rb = args["M_BUCKET"], args["R_BLOCK"]
+    keep = []
+    for c in configs:
+        bm = c.kwargs["BLOCK_M"]
+        if "BLOCK_N" in c.kwargs:  # dY pass: dh (BM, R) and the dB part (BN, R) in fp32, B and h tiles beside
+            live = rb * (3 * bm // 2 + 2 * c.kwargs["BLOCK_N"])
+        else:  # shrink (BM, R) / dA (R, BK) accumulators next to their operand tiles
+            live = rb * (bm + c.kwargs["BLOCK_K"])
+        fits = c.kwargs["BLOCK_M"] <= max(16, m) if "BLOCK_K" in c.kwargs else _fits_m(c, m)
+        if fits and _regs_per_thread(live, c) <= 112:
+            keep.append(c)
     return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
 
 
@@ -365,18 +412,18 @@ def _even_k(args):
 
 _KEY = ["M_BUCKET", "N", "K", "R", "R_BLOCK", "HAS_BIAS", "LO_DROPOUT", "FUSE_SHRINK", "STORE_L"]
 
-_gemm_tuned = triton.autotune(_GEMM_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_by_m})(
+_gemm_tuned = triton.autotune(_GEMM_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_gemm})(
     triton.heuristics({"EVEN_K": _even_k})(gemm_lora_kernel))
 _gemm_fixed = triton.heuristics({"EVEN_K": _even_k})(gemm_lora_kernel)
 _shrink_tuned = triton.autotune(_SHRINK_CONFIGS, key=["M_BUCKET", "K", "R", "R_BLOCK", "HAS_DROPOUT"],
-                                prune_configs_by={"early_config_prune": _prune_by_m})(
+                                prune_configs_by={"early_config_prune": _prune_rank})(
     triton.heuristics({"EVEN_K": _even_k})(lora_shrink_kernel))
 _shrink_fixed = triton.heuristics({"EVEN_K": _even_k})(lora_shrink_kernel)
 _dy_tuned = triton.autotune(_DY_CONFIGS, key=["M_BUCKET", "N", "R", "R_BLOCK", "NEED_DH", "NEED_DB", "NEED_DBIAS"],
-                            prune_configs_by={"early_config_prune": _prune_by_m},
+                            prune_configs_by={"early_config_prune": _prune_rank},
                             reset_to_zero=["db_ptr", "dbias_ptr"])(lora_grad_dy_kernel)
 _grad_a_tuned = triton.autotune(_GRAD_A_CONFIGS, key=["M_BUCKET", "K", "R", "R_BLOCK", "HAS_DROPOUT"],
-                                prune_configs_by={"early_config_prune": _prune_by_m})(lora_grad_a_kernel)
+                                prune_configs_by={"early_config_prune": _prune_rank})(lora_grad_a_kernel)
 
 
 def _launch(name, tuned, fixed_fn, fixed_cfg, grid, *args, **kwargs):
