@@ -296,6 +296,7 @@ def lora_grad_a_kernel(
 # ---------------------------------------------------------------------------------------------------------
 
 def _autotune_enabled() -> bool:
+    """Off under the interpreter and with FASTLORA_AUTOTUNE=0: one fixed config per M class then."""
     interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     return not interpreted and os.environ.get("FASTLORA_AUTOTUNE", "1") not in ("", "0")
 
@@ -323,7 +324,13 @@ _GEMM_CONFIGS = [
     _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, small_m=True),
     _cfg(4, 3, BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, small_m=True),
 ]
-_GEMM_FIXED = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=2)
+# Fixed configs, used without autotuning: tiny tiles for the interpreter (its cost grows with the tile), and one
+# generally good tile for each M class on a GPU with FASTLORA_AUTOTUNE=0.
+_GEMM_FIXED = {
+    "interpret": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=2),
+    "small": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4),
+    "large": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
+}
 
 # The shrink is a memory-bound pass over x: short row tiles give enough programs to fill the device.
 _SHRINK_CONFIGS = [
@@ -333,7 +340,11 @@ _SHRINK_CONFIGS = [
     _cfg(4, 4, BLOCK_M=64, BLOCK_K=64),
     _cfg(8, 3, BLOCK_M=64, BLOCK_K=128),
 ]
-_SHRINK_FIXED = dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=2)
+_SHRINK_FIXED = {
+    "interpret": dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=2),
+    "small": dict(BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=4),
+    "large": dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=4),
+}
 
 # dY pass: taller row tiles mean fewer fp32 atomics into dB (M/BLOCK_M · N · r of them), shorter ones more
 # programs for the memory-bound read of dY; the autotuner measures the trade.
@@ -346,7 +357,11 @@ _DY_CONFIGS = [
     _cfg(4, 4, BLOCK_M=32, BLOCK_N=128, small_m=True),
     _cfg(4, 4, BLOCK_M=16, BLOCK_N=128, small_m=True),
 ]
-_DY_FIXED = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2)
+_DY_FIXED = {
+    "interpret": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2),
+    "small": dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=4),
+    "large": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),
+}
 
 _GRAD_A_CONFIGS = [
     _cfg(4, 3, BLOCK_M=64, BLOCK_K=64),
@@ -354,7 +369,11 @@ _GRAD_A_CONFIGS = [
     _cfg(4, 4, BLOCK_M=64, BLOCK_K=32),
     _cfg(8, 3, BLOCK_M=128, BLOCK_K=128),
 ]
-_GRAD_A_FIXED = dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=2)
+_GRAD_A_FIXED = {
+    "interpret": dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=2),
+    "small": dict(BLOCK_M=64, BLOCK_K=32, num_warps=4, num_stages=3),
+    "large": dict(BLOCK_M=64, BLOCK_K=32, num_warps=4, num_stages=3),
+}
 
 
 _SMEM_BUDGET = 200 * 1024  # bytes of shared memory a config may plan for (H100: 227 KB per block)
@@ -424,12 +443,18 @@ _grad_a_tuned = triton.autotune(_GRAD_A_CONFIGS, key=["M_BUCKET", "K", "R", "R_B
                                 prune_configs_by={"early_config_prune": _prune_rank})(lora_grad_a_kernel)
 
 
-def _launch(name, tuned, fixed_fn, fixed_cfg, grid, *args, **kwargs):
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _launch(name, tuned, fixed_fn, fixed_cfgs, grid, m_bucket, *args, **kwargs):
+    """Launch through the autotuner, or with the fixed config for the interpreter / this M class."""
     launch_counts[name] += 1
     if _autotune_enabled():
         tuned[grid](*args, **kwargs)
     else:
-        meta = dict(fixed_cfg)
+        kind = "interpret" if _interpreted() else ("small" if m_bucket <= FUSED_SHRINK_MAX_M else "large")
+        meta = dict(fixed_cfgs[kind])
         g = grid(meta) if callable(grid) else grid
         fixed_fn[g](*args, **kwargs, **meta)
 
@@ -527,7 +552,7 @@ def lora_forward(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: flo
         h_arg = h
         _launch(
             "lora_shrink", _shrink_tuned, _shrink_fixed, _SHRINK_FIXED,
-            lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(r, _r_block(r))),
+            lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(r, _r_block(r))), mb,
             x, lora_A, h, M, K, r,
             x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), h.stride(0), h.stride(1),
             int(seed), thr, inv_keep, mb,
@@ -539,7 +564,7 @@ def lora_forward(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: flo
     if N > 0:
         _launch(
             "gemm_lora", _gemm_tuned, _gemm_fixed, _GEMM_FIXED,
-            lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
+            lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),), mb,
             # a = x (M, K); b = Wᵀ (K, N); L = h (M, r); U = Bᵀ (r, N); S = Aᵀ (K, r)
             x, weight, y, bias if bias is not None else y, h_arg, lora_B, lora_A,
             M, N, K, r,
@@ -566,7 +591,7 @@ def _grad_dy(grad_y, lora_B, h, scaling, need_dh, need_db, need_dbias, prec, mb)
     h_a = h if h is not None else dummy
     _launch(
         "lora_grad_dy", _dy_tuned, lora_grad_dy_kernel, _DY_FIXED,
-        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(r, rb)),
+        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(r, rb)), mb,
         grad_y, lora_B, h_a, dh_a, db_a, dbias_a,
         M, N, r,
         grad_y.stride(0), grad_y.stride(1), lora_B.stride(0), lora_B.stride(1),
@@ -593,7 +618,7 @@ def _grad_a(dh, x, p, seed, prec, mb):
     part = torch.empty((splits, r, K), dtype=torch.float32, device=x.device)
     _launch(
         "lora_grad_a", _grad_a_tuned, lora_grad_a_kernel, _GRAD_A_FIXED,
-        lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), splits, triton.cdiv(r, rb)),
+        lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), splits, triton.cdiv(r, rb)), mb,
         dh, x, part, M, K, r, rows_per_split,
         dh.stride(0), dh.stride(1), x.stride(0), x.stride(1), part.stride(0), part.stride(1), part.stride(2),
         int(seed), thr, inv_keep, mb,
@@ -654,7 +679,7 @@ def lora_backward(
             thr, inv_keep = _dropout_args(p)
             _launch(
                 "gemm_lora", _gemm_tuned, _gemm_fixed, _GEMM_FIXED,
-                lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),),
+                lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),), mb,
                 # a = dY (M, N); b = W (N, K); L = dh (M, r), already scaled; U = A (r, K)
                 grad_y, weight, dx, dx, dh, lora_A, lora_A,
                 M, K, N, r,
