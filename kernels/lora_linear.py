@@ -356,10 +356,11 @@ _DY_CONFIGS = [
     _cfg(8, 3, BLOCK_M=128, BLOCK_N=128),
     _cfg(4, 4, BLOCK_M=32, BLOCK_N=128, small_m=True),
     _cfg(4, 4, BLOCK_M=16, BLOCK_N=128, small_m=True),
+    _cfg(8, 4, BLOCK_M=16, BLOCK_N=64, small_m=True),
 ]
 _DY_FIXED = {
     "interpret": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2),
-    "small": dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=4),
+    "small": dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=4),
     "large": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),
 }
 

@@ -367,3 +367,15 @@ def test_gpu_int64_offsets(monkeypatch):
     dx_ref = grad[tail].float() @ weight.float() + (dh @ lora_A) * keep / (1 - p)
     assert_close(dx[tail], dx_ref, 0.1, 2e-2, "dx tail")
     assert torch.isfinite(dA).all() and torch.isfinite(dB).all()
+
+
+def test_nan_poisoning_helper_poisons_only_inside_the_block():
+    from helpers import nan_poisoned_allocations
+
+    with nan_poisoned_allocations():
+        assert torch.empty(5).isnan().all()
+        assert torch.empty_like(torch.zeros(2, 3)).isnan().all()
+        assert torch.zeros(2).new_empty(4).isnan().all()
+        assert (torch.empty(3, dtype=torch.int8) == -77).all()
+        assert torch.zeros(3).eq(0).all()  # zero-initialised buffers (the atomics' targets) stay zero
+    assert torch.empty is not None and not getattr(torch.empty, "__name__", "") == "poisoned"
