@@ -38,7 +38,7 @@ import triton.language as tl
 
 from .dropout import PHILOX_ROUNDS, dropout_threshold, philox_keep
 
-__all__ = ["lora_forward", "lora_backward", "launch_counts", "FUSED_SHRINK_MAX_M"]
+__all__ = ["lora_forward", "lora_backward", "launch_counts", "base_gemm", "FUSED_SHRINK_MAX_M"]
 
 # The small-M path (shrink folded into the GEMM) is used up to this many rows, without dropout.
 FUSED_SHRINK_MAX_M = 64
@@ -404,7 +404,9 @@ def _prune_gemm(configs, named_args, **kwargs):
         masked_4warps = args["LO_DROPOUT"] and c.num_warps < 8 and acc_regs >= 128  # Philox temporaries
         if _fits_m(c, m) and smem <= _SMEM_BUDGET and acc_regs <= 128 and not wide_epilogue and not masked_4warps:
             keep.append(c)
-    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    keep = keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    # K = 0 (the cuBLAS composition): the kernel only writes the low-rank term, nothing worth tuning
+    return keep[-1:] if args["K"] == 0 else keep
 
 
 def _prune_rank(configs, named_args, **kwargs):
@@ -442,6 +444,17 @@ _dy_tuned = triton.autotune(_DY_CONFIGS, key=["M_BUCKET", "N", "R", "R_BLOCK", "
                             reset_to_zero=["db_ptr", "dbias_ptr"])(lora_grad_dy_kernel)
 _grad_a_tuned = triton.autotune(_GRAD_A_CONFIGS, key=["M_BUCKET", "K", "R", "R_BLOCK", "HAS_DROPOUT"],
                                 prune_configs_by={"early_config_prune": _prune_rank})(lora_grad_a_kernel)
+
+
+def base_gemm() -> str:
+    """Who runs the two large GEMMs (x@Wᵀ forward, dY@W backward): ``FASTLORA_BASE_GEMM=triton`` (default: the
+    fused kernel, bias and low-rank terms in its accumulator) or ``cublas`` (a Triton kernel writes the bias and
+    low-rank terms, then torch.addmm_ adds the GEMM on top, reading them as cuBLAS's C operand: one extra read
+    and write of (M, N)). The small-M fused path is Triton in both modes."""
+    mode = os.environ.get("FASTLORA_BASE_GEMM", "triton").lower()
+    if mode not in ("triton", "cublas"):
+        raise ValueError(f"FASTLORA_BASE_GEMM must be 'triton' or 'cublas', got {mode!r}")
+    return mode
 
 
 def _interpreted() -> bool:
@@ -562,19 +575,24 @@ def lora_forward(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: flo
         rb = _epilogue_r_block(r)
     if bias is not None:
         bias = bias.contiguous()
+    # "cublas": the Triton kernel writes only bias + s·h@Bᵀ (its K loop is empty), then cuBLAS adds x@Wᵀ with
+    # beta = 1, reading that term as its C operand
+    cublas = not fuse and base_gemm() == "cublas"
     if N > 0:
         _launch(
             "gemm_lora", _gemm_tuned, _gemm_fixed, _GEMM_FIXED,
             lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),), mb,
             # a = x (M, K); b = Wᵀ (K, N); L = h (M, r); U = Bᵀ (r, N); S = Aᵀ (K, r)
             x, weight, y, bias if bias is not None else y, h_arg, lora_B, lora_A,
-            M, N, K, r,
+            M, N, 0 if cublas else K, r,
             x.stride(0), x.stride(1), weight.stride(1), weight.stride(0), y.stride(0), y.stride(1),
             h_arg.stride(0), h_arg.stride(1), lora_B.stride(1), lora_B.stride(0), lora_A.stride(1), lora_A.stride(0),
             float(scaling), 0, 0, 1.0, mb,
             HAS_BIAS=bias is not None, LO_DROPOUT=False, FUSE_SHRINK=fuse, STORE_L=fuse and save_h,
             R_BLOCK=rb, DOT_PRECISION=prec, N_ROUNDS=PHILOX_ROUNDS,
         )
+        if cublas:
+            y.addmm_(x, weight.t())
     return y, (h if save_h else None)
 
 
@@ -676,6 +694,7 @@ def lora_backward(
 
     if needs_input:
         dx = torch.empty((M, K), dtype=cdt, device=dev)
+        cublas = base_gemm() == "cublas"  # then the kernel writes drop'(dh@A) and cuBLAS adds dY@W onto it
         if K > 0:
             thr, inv_keep = _dropout_args(p)
             _launch(
@@ -683,13 +702,15 @@ def lora_backward(
                 lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),), mb,
                 # a = dY (M, N); b = W (N, K); L = dh (M, r), already scaled; U = A (r, K)
                 grad_y, weight, dx, dx, dh, lora_A, lora_A,
-                M, K, N, r,
+                M, K, 0 if cublas else N, r,
                 grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1), dx.stride(0), dx.stride(1),
                 dh.stride(0), dh.stride(1), lora_A.stride(0), lora_A.stride(1), 0, 0,
                 1.0, int(seed), thr, inv_keep, mb,
                 HAS_BIAS=False, LO_DROPOUT=p > 0.0, FUSE_SHRINK=False, STORE_L=False,
                 R_BLOCK=_epilogue_r_block(r), DOT_PRECISION=prec, N_ROUNDS=PHILOX_ROUNDS,
             )
+            if cublas:
+                dx.addmm_(grad_y, weight)
     if needs_A:
         if K > 0:
             dA = _grad_a(dh, x, p, seed, prec, mb).to(adt)

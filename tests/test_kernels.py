@@ -293,8 +293,10 @@ def test_autotune_pruning_keeps_valid_configs():
         for m in (16, 64, 128, 16384):
             for lod in (False, True):
                 for rb in (16, 32):
-                    cfgs = kl._prune_gemm(kl._GEMM_CONFIGS, {"M_BUCKET": m, "a_ptr": a}, LO_DROPOUT=lod, R_BLOCK=rb)
+                    args = {"M_BUCKET": m, "a_ptr": a, "K": 4096}
+                    cfgs = kl._prune_gemm(kl._GEMM_CONFIGS, args, LO_DROPOUT=lod, R_BLOCK=rb)
                     assert cfgs
+                    assert len(kl._prune_gemm(kl._GEMM_CONFIGS, {**args, "K": 0}, LO_DROPOUT=lod, R_BLOCK=rb)) == 1
                     assert all(c.kwargs["BLOCK_M"] <= max(16, m) for c in cfgs)
                     assert all(c.fastlora_small_m == (m <= kl.FUSED_SHRINK_MAX_M) for c in cfgs)
     for configs in (kl._SHRINK_CONFIGS, kl._DY_CONFIGS, kl._GRAD_A_CONFIGS):
@@ -379,3 +381,18 @@ def test_nan_poisoning_helper_poisons_only_inside_the_block():
         assert (torch.empty(3, dtype=torch.int8) == -77).all()
         assert torch.zeros(3).eq(0).all()  # zero-initialised buffers (the atomics' targets) stay zero
     assert torch.empty is not None and not getattr(torch.empty, "__name__", "") == "poisoned"
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[2]], ids=["fp32-p0.3", "fp16-fp32adapters-p0.2", "smallM"])
+def test_cublas_base_gemm_composition(case, monkeypatch):
+    """FASTLORA_BASE_GEMM=cublas: the Triton kernels write bias + low-rank (masked in dX) terms and torch.addmm_
+    adds the big GEMM onto them; same results, the same kernels still launch."""
+    monkeypatch.setenv("FASTLORA_BASE_GEMM", "cublas")
+    assert kl.base_gemm() == "cublas"
+    test_forward_and_every_gradient(*case)
+
+
+def test_base_gemm_setting_is_validated(monkeypatch):
+    monkeypatch.setenv("FASTLORA_BASE_GEMM", "cutlass")
+    with pytest.raises(ValueError, match="FASTLORA_BASE_GEMM"):
+        kl.base_gemm()
