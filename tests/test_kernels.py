@@ -312,20 +312,22 @@ def test_autotune_pruning_keeps_valid_configs():
 # ---------------------------------------------------------------------------------------------------------
 
 GPU_CASES = [
-    # M,     K,    N,    r,   dtype,          p,    autotune (compiling every config costs ~1 min per case)
-    (4096, 4096, 4096, 16, torch.bfloat16, 0.1, True),
-    (16384, 1024, 2048, 128, torch.bfloat16, 0.0, False),
-    (2048, 8192, 8192, 64, torch.float16, 0.05, False),
-    (3001, 1000, 1537, 7, torch.bfloat16, 0.0, False),
-    (48, 4096, 4096, 16, torch.bfloat16, 0.0, False),
-    (513, 768, 640, 16, torch.float32, 0.1, False),
+    # M,     K,    N,    r,   dtype,          p,    autotune (compiling every config costs ~1 min per case), base GEMM
+    (4096, 4096, 4096, 16, torch.bfloat16, 0.1, True, "triton"),
+    (16384, 1024, 2048, 128, torch.bfloat16, 0.0, False, "triton"),
+    (2048, 8192, 8192, 64, torch.float16, 0.05, False, "triton"),
+    (3001, 1000, 1537, 7, torch.bfloat16, 0.0, False, "triton"),
+    (48, 4096, 4096, 16, torch.bfloat16, 0.0, False, "triton"),
+    (513, 768, 640, 16, torch.float32, 0.1, False, "triton"),
+    (4096, 4096, 4096, 16, torch.bfloat16, 0.1, False, "cublas"),
 ]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M,K,N,r,dtype,p,autotune", GPU_CASES)
-def test_gpu_large_shapes(M, K, N, r, dtype, p, autotune, monkeypatch):
+@pytest.mark.parametrize("M,K,N,r,dtype,p,autotune,base", GPU_CASES)
+def test_gpu_large_shapes(M, K, N, r, dtype, p, autotune, base, monkeypatch):
     monkeypatch.setenv("FASTLORA_AUTOTUNE", "1" if autotune else "0")
+    monkeypatch.setenv("FASTLORA_BASE_GEMM", base)
     x, weight, lora_A, lora_B, b, grad = _make(M, K, N, r, dtype, torch.float32, True)
     seed = _seed_of_next_call()
     y, grads = _run(fastlora.lora_linear, x, weight, lora_A, lora_B, b, grad, False, scaling=2.0, dropout_p=p)
