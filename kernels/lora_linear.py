@@ -605,18 +605,17 @@ def _grad_dy(grad_y, lora_B, h, scaling, need_dh, need_db, need_dbias, prec, mb)
     dh = torch.empty((M, r), dtype=torch.float32, device=dev) if need_dh else None
     db = torch.zeros((N, r), dtype=torch.float32, device=dev) if need_db else None  # atomics accumulate into it
     dbias = torch.zeros((N,), dtype=torch.float32, device=dev) if need_dbias else None
-    dummy = grad_y
-    dh_a, db_a, dbias_a = (t if t is not None else dummy for t in (dh, db, dbias))
-    h_a = h if h is not None else dummy
+    # A dedicated dummy for absent tensors: the autotuner zeroes db_ptr / dbias_ptr before each timing run, so
+    # they must never alias a real tensor (grad_y, say).
+    dummy = torch.zeros((1, 1), dtype=torch.float32, device=dev)
+    dh_a, db_a, dbias_a, h_a = (t if t is not None else dummy for t in (dh, db, dbias, h))
     _launch(
         "lora_grad_dy", _dy_tuned, lora_grad_dy_kernel, _DY_FIXED,
         lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(r, rb)), mb,
         grad_y, lora_B, h_a, dh_a, db_a, dbias_a,
         M, N, r,
         grad_y.stride(0), grad_y.stride(1), lora_B.stride(0), lora_B.stride(1),
-        h_a.stride(0), h_a.stride(1) if h_a.dim() == 2 else 0,
-        dh_a.stride(0), dh_a.stride(1) if dh_a.dim() == 2 else 0,
-        db_a.stride(0), db_a.stride(1) if db_a.dim() == 2 else 0,
+        h_a.stride(0), h_a.stride(1), dh_a.stride(0), dh_a.stride(1), db_a.stride(0), db_a.stride(1),
         float(scaling), mb,
         NEED_DH=need_dh, NEED_DB=need_db, NEED_DBIAS=need_dbias, R_BLOCK=rb, DOT_PRECISION=prec,
     )
