@@ -9,6 +9,8 @@ stay below 2³² on their own, so nothing overflows however large M·K is. An el
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -61,6 +63,8 @@ def dropout_keep_mask(seed: int, shape, p: float, device, dtype=torch.bool) -> t
         out.fill_(1)
     elif M > 0 and K > 0:
         grid = (triton.cdiv(M, 32), triton.cdiv(K, 64))
-        _keep_mask_kernel[grid](out, M, K, out.stride(0), out.stride(1), int(seed), dropout_threshold(p),
-                                BLOCK_M=32, BLOCK_K=64, N_ROUNDS=PHILOX_ROUNDS)
+        guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+        with guard:
+            _keep_mask_kernel[grid](out, M, K, out.stride(0), out.stride(1), int(seed), dropout_threshold(p),
+                                    BLOCK_M=32, BLOCK_K=64, N_ROUNDS=PHILOX_ROUNDS)
     return out.bool() if dtype == torch.bool else out.to(dtype)

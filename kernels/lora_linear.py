@@ -29,6 +29,7 @@ fp32 accumulation, any rank r >= 1 padded to a power of two >= 16 with masks, fp
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import os
 
@@ -539,11 +540,21 @@ def _dropout_args(p: float):
     return 0, 1.0
 
 
+def on_device(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' one (cuda:1 while cuda:0 is current)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def lora_forward(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: float, seed: int, save_h: bool = True):
     """y = x@Wᵀ + b + s·h@Bᵀ with h = drop(x)@Aᵀ (fp32 accumulate). Returns (y, h), h None unless ``save_h``.
 
     y has x's dtype; h is fp32 for half inputs (``reference.h_dtype``)."""
     _check(x, weight, lora_A, lora_B, bias)
+    with on_device(x.device):
+        return _lora_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, save_h)
+
+
+def _lora_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, save_h):
     M, K = x.shape
     N, r = weight.shape[0], lora_A.shape[0]
     h_dt = torch.promote_types(x.dtype, torch.float32)
@@ -652,6 +663,13 @@ def lora_backward(
     """Gradients of ``lora_forward`` (derived in fastlora.autograd): (dx, dW, dA, dB, dbias), None where not
     needed; dA/dB in the adapters' dtype, the others in x's. The dropout mask is regenerated from ``seed``."""
     _check(x, weight, lora_A, lora_B, None)
+    with on_device(x.device):
+        return _lora_backward(grad_y, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed,
+                              needs_input, needs_weight, needs_A, needs_B, needs_bias)
+
+
+def _lora_backward(grad_y, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed,
+                   needs_input, needs_weight, needs_A, needs_B, needs_bias):
     M, K = x.shape
     N, r = weight.shape[0], lora_A.shape[0]
     dev, cdt, adt = x.device, x.dtype, lora_A.dtype
