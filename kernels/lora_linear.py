@@ -3,11 +3,11 @@ r"""Triton kernels for the fused LoRA linear ``y = x Wᵀ + b + s·(drop(x) Aᵀ
 Shapes: x (M, K), W (N, K), A (r, K), B (N, r), b (N,), h = drop(x) Aᵀ (M, r). The math is derived in
 ``fastlora.autograd``; this file holds the kernels and their launch helpers only.
 
-Forward (training, or M > 64, or dropout on)
+Forward (M > 64, or dropout on, or r > 64)
   1. ``lora_shrink_kernel``     h = drop(x) Aᵀ            one pass over x, fp32 accumulate, mask from Philox
-  2. ``gemm_lora_kernel``       y = x Wᵀ + b + s·h Bᵀ      one GEMM over K; bias and the rank-r expand are its
-                                                            epilogue, y is stored once
-Forward (M <= 64 and no dropout: the small-M / inference path)
+  2. ``gemm_lora_kernel``       y = x Wᵀ + b + s·h Bᵀ      one GEMM over K; b + s·h Bᵀ is the accumulator's
+                                                            initial value, so y is stored once, rounded once
+Forward (M <= 64, no dropout, r <= 64: the small-M / inference path)
   1. ``gemm_lora_kernel`` with FUSE_SHRINK: h is accumulated in the same K loop from the x tiles the GEMM has
      already loaded, so x is read once and there is a single launch. The cost, r/BLOCK_N extra MMA work per
      program, is negligible where the GEMM is bound by reading W (small M), and too high for large M, where
@@ -17,10 +17,13 @@ Backward
   1. ``lora_grad_dy_kernel``    dh = s·dY B  and  dB = s·dYᵀ h  (and db = Σ dY) from ONE pass over dY; dh rows
                                 are complete per program, dB/db are reduced across row tiles with fp32 atomics
                                 (under torch.use_deterministic_algorithms: dB and db come from cuBLAS / torch.sum)
-  2. ``gemm_lora_kernel``       dX = dY W + drop'(dh A)    one GEMM over N, low-rank term + regenerated mask in
-                                the epilogue
+  2. ``gemm_lora_kernel``       dX = dY W + drop'(dh A)    one GEMM over N; the masked low-rank term (mask
+                                regenerated from the seed) is the accumulator's initial value
   3. ``lora_grad_a_kernel``     dA = dhᵀ drop(x)           split over rows for parallelism, deterministic sum
-  4. dW = dYᵀ x via cuBLAS (torch.mm), only when W requires grad (frozen in LoRA).
+  4. dW = dYᵀ x via cuBLAS (torch.mm), only when W requires grad (frozen in LoRA): nothing to fuse into it.
+
+``FASTLORA_BASE_GEMM=cublas`` swaps the two large GEMMs for cuBLAS (``base_gemm``); ``FASTLORA_AUTOTUNE=0``
+(and the interpreter) use one fixed config per M class instead of autotuning.
 
 Conventions: explicit strides (non-contiguous inputs need no copy), masked loads/stores, int64 row offsets,
 fp32 accumulation, any rank r >= 1 padded to a power of two >= 16 with masks, fp32 inputs with
