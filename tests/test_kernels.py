@@ -23,6 +23,13 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 pytestmark = pytest.mark.usefixtures("triton_backend", "poisoned_kernels")
 
+
+@pytest.fixture(autouse=True)
+def _fixed_configs(monkeypatch):
+    """One fixed config per M class: on a GPU, autotuning every odd test shape would compile ~10x more kernels.
+    The GPU tests below turn autotuning back on where they mean to test it."""
+    monkeypatch.setenv("FASTLORA_AUTOTUNE", "0")
+
 # (dtype, atol, rtol) for fp32 against the fp64 oracle; fp16 uses the low-precision rule plus this atol
 FP32_TOL = (torch.float32, 2e-5, 2e-5)
 LOW_ATOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -314,12 +321,12 @@ def test_autotune_pruning_keeps_valid_configs():
 GPU_CASES = [
     # M,     K,    N,    r,   dtype,          p,    autotune (compiling every config costs ~1 min per case), base GEMM
     # the autotuned case has no bias: absent outputs must not alias real tensors while the autotuner resets them
+    # (fp32 and fp16 also run on the GPU through the small tests above)
     (4096, 4096, 4096, 16, torch.bfloat16, 0.1, True, "triton"),
     (16384, 1024, 2048, 128, torch.bfloat16, 0.0, False, "triton"),
-    (2048, 8192, 8192, 64, torch.float16, 0.05, False, "triton"),
+    (2048, 8192, 8192, 64, torch.bfloat16, 0.05, False, "triton"),
     (3001, 1000, 1537, 7, torch.bfloat16, 0.0, False, "triton"),
     (48, 4096, 4096, 16, torch.bfloat16, 0.0, False, "triton"),
-    (513, 768, 640, 16, torch.float32, 0.1, False, "triton"),
     (4096, 4096, 4096, 16, torch.bfloat16, 0.1, False, "cublas"),
 ]
 
