@@ -6,7 +6,6 @@ with CUDA. Outputs the kernels allocate are NaN-poisoned (``poisoned_kernels``),
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
