@@ -8,7 +8,7 @@ import torch
 
 import fastlora
 from fastlora import reference
-from helpers import assert_close, assert_close_lowp
+from helpers import assert_close, assert_low_precision_close
 
 SHAPES = [(1, 17, 31), (7, 67, 37), (129, 31, 17)]  # (M, K, N): 1, primes, non-multiples of 16
 RANKS = [1, 3, 16, 64, 128]
@@ -74,12 +74,12 @@ def test_low_precision_within_twice_torch_error(dtype, atol, r):
     ref64 = detached_copies((x, W, A, B, b), torch.float64)
     y64 = reference.merged_lora_linear(*ref64, scaling=s)
     assert y.dtype == dtype
-    assert_close_lowp(y, y_same, y64, atol, "y")
+    assert_low_precision_close(y, y64, y_same, atol, "y")
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     for name, g, g_same, g64 in zip(["x", "A", "B", "bias"], grads_of(y, (x, W, A, B, b), gy),
                                     grads_of(y_same, same, gy), grads_of(y64, ref64, gy.double())):
         assert g.dtype == dtype
-        assert_close_lowp(g, g_same, g64, atol * max(1.0, float(g64.abs().max())), f"d{name}")
+        assert_low_precision_close(g, g64, g_same, atol * max(1.0, float(g64.abs().max())), f"d{name}")
 
 
 def test_fp32_adapters_on_bf16_base_keep_dtypes():
