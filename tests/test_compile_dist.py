@@ -16,6 +16,18 @@ from fastlora import LoRALinear, reference
 from helpers import assert_close
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# "triton" on the CPU runs the real kernels through the Triton interpreter (tests/conftest.py switches it on).
+PATHS = [("cpu", "auto"), ("cpu", "triton")] + ([("cuda", "auto")] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture
+def path(request):
+    """(device, backend) for one test; the backend is restored afterwards."""
+    device, name = request.param
+    previous = fastlora.backend._backend
+    fastlora.set_backend(name)
+    yield device
+    fastlora.backend._backend = previous
 
 
 class TwoLayer(nn.Module):
@@ -31,6 +43,16 @@ class TwoLayer(nn.Module):
         return self.fc2(torch.relu(self.fc1(x)))
 
 
+def _kernel_launches() -> int:
+    from fastlora.backend import triton_available
+
+    if not triton_available():
+        return 0
+    from fastlora import kernels
+
+    return sum(kernels.launch_counts.values())
+
+
 def _grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -44,16 +66,20 @@ def _step(model, x, seed=0, owner=None):
     return y.detach(), _grads(owner or model)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", PATHS, indirect=True, ids=lambda p: "-".join(p))
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_compile_fullgraph_equals_eager(device, dropout):
+def test_compile_fullgraph_equals_eager(path, dropout):
+    device = path
     torch.manual_seed(0)
     model = TwoLayer(dropout=dropout, device=device)
     x = torch.randn(3, 5, 24, device=device, requires_grad=True)
     y_eager, g_eager = _step(model, x)
     model.zero_grad()
     compiled = torch.compile(model, fullgraph=True)
+    launches = _kernel_launches()
     y_comp, g_comp = _step(compiled, x, owner=model)
+    if fastlora.get_backend() == "triton" or device == "cuda":
+        assert _kernel_launches() > launches  # the compiled graph ran the Triton kernels
     assert_close(y_comp, y_eager, 1e-5, 1e-5, "y")
     assert set(g_comp) == set(g_eager) == {"fc1.lora_A", "fc1.lora_B", "fc2.lora_A", "fc2.lora_B"}
     for name in g_eager:
@@ -96,9 +122,10 @@ def test_custom_ops_pass_opcheck():
                               test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", PATHS, indirect=True, ids=lambda p: "-".join(p))
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_activation_checkpointing_same_gradients(device, dropout):
+def test_activation_checkpointing_same_gradients(path, dropout):
+    device = path
     torch.manual_seed(0)
     model = TwoLayer(dropout=dropout, device=device)
     x = torch.randn(4, 6, 24, device=device, requires_grad=True)
@@ -118,9 +145,10 @@ def test_activation_checkpointing_same_gradients(device, dropout):
     assert torch.equal(x.grad, gx_plain)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", PATHS, indirect=True, ids=lambda p: "-".join(p))
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_deterministic_mode_bitwise_repeatable(device, dropout):
+def test_deterministic_mode_bitwise_repeatable(path, dropout):
+    device = path
     torch.manual_seed(0)
     model = TwoLayer(dropout=dropout, device=device)
     x = torch.randn(64, 24, device=device, requires_grad=True)
