@@ -268,3 +268,42 @@ def test_distributed_gradients_equal_single_process(tmp_path, mode):
         assert set(got) == set(expected)
         for name in expected:
             assert_close(got[name], expected[name], 1e-5, 1e-5, f"rank {rank} {name}")
+
+
+class _PlainNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(24, 40)
+        self.fc2 = nn.Linear(40, 12)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_compile_fullgraph_accelerated_peft_and_lora_model(dropout):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"], lora_dropout=dropout)
+    model = fastlora.accelerate_peft(peft.get_peft_model(_PlainNet(), config))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    x = torch.randn(3, 5, 24)
+    y_eager, g_eager = _step(model, x)
+    model.zero_grad()
+    y_comp, g_comp = _step(torch.compile(model, fullgraph=True), x, owner=model)
+    assert_close(y_comp, y_eager, 1e-5, 1e-5, "y")
+    assert len(g_eager) == 4
+    for name in g_eager:
+        assert_close(g_comp[name], g_eager[name], 1e-5, 1e-5, name)
+
+    ours = fastlora.get_peft_model(_PlainNet(), fastlora.LoraConfig(r=4, target_modules=["fc1", "fc2"],
+                                                                   lora_dropout=dropout))
+    y_eager, g_eager = _step(ours, x)
+    ours.zero_grad()
+    y_comp, g_comp = _step(torch.compile(ours, fullgraph=True), x, owner=ours)
+    assert_close(y_comp, y_eager, 1e-5, 1e-5, "LoraModel y")
+    for name in g_eager:
+        assert_close(g_comp[name], g_eager[name], 1e-5, 1e-5, name)
