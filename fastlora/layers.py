@@ -32,7 +32,39 @@ def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
 
 
-class LoRALinear(nn.Module):
+class _LoRAModule(nn.Module):
+    """What LoRALinear and LoRAEmbedding share: the scaling and merging the update s·B@A into ``weight``.
+    Subclasses define ``delta_weight()`` (the update shaped like ``weight``, in its dtype)."""
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def _product_BA(self) -> torch.Tensor:
+        """s · B @ A computed in fp32 at least: the only place B@A is ever formed."""
+        wide = torch.promote_types(self.lora_A.dtype, torch.float32)
+        return (self.lora_B.to(wide) @ self.lora_A.to(wide)) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into ``weight`` in place; forward then runs the plain base layer."""
+        if self.merged:
+            warnings.warn(f"{type(self).__name__}.merge(): already merged, nothing to do")
+            return
+        self.weight.add_(self.delta_weight())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo merge(): subtract the update from ``weight`` (exact up to the weight dtype's rounding)."""
+        if not self.merged:
+            warnings.warn(f"{type(self).__name__}.unmerge(): not merged, nothing to do")
+            return
+        self.weight.sub_(self.delta_weight())
+        self.merged = False
+
+
+class LoRALinear(_LoRAModule):
     r"""Drop-in for ``nn.Linear`` with a LoRA update: ``y = x Wᵀ + b + s · (dropout(x) Aᵀ) Bᵀ``.
 
     ``weight`` (out, in) and ``bias`` (out,) are frozen (set ``bias.requires_grad_(True)`` to train the bias);
@@ -62,10 +94,6 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty((r, in_features), **adapter))
         self.lora_B = nn.Parameter(torch.empty((out_features, r), **adapter))
         self.reset_parameters()
-
-    @property
-    def scaling(self) -> float:
-        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     def reset_parameters(self) -> None:
         """nn.Linear's initialisation of weight and bias, then PEFT's of the adapters."""
@@ -125,28 +153,8 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
-        """s · B @ A in the weight's dtype, computed in fp32 at least: the only place B@A is formed."""
-        wide = torch.promote_types(self.lora_A.dtype, torch.float32)
-        delta = (self.lora_B.to(wide) @ self.lora_A.to(wide)) * self.scaling
-        return delta.to(self.weight.dtype)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold s·B@A into weight in place; forward then runs the plain linear."""
-        if self.merged:
-            warnings.warn("LoRALinear.merge(): already merged, nothing to do")
-            return
-        self.weight.add_(self.delta_weight())
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo merge(): subtract s·B@A from weight (exact up to the weight dtype's rounding)."""
-        if not self.merged:
-            warnings.warn("LoRALinear.unmerge(): not merged, nothing to do")
-            return
-        self.weight.sub_(self.delta_weight())
-        self.merged = False
+        """s · B @ A (out, in) in the weight's dtype."""
+        return self._product_BA().to(self.weight.dtype)
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
@@ -165,7 +173,7 @@ class LoRALinear(nn.Module):
                 + (", use_rslora=True" if self.use_rslora else "") + (", merged=True" if self.merged else ""))
 
 
-class LoRAEmbedding(nn.Module):
+class LoRAEmbedding(_LoRAModule):
     r"""Drop-in for ``nn.Embedding`` with a LoRA update, as PEFT's ``lora.Embedding``:
     ``y = E[ids] + s · (Aᵀ[ids]) Bᵀ``.
 
@@ -201,10 +209,6 @@ class LoRAEmbedding(nn.Module):
         self.lora_A = nn.Parameter(torch.empty((r, num_embeddings), **adapter))
         self.lora_B = nn.Parameter(torch.empty((embedding_dim, r), **adapter))
         self.reset_parameters()
-
-    @property
-    def scaling(self) -> float:
-        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     def reset_parameters(self) -> None:
         """nn.Embedding's initialisation of weight (N(0, 1), padding row zero), then PEFT's of the adapters."""
@@ -261,28 +265,8 @@ class LoRAEmbedding(nn.Module):
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
-        """s · (B @ A)ᵀ, shaped like weight (num_embeddings, embedding_dim), computed in fp32 at least."""
-        wide = torch.promote_types(self.lora_A.dtype, torch.float32)
-        delta = (self.lora_B.to(wide) @ self.lora_A.to(wide)).t() * self.scaling
-        return delta.to(self.weight.dtype)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the update into weight in place; forward then runs the plain lookup."""
-        if self.merged:
-            warnings.warn("LoRAEmbedding.merge(): already merged, nothing to do")
-            return
-        self.weight.add_(self.delta_weight())
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo merge() (exact up to the weight dtype's rounding)."""
-        if not self.merged:
-            warnings.warn("LoRAEmbedding.unmerge(): not merged, nothing to do")
-            return
-        self.weight.sub_(self.delta_weight())
-        self.merged = False
+        """s · (B @ A)ᵀ, shaped like weight (num_embeddings, embedding_dim), in the weight's dtype."""
+        return self._product_BA().t().to(self.weight.dtype)
 
     @torch.no_grad()
     def to_embedding(self) -> nn.Embedding:
