@@ -51,6 +51,7 @@ def test_lora_linear(benchmark, case, provider):
         "dropout_applied": runner.dropout_applied,
         "flops": bench.lora_flops(case, provider),
         "saved_bytes": bench.saved_activation_bytes(runner),
+        "saved_beyond_input_bytes": bench.saved_activation_bytes(runner, include_input=False),
         "peak_bytes": bench.peak_memory_bytes(runner),
     })
     if runner.note:

@@ -251,10 +251,10 @@ def build_runner(provider: str, case: Case, *, seed: int = 0, pool_size: int | N
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
     device, dtype = torch.device(case.device), case.torch_dtype
     M, K, N, r = case.M, case.K, case.N, case.r
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)  # drawn on the device: fast for GPU-sized grids
 
     def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+        return (torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * scale).to(dtype)
 
     weight = rand(N, K, scale=K ** -0.5)
     bias = rand(N, scale=0.1) if case.bias else None
@@ -327,12 +327,16 @@ def provider_available(provider: str) -> tuple[bool, str]:
 # Measurements
 # ---------------------------------------------------------------------------------------------------------
 
-def saved_activation_bytes(runner: Runner) -> int | None:
+def saved_activation_bytes(runner: Runner, include_input: bool = True) -> int | None:
     """Bytes that autograd saves for backward in one training forward: each storage once, the parameters
-    (weight, bias, adapters and views of them) excluded. 0 in inference mode."""
+    (weight, bias, adapters and views of them) excluded. 0 in inference mode. With ``include_input=False``
+    the input x is excluded too: what remains is memory that lives only because autograd saved it (x is
+    held by the caller or the previous layer anyway)."""
     if not runner.case.training:
         return 0
-    param_ptrs = {t.untyped_storage().data_ptr() for t in runner.params if t is not None}
+    x = runner.pool_x[0]
+    held = list(runner.params) + ([] if include_input else [x])
+    param_ptrs = {t.untyped_storage().data_ptr() for t in held if t is not None}
     seen: dict[int, int] = {}
 
     def pack(t):
@@ -345,7 +349,6 @@ def saved_activation_bytes(runner: Runner) -> int | None:
             pass
         return t
 
-    x = runner.pool_x[0]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = runner.fn(x)
     del y
@@ -441,11 +444,12 @@ def measure(provider: str, case: Case, *, budget_s: float = 0.5, min_reps: int =
         return row
     try:
         runner = build_runner(provider, case, seed=seed)
-        timing = time_runner(runner, budget_s=budget_s, min_reps=min_reps)
+        timing = time_runner(runner, budget_s=budget_s, min_reps=min_reps, warmup_s=min(0.1, budget_s))
         row.update(timing)
         row["time_ms"] = timing["median_s"] * 1e3
         row["tflops"] = lora_flops(case, provider) / timing["median_s"] / 1e12
         row["saved_bytes"] = _or_none(saved_activation_bytes, runner)
+        row["saved_beyond_input_bytes"] = _or_none(saved_activation_bytes, runner, False)
         row["peak_bytes"] = _or_none(peak_memory_bytes, runner)
         row["dropout_applied"] = runner.dropout_applied
         if runner.note:
@@ -800,6 +804,10 @@ def plot(report: dict, path: Path) -> None:
                             linestyle="-" if p == 0 else "--", label=f"vs {peer}" + (f" (p={p:g})" if p else ""))
         ax.axhline(1.0, color="gray", linewidth=0.8)
         ax.set_xscale("log", base=2)
+        ms = sorted({k[1] for k in keys})
+        ax.set_xticks(ms)
+        ax.set_xticklabels([str(m) for m in ms])
+        ax.minorticks_off()
         ax.set_xlabel("M (tokens)")
         ax.set_ylabel("fastlora speed-up (×)")
         ax.set_title(f"{mode}, K={K} N={N} r={r}", fontsize=10)
