@@ -561,13 +561,19 @@ class Progress:
 
 def run_cases(cases, providers, *, budget_s: float = 0.5, min_reps: int = 5, progress: bool = True,
               stream=None) -> list[dict]:
+    """Measure every provider on every case. Ctrl-C (or ``timeout -s INT``) stops the run early and returns
+    the rows measured so far, so that a report of them can still be written."""
     bar = Progress(len(cases) * len(providers), stream=stream) if progress else None
     rows = []
-    for case in cases:
-        for provider in providers:
-            rows.append(measure(provider, case, budget_s=budget_s, min_reps=min_reps))
-            if bar:
-                bar.update(f"{provider} {case.mode} {case.shape} r={case.r} p={case.dropout:g}")
+    try:
+        for case in cases:
+            for provider in providers:
+                rows.append(measure(provider, case, budget_s=budget_s, min_reps=min_reps))
+                if bar:
+                    bar.update(f"{provider} {case.mode} {case.shape} r={case.r} p={case.dropout:g}")
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: reporting the {len(rows)} of {len(cases) * len(providers)} measurements done",
+              file=stream if stream is not None else sys.stderr)
     return rows
 
 
@@ -732,6 +738,8 @@ def render_text(report: dict) -> str:
     meta = report["meta"]
     parts = [f"fastlora bench on {meta['device']} ({meta['device_name']}), {meta['dtype']}, torch {meta['torch']}, "
              f"triton {meta['triton']}, {meta['date_utc']}"]
+    if meta.get("interrupted"):
+        parts.append("INTERRUPTED: partial results (the run was stopped before every case was measured)")
     for mode, header, body in tables(report["results"], meta["providers"]):
         parts.append(f"\n{mode} (median ms per step; × = fastlora's speed-up over the peer)")
         parts.append(_text_table(header, body))
@@ -761,6 +769,10 @@ def render_markdown(report: dict) -> str:
         f"- dtype: {meta['dtype']}; date: {meta['date_utc']}",
         f"- torch {meta['torch']}, triton {meta['triton']}, fastlora {meta['fastlora']} (backend "
         f"{meta['backend']}), python {meta['python']}, {meta['torch_threads']} torch threads",
+    ]
+    if meta.get("interrupted"):
+        lines.append("- **INTERRUPTED: partial results** (the run was stopped before every case was measured)")
+    lines += [
         "- times are medians of one step (forward, forward+backward or no-grad inference), CUDA synchronized; "
         "× is fastlora's speed-up over the peer (peer time / fastlora time); peak MiB is one step's peak above "
         "the resident inputs and parameters; saved MiB is what autograd keeps for backward (parameters "
@@ -929,6 +941,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bias", action="store_true", help="give the base linear a (frozen) bias")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds of timing per measurement after warm-up (default 0.5; 0.2 with --quick)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (torch.set_num_threads; default: torch's choice)")
     parser.add_argument("--goals", choices=sorted(GOALS), default=None,
                         help="also check the geometric means against issue 2's (CPU) or issue 3's (GPU) goals")
     parser.add_argument("--out", default="fastlora-bench", help="output folder (default ./fastlora-bench/)")
@@ -956,14 +970,18 @@ def run_cli(args: argparse.Namespace, stream=None) -> int:
 
     print(f"fastlora bench: {len(cases)} cases × {len(providers)} providers on {device} ({dtype_name}); "
           f"results to {args.out}/", file=stream)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     rows = run_cases(cases, providers, budget_s=budget)
+    interrupted = len(rows) < len(cases) * len(providers)
     meta = environment(device)
     meta.update({
         "device": device, "dtype": dtype_name, "ranks": ranks, "dropouts": dropouts, "modes": modes,
         "shapes": [f"{M}x{K}x{N}" for M, K, N in shapes], "providers": providers, "budget_s": budget,
         "quick": bool(args.quick), "bias": bool(args.bias), "wall_s": round(time.perf_counter() - t0, 1),
+        "interrupted": interrupted,
         "command": " ".join(["python -m fastlora bench"] + list(getattr(args, "argv", []) or [])),
     })
     report = {"meta": meta, "results": rows, "summary": summarize(rows, args.goals)}
@@ -975,7 +993,7 @@ def run_cli(args: argparse.Namespace, stream=None) -> int:
     if "plot_skipped" in written:
         print(f"plot skipped: {written['plot_skipped']}", file=stream)
     timed = [r for r in rows if r.get("provider") == "fastlora" and r.get("median_s")]
-    return 0 if timed else 1
+    return 0 if timed and not interrupted else 1
 
 
 def main(argv=None) -> int:
