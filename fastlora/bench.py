@@ -48,7 +48,7 @@ from fastlora import reference
 
 __all__ = [
     "PROVIDERS", "PEERS", "MODES", "SHAPE_PRESETS", "Case", "Runner", "build_runner", "saved_activation_bytes",
-    "peak_memory_bytes", "time_runner", "measure", "run_cases", "make_cases", "suite_cases", "lora_flops", "summarize",
+    "peak_memory_bytes", "time_runner", "time_interleaved", "measure_case", "measure", "run_cases", "make_cases", "suite_cases", "lora_flops", "summarize",
     "write_outputs", "main", "add_arguments", "run_cli",
 ]
 
@@ -402,12 +402,9 @@ def peak_memory_bytes(runner: Runner) -> int | None:
     return int(peak)
 
 
-def time_runner(runner: Runner, *, budget_s: float = 0.5, min_reps: int = 5, max_reps: int = 200,
-                warmup_s: float = 0.1, min_sample_s: float = 1e-3) -> dict:
-    """Median time of one step, in seconds. Warm-up: two steps (compilation, autotuning) and then steps until
-    ``warmup_s`` has passed. A sample runs ``inner`` steps back to back (each ending in a sync) so that one
-    sample lasts at least ``min_sample_s``; samples are taken until ``budget_s`` has passed (at least
-    ``min_reps``, at most ``max_reps``)."""
+def _warm_up(runner: Runner, warmup_s: float, min_sample_s: float) -> int:
+    """Two steps (compilation, autotuning), then steps until ``warmup_s`` has passed. Returns how many steps
+    one sample runs back to back so that it lasts at least ``min_sample_s``."""
     runner.step()
     runner.step()
     t0 = time.perf_counter()
@@ -416,50 +413,106 @@ def time_runner(runner: Runner, *, budget_s: float = 0.5, min_reps: int = 5, max
         runner.step()
         n_warm += 1
     one = (time.perf_counter() - t0) / n_warm
-    inner = max(1, math.ceil(min_sample_s / max(one, 1e-9)))
-    samples = []
-    start = time.perf_counter()
-    while len(samples) < max_reps and (len(samples) < min_reps or time.perf_counter() - start < budget_s):
-        t = time.perf_counter()
-        for _ in range(inner):
-            runner.step()
-        samples.append((time.perf_counter() - t) / inner)
-    samples.sort()
+    return max(1, math.ceil(min_sample_s / max(one, 1e-9)))
+
+
+def _sample(runner: Runner, inner: int) -> float:
+    t = time.perf_counter()
+    for _ in range(inner):
+        runner.step()  # each step ends in a CUDA sync
+    return (time.perf_counter() - t) / inner
+
+
+def _stats(samples: list[float], inner: int) -> dict:
+    samples = sorted(samples)
     q = len(samples) // 4
-    return {
-        "median_s": statistics.median(samples),
-        "min_s": samples[0],
-        "iqr_s": samples[-1 - q] - samples[q],
-        "samples": len(samples),
-        "steps_per_sample": inner,
-    }
+    return {"median_s": statistics.median(samples), "min_s": samples[0], "iqr_s": samples[-1 - q] - samples[q],
+            "samples": len(samples), "steps_per_sample": inner}
+
+
+def time_runner(runner: Runner, *, budget_s: float = 0.5, min_reps: int = 5, max_reps: int = 200,
+                warmup_s: float = 0.1, min_sample_s: float = 1e-3) -> dict:
+    """Median time of one step, in seconds, of one runner: warm-up, then samples until ``budget_s`` has passed
+    (at least ``min_reps``, at most ``max_reps``)."""
+    return time_interleaved({"one": runner}, budget_s=budget_s, min_reps=min_reps, max_reps=max_reps,
+                            warmup_s=warmup_s, min_sample_s=min_sample_s)["one"]
+
+
+def time_interleaved(runners: dict, *, budget_s: float = 0.5, min_reps: int = 5, max_reps: int = 200,
+                     warmup_s: float = 0.1, min_sample_s: float = 1e-3) -> dict:
+    """Time several runners of one case in round robin: one sample of each in turn, until ``budget_s`` per
+    runner has passed. On a shared or throttling machine the load then drifts over all providers alike,
+    which keeps their ratios honest. Returns {name: stats dict, or the exception that stopped it}."""
+    out: dict = {}
+    inners = {}
+    for name, runner in runners.items():
+        try:
+            inners[name] = _warm_up(runner, warmup_s, min_sample_s)
+        except Exception as exc:  # noqa: BLE001 - recorded per provider
+            out[name] = exc
+    samples: dict[str, list[float]] = {name: [] for name in inners}
+    start = time.perf_counter()
+    rounds = 0
+    while samples:
+        for name in list(samples):
+            try:
+                samples[name].append(_sample(runners[name], inners[name]))
+            except Exception as exc:  # noqa: BLE001
+                out[name] = exc
+                del samples[name]
+        rounds += 1
+        if rounds >= max_reps or (rounds >= min_reps and time.perf_counter() - start >= budget_s * max(len(samples), 1)):
+            break
+    for name, vals in samples.items():
+        out[name] = _stats(vals, inners[name])
+    return out
+
+
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".strip()[:500]
+
+
+def measure_case(case: Case, providers, *, budget_s: float = 0.5, min_reps: int = 5, seed: int = 0) -> list[dict]:
+    """Build every provider on ``case``, time them interleaved, then measure saved and peak memory of each.
+    One row per provider; a provider that fails (unavailable, or e.g. torch.compile without a compiler)
+    gets an ``error`` and does not end the run."""
+    rows = {p: {"provider": p, **dataclasses.asdict(case)} for p in providers}
+    runners = {}
+    for p in providers:
+        ok, why = provider_available(p)
+        if not ok:
+            rows[p]["error"] = why
+            continue
+        try:
+            runners[p] = build_runner(p, case, seed=seed)
+        except Exception as exc:  # noqa: BLE001
+            rows[p]["error"] = _error(exc)
+    try:
+        timings = time_interleaved(runners, budget_s=budget_s, min_reps=min_reps, warmup_s=min(0.1, budget_s))
+        for p, timing in timings.items():
+            row, runner = rows[p], runners[p]
+            if isinstance(timing, BaseException):
+                row["error"] = _error(timing)
+                continue
+            row.update(timing)
+            row["time_ms"] = timing["median_s"] * 1e3
+            row["tflops"] = lora_flops(case, p) / timing["median_s"] / 1e12
+            row["saved_bytes"] = _or_none(saved_activation_bytes, runner)
+            row["saved_beyond_input_bytes"] = _or_none(saved_activation_bytes, runner, False)
+            row["peak_bytes"] = _or_none(peak_memory_bytes, runner)
+            row["dropout_applied"] = runner.dropout_applied
+            if runner.note:
+                row["note"] = runner.note
+    finally:
+        runners.clear()
+        if torch.device(case.device).type == "cuda":
+            torch.cuda.empty_cache()
+    return [rows[p] for p in providers]
 
 
 def measure(provider: str, case: Case, *, budget_s: float = 0.5, min_reps: int = 5, seed: int = 0) -> dict:
     """Build, time and measure one provider on one case. Errors are recorded, not raised."""
-    row = {"provider": provider, **dataclasses.asdict(case)}
-    ok, why = provider_available(provider)
-    if not ok:
-        row["error"] = why
-        return row
-    try:
-        runner = build_runner(provider, case, seed=seed)
-        timing = time_runner(runner, budget_s=budget_s, min_reps=min_reps, warmup_s=min(0.1, budget_s))
-        row.update(timing)
-        row["time_ms"] = timing["median_s"] * 1e3
-        row["tflops"] = lora_flops(case, provider) / timing["median_s"] / 1e12
-        row["saved_bytes"] = _or_none(saved_activation_bytes, runner)
-        row["saved_beyond_input_bytes"] = _or_none(saved_activation_bytes, runner, False)
-        row["peak_bytes"] = _or_none(peak_memory_bytes, runner)
-        row["dropout_applied"] = runner.dropout_applied
-        if runner.note:
-            row["note"] = runner.note
-    except Exception as exc:  # one provider failing (e.g. torch.compile without a compiler) must not end a run
-        row["error"] = f"{type(exc).__name__}: {exc}".strip()[:500]
-    finally:
-        if torch.device(case.device).type == "cuda":
-            torch.cuda.empty_cache()
-    return row
+    return measure_case(case, [provider], budget_s=budget_s, min_reps=min_reps, seed=seed)[0]
 
 
 def _or_none(fn, *args):
@@ -539,8 +592,8 @@ class Progress:
         self.start = time.perf_counter()
         self._last_decile = -1
 
-    def update(self, text: str) -> None:
-        self.done += 1
+    def update(self, text: str, n: int = 1) -> None:
+        self.done += n
         frac = self.done / self.total
         filled = int(round(frac * self.width))
         elapsed = time.perf_counter() - self.start
@@ -567,10 +620,9 @@ def run_cases(cases, providers, *, budget_s: float = 0.5, min_reps: int = 5, pro
     rows = []
     try:
         for case in cases:
-            for provider in providers:
-                rows.append(measure(provider, case, budget_s=budget_s, min_reps=min_reps))
-                if bar:
-                    bar.update(f"{provider} {case.mode} {case.shape} r={case.r} p={case.dropout:g}")
+            rows.extend(measure_case(case, providers, budget_s=budget_s, min_reps=min_reps))
+            if bar:
+                bar.update(f"{case.mode} {case.shape} r={case.r} p={case.dropout:g}", n=len(providers))
     except KeyboardInterrupt:
         print(f"\ninterrupted: reporting the {len(rows)} of {len(cases) * len(providers)} measurements done",
               file=stream if stream is not None else sys.stderr)
