@@ -8,10 +8,21 @@ import sys
 import pytest
 import torch
 
+import fastlora
 from fastlora import bench
 from fastlora.__main__ import main
 
 TINY = dict(M=24, K=40, N=36, r=3, dtype="float32", device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _auto_backend():
+    """These tests time CPU tensors: run them on the backend users get there (auto: the torch fallback), not
+    on kernels that another test module may have forced through the slow Triton interpreter."""
+    previous = fastlora.get_backend()
+    fastlora.set_backend("auto")
+    yield
+    fastlora.set_backend(previous)
 
 
 @pytest.mark.parametrize("provider", [p for p in bench.PROVIDERS if p != "compiled"])
