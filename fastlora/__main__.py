@@ -12,7 +12,7 @@ def main(argv=None) -> int:
 
     bench.add_arguments(commands.add_parser(
         "bench", help="benchmark fastlora against PEFT's math, W+BA and the frozen linear",
-        description=bench.__doc__.split("\n\n")[0]))
+        description=bench.CLI_DESCRIPTION))
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv[1:]
