@@ -98,7 +98,8 @@ def _lora_linear_bwd(
     grads = _impl(use_triton).lora_backward(
         grad_y, x, weight, lora_A, lora_B, h, scaling, dropout_p, int(seed), *needs_grad
     )
-    return [g if g is not None else grad_y.new_empty(0) for g in grads]
+    # Contiguous, as the fake kernel promises (a transposed product would otherwise leak its strides).
+    return [g.contiguous() if g is not None else grad_y.new_empty(0) for g in grads]
 
 
 @_lora_linear_bwd.register_fake

@@ -13,7 +13,7 @@ __all__ = ["lora_linear"]
 
 
 def _shape(t: Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+    return str(tuple(t.shape))
 
 
 def _validate(input, weight, lora_A, lora_B, bias, scaling, dropout_p) -> None:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .functional import lora_linear
 
-__all__ = ["LoRALinear"]
+__all__ = ["LoRALinear", "LoRAEmbedding"]
 
 
 def _check_lora_args(r, lora_alpha, lora_dropout) -> None:
@@ -20,6 +20,11 @@ def _check_lora_args(r, lora_alpha, lora_dropout) -> None:
         raise TypeError(f"lora_alpha must be a number, got {lora_alpha!r}")
     if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
         raise ValueError(f"lora_dropout must be a float in [0, 1), got {lora_dropout!r}")
+
+
+def _check_init(init_lora_weights) -> None:
+    if not (init_lora_weights is True or init_lora_weights is False or init_lora_weights == "gaussian"):
+        raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
 
 
 def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
@@ -72,20 +77,32 @@ class LoRALinear(nn.Module):
                     nn.init.uniform_(self.bias, -bound, bound)
         self.reset_lora_parameters()
 
-    def reset_lora_parameters(self) -> None:
+    def reset_lora_parameters(self, init_lora_weights: bool | str = True) -> None:
+        """PEFT's ``init_lora_weights``: True — A kaiming-uniform (a=√5), B zeros (the layer starts as its base);
+        ``"gaussian"`` — A ~ N(0, 1/r²), B zeros; False — both as nn.Linear initialises its weight (a random,
+        non-zero update, for tests)."""
+        _check_init(init_lora_weights)
         if self.lora_A.device.type == "meta":
             return
         with torch.no_grad():
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B)
+            if init_lora_weights is True:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+                nn.init.zeros_(self.lora_B)
+            elif init_lora_weights is False:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+                nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+            else:
+                nn.init.normal_(self.lora_A, std=1.0 / self.r)
+                nn.init.zeros_(self.lora_B)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
-                    use_rslora: bool = False) -> "LoRALinear":
+                    use_rslora: bool = False, init_lora_weights: bool | str = True) -> "LoRALinear":
         """Wrap ``linear``, sharing its weight and bias tensors (no copy) and freezing them."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         _check_lora_args(r, lora_alpha, lora_dropout)
+        _check_init(init_lora_weights)
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
                     dtype=linear.weight.dtype, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                     use_rslora=use_rslora)
@@ -97,7 +114,7 @@ class LoRALinear(nn.Module):
         adapter = {"device": linear.weight.device, "dtype": adapter_dtype(linear.weight.dtype)}
         layer.lora_A = nn.Parameter(torch.empty((r, linear.in_features), **adapter))
         layer.lora_B = nn.Parameter(torch.empty((linear.out_features, r), **adapter))
-        layer.reset_lora_parameters()
+        layer.reset_lora_parameters(init_lora_weights)
         return layer
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -146,3 +163,138 @@ class LoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}"
                 + (", use_rslora=True" if self.use_rslora else "") + (", merged=True" if self.merged else ""))
+
+
+class LoRAEmbedding(nn.Module):
+    r"""Drop-in for ``nn.Embedding`` with a LoRA update, as PEFT's ``lora.Embedding``:
+    ``y = E[ids] + s · (Aᵀ[ids]) Bᵀ``.
+
+    ``weight`` (num_embeddings, embedding_dim) is frozen; ``lora_A`` (r, num_embeddings) and ``lora_B``
+    (embedding_dim, r) train (PEFT's ``lora_embedding_A`` / ``lora_embedding_B``). ``scaling`` is ``lora_alpha / r``,
+    or ``lora_alpha / √r`` with ``use_rslora``. Initialised as PEFT: A zeros, B ~ N(0, 1), so a new layer equals its
+    base. No dropout: PEFT applies none to embeddings. The lookups honour ``padding_idx``, ``max_norm`` and the
+    other ``nn.Embedding`` options for both the base table and ``Aᵀ``, as PEFT's do.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
+                 max_norm: float | None = None, norm_type: float = 2.0, scale_grad_by_freq: bool = False,
+                 sparse: bool = False, device=None, dtype=None, *, r: int = 8, lora_alpha: float = 8,
+                 use_rslora: bool = False):
+        super().__init__()
+        _check_lora_args(r, lora_alpha, 0.0)
+        factory = {"device": device, "dtype": dtype}
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        if padding_idx is not None and padding_idx < 0:
+            padding_idx += num_embeddings
+        self.padding_idx = padding_idx
+        self.max_norm = max_norm
+        self.norm_type = norm_type
+        self.scale_grad_by_freq = scale_grad_by_freq
+        self.sparse = sparse
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.use_rslora = bool(use_rslora)
+        self.merged = False
+        self.weight = nn.Parameter(torch.empty((num_embeddings, embedding_dim), **factory), requires_grad=False)
+        adapter = {"device": device, "dtype": adapter_dtype(self.weight.dtype)}
+        self.lora_A = nn.Parameter(torch.empty((r, num_embeddings), **adapter))
+        self.lora_B = nn.Parameter(torch.empty((embedding_dim, r), **adapter))
+        self.reset_parameters()
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def reset_parameters(self) -> None:
+        """nn.Embedding's initialisation of weight (N(0, 1), padding row zero), then PEFT's of the adapters."""
+        if self.weight.device.type != "meta":
+            with torch.no_grad():
+                nn.init.normal_(self.weight)
+                if self.padding_idx is not None:
+                    self.weight[self.padding_idx].fill_(0)
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self, init_lora_weights: bool | str = True) -> None:
+        """PEFT's ``init_lora_weights`` for embeddings: True or ``"gaussian"`` — A zeros, B ~ N(0, 1); False — both
+        ~ N(0, 1) (a random, non-zero update, for tests)."""
+        _check_init(init_lora_weights)
+        if self.lora_A.device.type == "meta":
+            return
+        with torch.no_grad():
+            if init_lora_weights is False:
+                nn.init.normal_(self.lora_A)
+            else:
+                nn.init.zeros_(self.lora_A)
+            nn.init.normal_(self.lora_B)
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, *, r: int = 8, lora_alpha: float = 8, use_rslora: bool = False,
+                       init_lora_weights: bool | str = True) -> "LoRAEmbedding":
+        """Wrap ``embedding``, sharing its weight tensor (no copy, so weight tying survives) and freezing it."""
+        if not isinstance(embedding, nn.Embedding):
+            raise TypeError(f"from_embedding expects an nn.Embedding, got {type(embedding).__name__}")
+        _check_lora_args(r, lora_alpha, 0.0)
+        _check_init(init_lora_weights)
+        e = embedding
+        layer = cls(e.num_embeddings, e.embedding_dim, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq,
+                    e.sparse, device="meta", dtype=e.weight.dtype, r=r, lora_alpha=lora_alpha, use_rslora=use_rslora)
+        layer.weight = e.weight
+        layer.weight.requires_grad_(False)
+        adapter = {"device": e.weight.device, "dtype": adapter_dtype(e.weight.dtype)}
+        layer.lora_A = nn.Parameter(torch.empty((r, e.num_embeddings), **adapter))
+        layer.lora_B = nn.Parameter(torch.empty((e.embedding_dim, r), **adapter))
+        layer.reset_lora_parameters(init_lora_weights)
+        return layer
+
+    def _lookup(self, input: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input, table, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq,
+                           self.sparse)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        result = self._lookup(input, self.weight)
+        if self.merged:
+            return result
+        # (..., r) @ (r, dim): the update is computed in the adapters' dtype, then the sum takes the base's, as PEFT
+        delta = (self._lookup(input, self.lora_A.t()) @ self.lora_B.t()) * self.scaling
+        return (result + delta).to(result.dtype)
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """s · (B @ A)ᵀ, shaped like weight (num_embeddings, embedding_dim), computed in fp32 at least."""
+        wide = torch.promote_types(self.lora_A.dtype, torch.float32)
+        delta = (self.lora_B.to(wide) @ self.lora_A.to(wide)).t() * self.scaling
+        return delta.to(self.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into weight in place; forward then runs the plain lookup."""
+        if self.merged:
+            warnings.warn("LoRAEmbedding.merge(): already merged, nothing to do")
+            return
+        self.weight.add_(self.delta_weight())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo merge() (exact up to the weight dtype's rounding)."""
+        if not self.merged:
+            warnings.warn("LoRAEmbedding.unmerge(): not merged, nothing to do")
+            return
+        self.weight.sub_(self.delta_weight())
+        self.merged = False
+
+    @torch.no_grad()
+    def to_embedding(self) -> nn.Embedding:
+        """A plain nn.Embedding computing this layer's current function; this layer is unchanged."""
+        emb = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx, self.max_norm, self.norm_type,
+                           self.scale_grad_by_freq, self.sparse, device=self.weight.device, dtype=self.weight.dtype)
+        emb.weight.copy_(self.weight if self.merged else self.weight + self.delta_weight())
+        return emb
+
+    def extra_repr(self) -> str:
+        s = f"{self.num_embeddings}, {self.embedding_dim}"
+        if self.padding_idx is not None:
+            s += f", padding_idx={self.padding_idx}"
+        return (s + f", r={self.r}, lora_alpha={self.lora_alpha}" + (", use_rslora=True" if self.use_rslora else "")
+                + (", merged=True" if self.merged else ""))

@@ -1,0 +1,742 @@
+r"""Triton kernels for the fused LoRA linear ``y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ`` and its gradients.
+
+Shapes: x (M, K), W (N, K), A (r, K), B (N, r), b (N,), h = drop(x) Aᵀ (M, r). The math is derived in
+``fastlora.autograd``; this file holds the kernels and their launch helpers only.
+
+Forward (M > 64, or dropout on, or r > 64)
+  1. ``lora_shrink_kernel``     h = drop(x) Aᵀ            one pass over x, fp32 accumulate, mask from Philox
+  2. ``gemm_lora_kernel``       y = x Wᵀ + b + s·h Bᵀ      one GEMM over K; b + s·h Bᵀ is the accumulator's
+                                                            initial value, so y is stored once, rounded once
+Forward (M <= 64, no dropout, r <= 64: the small-M / inference path)
+  1. ``gemm_lora_kernel`` with FUSE_SHRINK: h is accumulated in the same K loop from the x tiles the GEMM has
+     already loaded, so x is read once and there is a single launch. The cost, r/BLOCK_N extra MMA work per
+     program, is negligible where the GEMM is bound by reading W (small M), and too high for large M, where
+     a separate memory-bound shrink pass (a few % of the GEMM) is cheaper; with dropout it would also
+     regenerate the mask once per N tile.
+Backward
+  1. ``lora_grad_dy_kernel``    dh = s·dY B  and  dB = s·dYᵀ h  (and db = Σ dY) from ONE pass over dY; dh rows
+                                are complete per program, dB/db are reduced across row tiles with fp32 atomics
+                                (under torch.use_deterministic_algorithms: dB and db come from cuBLAS / torch.sum)
+  2. ``gemm_lora_kernel``       dX = dY W + drop'(dh A)    one GEMM over N; the masked low-rank term (mask
+                                regenerated from the seed) is the accumulator's initial value
+  3. ``lora_grad_a_kernel``     dA = dhᵀ drop(x)           split over rows for parallelism, deterministic sum
+  4. dW = dYᵀ x via cuBLAS (torch.mm), only when W requires grad (frozen in LoRA): nothing to fuse into it.
+
+``FASTLORA_BASE_GEMM=cublas`` swaps the two large GEMMs for cuBLAS (``base_gemm``); ``FASTLORA_AUTOTUNE=0``
+(and the interpreter) use one fixed config per M class instead of autotuning.
+
+Conventions: explicit strides (non-contiguous inputs need no copy), masked loads/stores, int64 row offsets,
+fp32 accumulation, any rank r >= 1 padded to a power of two >= 16 with masks, fp32 inputs with
+``input_precision="ieee"`` unless torch allows TF32 for matmuls (``torch.backends.cuda.matmul.allow_tf32``).
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .dropout import PHILOX_ROUNDS, dropout_threshold, philox_keep
+
+__all__ = ["lora_forward", "lora_backward", "launch_counts", "base_gemm", "FUSED_SHRINK_MAX_M"]
+
+# The small-M path (shrink folded into the GEMM) is used up to this many rows, without dropout.
+FUSED_SHRINK_MAX_M = 64
+# Largest rank kept in registers by the fused shrink; above it the separate shrink kernel runs.
+FUSED_SHRINK_MAX_R = 64
+# Rank chunk of the shrink / dY / dA kernels: larger ranks run as several programs over r.
+R_CHUNK_MAX = 128
+# Strides up to this bound keep every in-loop pointer step (BLOCK <= 256 times a stride) within int32; an
+# operand with a larger stride is copied once to contiguous memory.
+_MAX_STRIDE = 2**23
+
+# Kernel launches by name: tests read it to prove the kernels ran rather than a fallback.
+launch_counts: collections.Counter = collections.Counter()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit(do_not_specialize=["M", "seed", "drop_thr"])
+def lora_shrink_kernel(
+    x_ptr, a_ptr, h_ptr,
+    M, K, R,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_hm, stride_hr,
+    seed, drop_thr, inv_keep,
+    M_BUCKET,  # autotune key only
+    HAS_DROPOUT: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_BLOCK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr,
+):
+    """h[rows, r-chunk] = drop(x[rows, :]) @ A[r-chunk, :]ᵀ, fp32 accumulate. Grid (row tiles, rank chunks)."""
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * R_BLOCK + tl.arange(0, R_BLOCK)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = offs_m % M  # wrapped rows load valid memory; they are never stored
+    cdt = x_ptr.dtype.element_ty
+    x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + offs_k.to(tl.int64)[None, :] * stride_xk
+    # Aᵀ tile (BLOCK_K, R_BLOCK)
+    a_ptrs = a_ptr + offs_r.to(tl.int64)[None, :] * stride_ar + offs_k.to(tl.int64)[:, None] * stride_ak
+    r_ok = offs_r[None, :] < R
+    acc = tl.zeros((BLOCK_M, R_BLOCK), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            a = tl.load(a_ptrs, mask=r_ok, other=0.0)
+        else:
+            k_ok = offs_k < K - k
+            x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+            a = tl.load(a_ptrs, mask=r_ok & k_ok[:, None], other=0.0)
+        if HAS_DROPOUT:
+            keep = philox_keep(seed, drop_thr, offs_m, k, BLOCK_M, BLOCK_K, N_ROUNDS)
+            x = tl.where(keep, x.to(tl.float32) * inv_keep, 0.0).to(cdt)
+        acc = _dot(x, a.to(cdt), acc, DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        a_ptrs += BLOCK_K * stride_ak
+    h_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm + offs_r.to(tl.int64)[None, :] * stride_hr
+    tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & r_ok)
+
+
+@triton.jit(do_not_specialize=["M", "seed", "drop_thr"])
+def gemm_lora_kernel(
+    a_ptr, b_ptr, c_ptr, bias_ptr, l_ptr, u_ptr, s_ptr,
+    M, N, K, R,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    stride_lm, stride_lr, stride_ur, stride_un, stride_sk, stride_sr,
+    scaling, seed, drop_thr, inv_keep,
+    M_BUCKET,  # autotune key only
+    HAS_BIAS: tl.constexpr, LO_DROPOUT: tl.constexpr, FUSE_SHRINK: tl.constexpr, STORE_L: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_BLOCK: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr,
+):
+    """C (M, N) = a (M, K) @ b (K, N) [+ bias (N,)] + s·(L (M, R) @ U (R, N)) [⊙ keep / (1-p)].
+
+    Forward: a = x, b = Wᵀ, L = h, U = Bᵀ. With FUSE_SHRINK, L = a @ S (S = Aᵀ, (K, R)) is accumulated in the
+    same K loop and, with STORE_L, stored by the programs of the first column tile.
+    Backward dX: a = dY, b = W, L = dh (already scaled, s = 1), U = A, LO_DROPOUT: the forward's mask on (M, N).
+    Bias and the rank-R term are added into the one fp32 accumulator before C is stored, once.
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # GROUP_M swizzle: neighbouring programs share b tiles in L2
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    cdt = a_ptr.dtype.element_ty
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, R_BLOCK)
+    rows = (offs_m % M).to(tl.int64)  # wrapped: loads stay in bounds, the store is masked
+    cols = (offs_n % N).to(tl.int64)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k.to(tl.int64)[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k.to(tl.int64)[:, None] * stride_bk + cols[None, :] * stride_bn
+
+    # Without the fused shrink, the rank-R term (and the bias) is the accumulator's initial value: it does not
+    # depend on the K loop, and starting from it keeps a single (BLOCK_M, BLOCK_N) fp32 tile live even when
+    # the dX term is masked (added after the loop, it would need a second one).
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if not FUSE_SHRINK:
+        for r0 in range(0, R, R_BLOCK):
+            rr = r0 + offs_r
+            l = tl.load(l_ptr + rows[:, None] * stride_lm + rr.to(tl.int64)[None, :] * stride_lr,
+                        mask=rr[None, :] < R, other=0.0)
+            u = tl.load(u_ptr + rr.to(tl.int64)[:, None] * stride_ur + cols[None, :] * stride_un,
+                        mask=rr[:, None] < R, other=0.0)
+            acc = _dot((l.to(tl.float32) * scaling).to(cdt), u.to(cdt), acc, DOT_PRECISION)
+        if LO_DROPOUT:
+            keep = philox_keep(seed, drop_thr, offs_m, pid_n * BLOCK_N, BLOCK_M, BLOCK_N, N_ROUNDS)
+            acc = tl.where(keep, acc * inv_keep, 0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+
+    if FUSE_SHRINK:
+        r_ok = offs_r[None, :] < R
+        s_ptrs = s_ptr + offs_k.to(tl.int64)[:, None] * stride_sk + offs_r.to(tl.int64)[None, :] * stride_sr
+        l_acc = tl.zeros((BLOCK_M, R_BLOCK), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_ok = offs_k < K - k
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        acc = _dot(a, b, acc, DOT_PRECISION)
+        if FUSE_SHRINK:
+            if EVEN_K:
+                s = tl.load(s_ptrs, mask=r_ok, other=0.0)
+            else:
+                s = tl.load(s_ptrs, mask=r_ok & k_ok[:, None], other=0.0)
+            l_acc = _dot(a, s.to(cdt), l_acc, DOT_PRECISION)
+            s_ptrs += BLOCK_K * stride_sk
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    # Epilogue of the small-M path: the fused shrink's h, stored once, then s·h@Bᵀ
+    if FUSE_SHRINK:
+        if STORE_L:
+            if pid_n == 0:
+                l_ptrs = l_ptr + offs_m.to(tl.int64)[:, None] * stride_lm + offs_r.to(tl.int64)[None, :] * stride_lr
+                tl.store(l_ptrs, l_acc.to(l_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & r_ok)
+        u = tl.load(u_ptr + offs_r.to(tl.int64)[:, None] * stride_ur + cols[None, :] * stride_un,
+                    mask=offs_r[:, None] < R, other=0.0)
+        acc = _dot((l_acc * scaling).to(cdt), u.to(cdt), acc, DOT_PRECISION)
+
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit(do_not_specialize=["M"])
+def lora_grad_dy_kernel(
+    dy_ptr, b_ptr, h_ptr, dh_ptr, db_ptr, dbias_ptr,
+    M, N, R,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_hm, stride_hr,
+    stride_dhm, stride_dhr, stride_dbn, stride_dbr,
+    scaling,
+    M_BUCKET,  # autotune key only
+    NEED_DH: tl.constexpr, NEED_DB: tl.constexpr, NEED_DBIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One pass over dY (M, N): dh = s·dY B (M, R) stored per row tile; dB += s·dY_tileᵀ h_tile (N, R) and
+    dbias += Σ_rows dY_tile (N,) reduced across row tiles with fp32 atomics. Grid (row tiles, rank chunks)."""
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    cdt = dy_ptr.dtype.element_ty
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_r = pid_r * R_BLOCK + tl.arange(0, R_BLOCK)
+    m_ok = offs_m < M
+    r_ok = offs_r < R
+    dy_ptrs = dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dym + offs_n.to(tl.int64)[None, :] * stride_dyn
+    b_ptrs = b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn + offs_r.to(tl.int64)[None, :] * stride_br
+    db_ptrs = db_ptr + offs_n.to(tl.int64)[:, None] * stride_dbn + offs_r.to(tl.int64)[None, :] * stride_dbr
+    if NEED_DB:
+        h = tl.load(h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm + offs_r.to(tl.int64)[None, :] * stride_hr,
+                    mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        h = (h.to(tl.float32) * scaling).to(cdt)
+    dh = tl.zeros((BLOCK_M, R_BLOCK), dtype=tl.float32)
+    for n in range(0, N, BLOCK_N):
+        n_ok = offs_n < N - n
+        # rows past M load as zeros: they must not add to dB / dbias
+        dy = tl.load(dy_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        if NEED_DH:
+            b = tl.load(b_ptrs, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+            dh = _dot(dy, b.to(cdt), dh, DOT_PRECISION)
+        if NEED_DB:
+            part = _dot(tl.trans(dy), h, tl.zeros((BLOCK_N, R_BLOCK), dtype=tl.float32), DOT_PRECISION)
+            tl.atomic_add(db_ptrs, part, mask=n_ok[:, None] & r_ok[None, :], sem="relaxed")
+        if NEED_DBIAS:
+            if pid_r == 0:
+                tl.atomic_add(dbias_ptr + n + offs_n, tl.sum(dy.to(tl.float32), axis=0), mask=n_ok, sem="relaxed")
+        dy_ptrs += BLOCK_N * stride_dyn
+        b_ptrs += BLOCK_N * stride_bn
+        db_ptrs += BLOCK_N * stride_dbn
+    if NEED_DH:
+        dh_ptrs = dh_ptr + offs_m.to(tl.int64)[:, None] * stride_dhm + offs_r.to(tl.int64)[None, :] * stride_dhr
+        tl.store(dh_ptrs, dh * scaling, mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["M", "seed", "drop_thr", "rows_per_split"])
+def lora_grad_a_kernel(
+    dh_ptr, x_ptr, out_ptr,
+    M, K, R, rows_per_split,
+    stride_dhm, stride_dhr, stride_xm, stride_xk, stride_os, stride_or, stride_ok,
+    seed, drop_thr, inv_keep,
+    M_BUCKET,  # autotune key only
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_BLOCK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr,
+):
+    """out[split, r-chunk, k-tile] = dh[rows of split]ᵀ @ drop(x)[rows of split, k-tile], fp32.
+    Grid (column tiles, row splits, rank chunks); the splits are summed afterwards (deterministically)."""
+    pid_k = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_r = tl.program_id(2)
+    cdt = x_ptr.dtype.element_ty
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = pid_r * R_BLOCK + tl.arange(0, R_BLOCK)
+    k_ok = offs_k < K
+    r_ok = offs_r < R
+    m_start = pid_s * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, M)
+    acc = tl.zeros((R_BLOCK, BLOCK_K), dtype=tl.float32)
+    for m in range(m_start, m_end, BLOCK_M):
+        offs_m = m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < m_end
+        dh = tl.load(dh_ptr + offs_m.to(tl.int64)[:, None] * stride_dhm + offs_r.to(tl.int64)[None, :] * stride_dhr,
+                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k.to(tl.int64)[None, :] * stride_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            keep = philox_keep(seed, drop_thr, offs_m, pid_k * BLOCK_K, BLOCK_M, BLOCK_K, N_ROUNDS)
+            x = tl.where(keep, x.to(tl.float32) * inv_keep, 0.0).to(cdt)
+        acc = _dot(tl.trans(dh.to(cdt)), x, acc, DOT_PRECISION)
+    out_ptrs = (out_ptr + pid_s.to(tl.int64) * stride_os + offs_r.to(tl.int64)[:, None] * stride_or
+                + offs_k.to(tl.int64)[None, :] * stride_ok)
+    tl.store(out_ptrs, acc, mask=r_ok[:, None] & k_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Autotuning: short config lists, pruned by the problem's M; key = bucketed M, N, K, R and the dtypes
+# ---------------------------------------------------------------------------------------------------------
+
+def _autotune_enabled() -> bool:
+    """Off under the interpreter and with FASTLORA_AUTOTUNE=0: one fixed config per M class then."""
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return not interpreted and os.environ.get("FASTLORA_AUTOTUNE", "1") not in ("", "0")
+
+
+def _cfg(num_warps, num_stages, small_m=False, **kwargs):
+    """A config; ``small_m`` tags the ones meant for M <= FUSED_SHRINK_MAX_M (and only those run there)."""
+    cfg = triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages)
+    cfg.fastlora_small_m = small_m
+    return cfg
+
+
+_GEMM_CONFIGS = [
+    # large M: tiles from Triton's matmul tutorial that do well on Ampere / Hopper
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
+    _cfg(8, 4, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+    _cfg(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+    _cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+    _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+    _cfg(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+    # small M (decode / inference): bound by reading W, so narrow N tiles give enough programs
+    _cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, small_m=True),
+    _cfg(4, 4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, small_m=True),
+    _cfg(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, small_m=True),
+    _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, small_m=True),
+    _cfg(4, 3, BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, small_m=True),
+]
+# Fixed configs, used without autotuning: tiny tiles for the interpreter (its cost grows with the tile), and one
+# generally good tile for each M class on a GPU with FASTLORA_AUTOTUNE=0.
+_GEMM_FIXED = {
+    "interpret": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=2),
+    "small": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4),
+    "large": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
+}
+
+# The shrink is a memory-bound pass over x: short row tiles give enough programs to fill the device.
+_SHRINK_CONFIGS = [
+    _cfg(4, 4, BLOCK_M=16, BLOCK_K=256),
+    _cfg(4, 4, BLOCK_M=32, BLOCK_K=128),
+    _cfg(4, 4, BLOCK_M=32, BLOCK_K=64),
+    _cfg(4, 4, BLOCK_M=64, BLOCK_K=64),
+    _cfg(8, 3, BLOCK_M=64, BLOCK_K=128),
+]
+_SHRINK_FIXED = {
+    "interpret": dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=2),
+    "small": dict(BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=4),
+    "large": dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=4),
+}
+
+# dY pass: taller row tiles mean fewer fp32 atomics into dB (M/BLOCK_M · N · r of them), shorter ones more
+# programs for the memory-bound read of dY; the autotuner measures the trade.
+_DY_CONFIGS = [
+    _cfg(4, 3, BLOCK_M=64, BLOCK_N=64),
+    _cfg(8, 3, BLOCK_M=64, BLOCK_N=64),
+    _cfg(4, 3, BLOCK_M=64, BLOCK_N=128),
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=64),
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=128),
+    _cfg(4, 4, BLOCK_M=32, BLOCK_N=128, small_m=True),
+    _cfg(4, 4, BLOCK_M=16, BLOCK_N=128, small_m=True),
+    _cfg(8, 4, BLOCK_M=16, BLOCK_N=64, small_m=True),
+]
+_DY_FIXED = {
+    "interpret": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2),
+    "small": dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=4),
+    "large": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),
+}
+
+_GRAD_A_CONFIGS = [
+    _cfg(4, 3, BLOCK_M=64, BLOCK_K=64),
+    _cfg(4, 3, BLOCK_M=128, BLOCK_K=64),
+    _cfg(4, 4, BLOCK_M=64, BLOCK_K=32),
+    _cfg(8, 3, BLOCK_M=128, BLOCK_K=128),
+]
+_GRAD_A_FIXED = {
+    "interpret": dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=2),
+    "small": dict(BLOCK_M=64, BLOCK_K=32, num_warps=4, num_stages=3),
+    "large": dict(BLOCK_M=64, BLOCK_K=32, num_warps=4, num_stages=3),
+}
+
+
+_SMEM_BUDGET = 200 * 1024  # bytes of shared memory a config may plan for (H100: 227 KB per block)
+
+
+def _fits_m(c, m: int) -> bool:
+    """Row tiles much taller than the (bucketed) M waste the tile; small M keeps only its own short-tile configs
+    (tagged small_m) and large M only the others."""
+    return c.kwargs["BLOCK_M"] <= max(16, m) and c.fastlora_small_m == (m <= FUSED_SHRINK_MAX_M)
+
+
+def _regs_per_thread(elements: int, c) -> int:
+    return elements // (32 * c.num_warps)
+
+
+def _prune_gemm(configs, named_args, **kwargs):
+    """Keep configs that fit M, the shared-memory budget and the register file."""
+    args = {**named_args, **kwargs}
+    m, esize = args["M_BUCKET"], args["a_ptr"].element_size()
+    keep = []
+    for c in configs:
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        smem = c.num_stages * (bm * bk + bk * bn) * esize
+        acc_regs = _regs_per_thread(bm * bn, c)
+        # measured in offline sm_90 builds: these spill registers
+        wide_epilogue = bm * bn >= 128 * 256 and args["R_BLOCK"] > 16  # (R_BLOCK, BN) operand tile
+        masked_4warps = args["LO_DROPOUT"] and c.num_warps < 8 and acc_regs >= 128  # Philox temporaries
+        if _fits_m(c, m) and smem <= _SMEM_BUDGET and acc_regs <= 128 and not wide_epilogue and not masked_4warps:
+            keep.append(c)
+    keep = keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    # K = 0 (the cuBLAS composition): the kernel only writes the low-rank term, nothing worth tuning
+    return keep[-1:] if args["K"] == 0 else keep
+
+
+def _prune_rank(configs, named_args, **kwargs):
+    """Shrink / dY / dA kernels: keep configs that fit M and keep their rank-wide fp32 tiles in registers."""
+    args = {**named_args, **kwargs}
+    m, rb = args["M_BUCKET"], args["R_BLOCK"]
+    keep = []
+    for c in configs:
+        bm = c.kwargs["BLOCK_M"]
+        if "BLOCK_N" in c.kwargs:  # dY pass: dh (BM, R) and the dB part (BN, R) in fp32, B and h tiles beside
+            live = rb * (3 * bm // 2 + 2 * c.kwargs["BLOCK_N"])
+        else:  # shrink (BM, R) / dA (R, BK) accumulators next to their operand tiles
+            live = rb * (bm + c.kwargs["BLOCK_K"])
+        fits = c.kwargs["BLOCK_M"] <= max(16, m) if "BLOCK_K" in c.kwargs else _fits_m(c, m)
+        if fits and _regs_per_thread(live, c) <= 112:
+            keep.append(c)
+    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+
+
+def _even_k(args):
+    return args["K"] % args["BLOCK_K"] == 0
+
+
+_KEY = ["M_BUCKET", "N", "K", "R", "R_BLOCK", "HAS_BIAS", "LO_DROPOUT", "FUSE_SHRINK", "STORE_L"]
+
+_gemm_tuned = triton.autotune(_GEMM_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_gemm})(
+    triton.heuristics({"EVEN_K": _even_k})(gemm_lora_kernel))
+_gemm_fixed = triton.heuristics({"EVEN_K": _even_k})(gemm_lora_kernel)
+_shrink_tuned = triton.autotune(_SHRINK_CONFIGS, key=["M_BUCKET", "K", "R", "R_BLOCK", "HAS_DROPOUT"],
+                                prune_configs_by={"early_config_prune": _prune_rank})(
+    triton.heuristics({"EVEN_K": _even_k})(lora_shrink_kernel))
+_shrink_fixed = triton.heuristics({"EVEN_K": _even_k})(lora_shrink_kernel)
+_dy_tuned = triton.autotune(_DY_CONFIGS, key=["M_BUCKET", "N", "R", "R_BLOCK", "NEED_DH", "NEED_DB", "NEED_DBIAS"],
+                            prune_configs_by={"early_config_prune": _prune_rank},
+                            reset_to_zero=["db_ptr", "dbias_ptr"])(lora_grad_dy_kernel)
+_grad_a_tuned = triton.autotune(_GRAD_A_CONFIGS, key=["M_BUCKET", "K", "R", "R_BLOCK", "HAS_DROPOUT"],
+                                prune_configs_by={"early_config_prune": _prune_rank})(lora_grad_a_kernel)
+
+
+def base_gemm() -> str:
+    """Who runs the two large GEMMs (x@Wᵀ forward, dY@W backward): ``FASTLORA_BASE_GEMM=triton`` (default: the
+    fused kernel, bias and low-rank terms in its accumulator) or ``cublas`` (a Triton kernel writes the bias and
+    low-rank terms, then torch.addmm_ adds the GEMM on top, reading them as cuBLAS's C operand: one extra read
+    and write of (M, N)). The small-M fused path is Triton in both modes."""
+    mode = os.environ.get("FASTLORA_BASE_GEMM", "triton").lower()
+    if mode not in ("triton", "cublas"):
+        raise ValueError(f"FASTLORA_BASE_GEMM must be 'triton' or 'cublas', got {mode!r}")
+    return mode
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _launch(name, tuned, fixed_fn, fixed_cfgs, grid, m_bucket, *args, **kwargs):
+    """Launch through the autotuner, or with the fixed config for the interpreter / this M class."""
+    launch_counts[name] += 1
+    if _autotune_enabled():
+        tuned[grid](*args, **kwargs)
+    else:
+        kind = "interpret" if _interpreted() else ("small" if m_bucket <= FUSED_SHRINK_MAX_M else "large")
+        meta = dict(fixed_cfgs[kind])
+        g = grid(meta) if callable(grid) else grid
+        fixed_fn[g](*args, **kwargs, **meta)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launch helpers
+# ---------------------------------------------------------------------------------------------------------
+
+def _m_bucket(m: int) -> int:
+    """Next power of two of M (at least 16): a new sequence length in the same bucket does not retune."""
+    return max(16, triton.next_power_of_2(m))
+
+
+def _r_block(r: int, cap: int = R_CHUNK_MAX) -> int:
+    """Rank padded to what tl.dot needs: a power of two >= 16, at most ``cap`` (larger r runs in chunks)."""
+    return min(max(16, triton.next_power_of_2(r)), cap)
+
+
+def _epilogue_r_block(r: int) -> int:
+    """Rank chunk of the GEMM epilogue: small, so the (R_BLOCK, BLOCK_N) operand tile stays in registers."""
+    return 16 if r <= 16 else 32
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 follows torch: TF32 only where torch allows it for matmuls, exact IEEE products otherwise."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and _autotune_enabled():
+        return "tf32"
+    return "ieee"
+
+
+def _kernel_view(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its strides are safe for the kernels' pointer steps, else one contiguous copy."""
+    if t.dim() == 2 and all(abs(s) < _MAX_STRIDE and s >= 0 for s in t.stride()):
+        return t
+    return t.contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return 4  # the interpreter: a few splits, so the split path is exercised on CPU too
+
+
+_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check(x, weight, lora_A, lora_B, bias):
+    if x.dim() != 2 or weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
+        raise ValueError(
+            f"fastlora.kernels: x, weight, lora_A, lora_B must be 2-D, got {tuple(x.shape)}, {tuple(weight.shape)}, "
+            f"{tuple(lora_A.shape)}, {tuple(lora_B.shape)}"
+        )
+    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
+        if t is not None and t.dtype not in _SUPPORTED:
+            raise TypeError(f"fastlora.kernels: {name} has dtype {t.dtype}; the kernels support fp16, bf16, fp32")
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"fastlora.kernels: weight/bias dtype must match x's {x.dtype}")
+
+
+def _dropout_args(p: float):
+    if p > 0.0:
+        return dropout_threshold(p), 1.0 / (1.0 - p)
+    return 0, 1.0
+
+
+def on_device(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' one (cuda:1 while cuda:0 is current)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def lora_forward(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: float, seed: int, save_h: bool = True):
+    """y = x@Wᵀ + b + s·h@Bᵀ with h = drop(x)@Aᵀ (fp32 accumulate). Returns (y, h), h None unless ``save_h``.
+
+    y has x's dtype; h is fp32 for half inputs (``reference.h_dtype``)."""
+    _check(x, weight, lora_A, lora_B, bias)
+    with on_device(x.device):
+        return _lora_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, save_h)
+
+
+def _lora_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, save_h):
+    M, K = x.shape
+    N, r = weight.shape[0], lora_A.shape[0]
+    h_dt = torch.promote_types(x.dtype, torch.float32)
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y, (torch.empty((0, r), dtype=h_dt, device=x.device) if save_h else None)
+    x, weight, lora_A, lora_B = (_kernel_view(t) for t in (x, weight, lora_A, lora_B))
+    p = float(dropout_p)
+    thr, inv_keep = _dropout_args(p)
+    prec = _dot_precision(x.dtype)
+    mb = _m_bucket(M)
+    fuse = M <= FUSED_SHRINK_MAX_M and p == 0.0 and r <= FUSED_SHRINK_MAX_R and N > 0
+
+    if fuse:
+        rb = _r_block(r, FUSED_SHRINK_MAX_R)
+        h = torch.empty((M, r), dtype=h_dt, device=x.device) if save_h else None
+        h_arg = h if save_h else y  # dummy pointer when h is not stored
+    else:
+        h = torch.empty((M, r), dtype=h_dt, device=x.device)
+        h_arg = h
+        _launch(
+            "lora_shrink", _shrink_tuned, _shrink_fixed, _SHRINK_FIXED,
+            lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(r, _r_block(r))), mb,
+            x, lora_A, h, M, K, r,
+            x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), h.stride(0), h.stride(1),
+            int(seed), thr, inv_keep, mb,
+            HAS_DROPOUT=p > 0.0, R_BLOCK=_r_block(r), DOT_PRECISION=prec, N_ROUNDS=PHILOX_ROUNDS,
+        )
+        rb = _epilogue_r_block(r)
+    if bias is not None:
+        bias = bias.contiguous()
+    # "cublas": the Triton kernel writes only bias + s·h@Bᵀ (its K loop is empty), then cuBLAS adds x@Wᵀ with
+    # beta = 1, reading that term as its C operand
+    cublas = not fuse and base_gemm() == "cublas"
+    if N > 0:
+        _launch(
+            "gemm_lora", _gemm_tuned, _gemm_fixed, _GEMM_FIXED,
+            lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),), mb,
+            # a = x (M, K); b = Wᵀ (K, N); L = h (M, r); U = Bᵀ (r, N); S = Aᵀ (K, r)
+            x, weight, y, bias if bias is not None else y, h_arg, lora_B, lora_A,
+            M, N, 0 if cublas else K, r,
+            x.stride(0), x.stride(1), weight.stride(1), weight.stride(0), y.stride(0), y.stride(1),
+            h_arg.stride(0), h_arg.stride(1), lora_B.stride(1), lora_B.stride(0), lora_A.stride(1), lora_A.stride(0),
+            float(scaling), 0, 0, 1.0, mb,
+            HAS_BIAS=bias is not None, LO_DROPOUT=False, FUSE_SHRINK=fuse, STORE_L=fuse and save_h,
+            R_BLOCK=rb, DOT_PRECISION=prec, N_ROUNDS=PHILOX_ROUNDS,
+        )
+        if cublas:
+            y.addmm_(x, weight.t())
+    return y, (h if save_h else None)
+
+
+def _grad_dy(grad_y, lora_B, h, scaling, need_dh, need_db, need_dbias, prec, mb):
+    """dh (M, r) fp32, dB (N, r) fp32 and dbias (N,) fp32 from one pass over dY (those asked for)."""
+    M, N = grad_y.shape
+    r = lora_B.shape[1]
+    dev = grad_y.device
+    rb = _r_block(r)
+    dh = torch.empty((M, r), dtype=torch.float32, device=dev) if need_dh else None
+    db = torch.zeros((N, r), dtype=torch.float32, device=dev) if need_db else None  # atomics accumulate into it
+    dbias = torch.zeros((N,), dtype=torch.float32, device=dev) if need_dbias else None
+    # A dedicated dummy for absent tensors: the autotuner zeroes db_ptr / dbias_ptr before each timing run, so
+    # they must never alias a real tensor (grad_y, say).
+    dummy = torch.zeros((1, 1), dtype=torch.float32, device=dev)
+    dh_a, db_a, dbias_a, h_a = (t if t is not None else dummy for t in (dh, db, dbias, h))
+    _launch(
+        "lora_grad_dy", _dy_tuned, lora_grad_dy_kernel, _DY_FIXED,
+        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(r, rb)), mb,
+        grad_y, lora_B, h_a, dh_a, db_a, dbias_a,
+        M, N, r,
+        grad_y.stride(0), grad_y.stride(1), lora_B.stride(0), lora_B.stride(1),
+        h_a.stride(0), h_a.stride(1), dh_a.stride(0), dh_a.stride(1), db_a.stride(0), db_a.stride(1),
+        float(scaling), mb,
+        NEED_DH=need_dh, NEED_DB=need_db, NEED_DBIAS=need_dbias, R_BLOCK=rb, DOT_PRECISION=prec,
+    )
+    return dh, db, dbias
+
+
+def _grad_a(dh, x, p, seed, prec, mb):
+    """dA (r, K) fp32 = dhᵀ @ drop(x), rows split over enough programs to fill the device."""
+    M, K = x.shape
+    r = dh.shape[1]
+    rb = _r_block(r)
+    thr, inv_keep = _dropout_args(p)
+    nominal_bk = 64
+    programs = triton.cdiv(K, nominal_bk) * triton.cdiv(r, rb)
+    splits = max(1, min(triton.cdiv(2 * _sm_count(x.device), programs), triton.cdiv(M, 256)))
+    rows_per_split = triton.cdiv(triton.cdiv(M, splits), 128) * 128
+    splits = triton.cdiv(M, rows_per_split)
+    part = torch.empty((splits, r, K), dtype=torch.float32, device=x.device)
+    _launch(
+        "lora_grad_a", _grad_a_tuned, lora_grad_a_kernel, _GRAD_A_FIXED,
+        lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), splits, triton.cdiv(r, rb)), mb,
+        dh, x, part, M, K, r, rows_per_split,
+        dh.stride(0), dh.stride(1), x.stride(0), x.stride(1), part.stride(0), part.stride(1), part.stride(2),
+        int(seed), thr, inv_keep, mb,
+        HAS_DROPOUT=p > 0.0, R_BLOCK=rb, DOT_PRECISION=prec, N_ROUNDS=PHILOX_ROUNDS,
+    )
+    return part[0] if splits == 1 else part.sum(0)
+
+
+def lora_backward(
+    grad_y, x, weight, lora_A, lora_B, h, scaling: float, dropout_p: float, seed: int,
+    needs_input: bool, needs_weight: bool, needs_A: bool, needs_B: bool, needs_bias: bool,
+):
+    """Gradients of ``lora_forward`` (derived in fastlora.autograd): (dx, dW, dA, dB, dbias), None where not
+    needed; dA/dB in the adapters' dtype, the others in x's. The dropout mask is regenerated from ``seed``."""
+    _check(x, weight, lora_A, lora_B, None)
+    with on_device(x.device):
+        return _lora_backward(grad_y, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed,
+                              needs_input, needs_weight, needs_A, needs_B, needs_bias)
+
+
+def _lora_backward(grad_y, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed,
+                   needs_input, needs_weight, needs_A, needs_B, needs_bias):
+    M, K = x.shape
+    N, r = weight.shape[0], lora_A.shape[0]
+    dev, cdt, adt = x.device, x.dtype, lora_A.dtype
+    dx = dW = dA = dB = dbias = None
+    if M == 0:  # an empty batch: no launch, exact zeros
+        if needs_input:
+            dx = torch.empty((0, K), dtype=cdt, device=dev)
+        if needs_weight:
+            dW = torch.zeros((N, K), dtype=cdt, device=dev)
+        if needs_A:
+            dA = torch.zeros((r, K), dtype=adt, device=dev)
+        if needs_B:
+            dB = torch.zeros((N, r), dtype=lora_B.dtype, device=dev)
+        if needs_bias:
+            dbias = torch.zeros((N,), dtype=cdt, device=dev)
+        return dx, dW, dA, dB, dbias
+
+    grad_y, x, weight, lora_A, lora_B = (_kernel_view(t) for t in (grad_y, x, weight, lora_A, lora_B))
+    h = _kernel_view(h) if h is not None else None
+    p = float(dropout_p)
+    prec = _dot_precision(cdt)
+    mb = _m_bucket(M)
+    need_dh = needs_input or needs_A
+    # fp32 atomics make dB / dbias depend on the order of the row tiles; deterministic mode reads dY twice instead
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    fuse_db = needs_B and not deterministic and N > 0
+    fuse_dbias = needs_bias and not deterministic and N > 0
+    dh = db32 = dbias32 = None
+    if need_dh or fuse_db or fuse_dbias:
+        dh, db32, dbias32 = _grad_dy(grad_y, lora_B, h if fuse_db else None, scaling, need_dh, fuse_db,
+                                     fuse_dbias, prec, mb)
+    if needs_B:
+        if fuse_db:
+            dB = db32.to(lora_B.dtype)
+        else:
+            dB = torch.mm(grad_y.t(), h.to(cdt)).mul_(scaling).to(lora_B.dtype)
+    if needs_bias:
+        dbias = dbias32.to(cdt) if fuse_dbias else grad_y.sum(0, dtype=torch.float32).to(cdt)
+
+    if needs_input:
+        dx = torch.empty((M, K), dtype=cdt, device=dev)
+        cublas = base_gemm() == "cublas"  # then the kernel writes drop'(dh@A) and cuBLAS adds dY@W onto it
+        if K > 0:
+            thr, inv_keep = _dropout_args(p)
+            _launch(
+                "gemm_lora", _gemm_tuned, _gemm_fixed, _GEMM_FIXED,
+                lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),), mb,
+                # a = dY (M, N); b = W (N, K); L = dh (M, r), already scaled; U = A (r, K)
+                grad_y, weight, dx, dx, dh, lora_A, lora_A,
+                M, K, 0 if cublas else N, r,
+                grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1), dx.stride(0), dx.stride(1),
+                dh.stride(0), dh.stride(1), lora_A.stride(0), lora_A.stride(1), 0, 0,
+                1.0, int(seed), thr, inv_keep, mb,
+                HAS_BIAS=False, LO_DROPOUT=p > 0.0, FUSE_SHRINK=False, STORE_L=False,
+                R_BLOCK=_epilogue_r_block(r), DOT_PRECISION=prec, N_ROUNDS=PHILOX_ROUNDS,
+            )
+            if cublas:
+                dx.addmm_(grad_y, weight)
+    if needs_A:
+        if K > 0:
+            dA = _grad_a(dh, x, p, seed, prec, mb).to(adt)
+        else:
+            dA = torch.empty((r, 0), dtype=adt, device=dev)
+    if needs_weight:
+        # dW = dYᵀ x: a plain GEMM with nothing to fuse, so cuBLAS (only for a weight that requires grad)
+        dW = torch.mm(grad_y.t(), x)
+    return dx, dW, dA, dB, dbias

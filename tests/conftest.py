@@ -1,0 +1,65 @@
+"""Test setup shared by every test file.
+
+Without CUDA, the Triton kernels run on the CPU through Triton's interpreter, which must be switched on before
+anything imports triton: hence this block comes first. ``import torch`` does not import triton, so torch can be
+asked whether CUDA is there.
+"""
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise RuntimeError("triton was imported before tests/conftest.py could set TRITON_INTERPRET=1")
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py importable from every test file
+
+import pytest  # noqa: E402
+
+from helpers import nan_poisoned_allocations  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (bf16 kernels, large shapes, autotuning)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def poisoned_kernels(monkeypatch):
+    """Run ``fastlora.kernels``' entry points with NaN-filled ``torch.empty``-style allocations, so an output
+    element that a kernel never writes shows up as NaN (the flash-linear-attention trick)."""
+    from fastlora import kernels
+
+    for name in ("lora_forward", "lora_backward"):
+        fn = getattr(kernels, name)
+
+        def wrapped(*args, _fn=fn, **kwargs):
+            with nan_poisoned_allocations():
+                return _fn(*args, **kwargs)
+
+        monkeypatch.setattr(kernels, name, wrapped)
+    yield
+
+
+@pytest.fixture
+def triton_backend():
+    """Force the Triton kernels (on CPU tensors through the interpreter when CUDA is absent); restored after."""
+    import fastlora
+    from fastlora import backend
+
+    saved = backend._backend
+    fastlora.set_backend("triton")
+    yield
+    backend._backend = saved

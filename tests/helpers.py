@@ -1,0 +1,78 @@
+"""Comparison and allocation helpers for the tests: one error report, the low-precision rule, NaN poisoning."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def error_report(actual: torch.Tensor, expected: torch.Tensor, name: str = "tensor") -> str:
+    """Max absolute / relative error, where it is, and the NaN / inf counts of both sides."""
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    lines = [f"{name}: shape {tuple(a.shape)}, dtype {actual.dtype} vs {expected.dtype}"]
+    lines.append(f"  NaN: actual {int(a.isnan().sum())}, expected {int(e.isnan().sum())}; "
+                 f"inf: actual {int(a.isinf().sum())}, expected {int(e.isinf().sum())}")
+    if a.numel() and a.shape == e.shape:
+        diff = (a - e).abs().nan_to_num(nan=float("inf"))
+        flat = int(diff.argmax())
+        pos = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), a.shape)) if a.dim() else ()
+        lines.append(f"  max abs error {diff.max().item():.3e} at {pos}: actual {a.flatten()[flat].item():.6g}, "
+                     f"expected {e.flatten()[flat].item():.6g}; max |expected| {e.abs().max().item():.3e}")
+    return "\n".join(lines)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, name: str = "tensor"):
+    """|actual - expected| <= atol + rtol·|expected| elementwise, no NaN/inf, same shape; reports on failure."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    ok = bool(torch.isfinite(a).all()) and bool(((a - e).abs() <= atol + rtol * e.abs()).all())
+    assert ok, f"not close (atol={atol}, rtol={rtol})\n" + error_report(actual, expected, name)
+
+
+def assert_low_precision_close(fused: torch.Tensor, ref64: torch.Tensor, torch_same_dtype: torch.Tensor,
+                               atol: float, name: str = "tensor"):
+    """The flash-attention rule for fp16/bf16: max|fused − ref64| <= 2·max|torch_same_dtype − ref64| + atol,
+    where ``torch_same_dtype`` is the plain-PyTorch result in the same low precision."""
+    assert fused.shape == ref64.shape == torch_same_dtype.shape, f"{name}: shapes differ"
+    f, r, t = (x.detach().double().cpu() for x in (fused, ref64, torch_same_dtype))
+    err = (f - r).abs().max().item() if f.numel() else 0.0
+    base = (t - r).abs().max().item() if t.numel() else 0.0
+    ok = bool(torch.isfinite(f).all()) and err <= 2 * base + atol
+    assert ok, (f"{name}: fused error {err:.3e} > 2 x torch's own error {base:.3e} + atol {atol}\n"
+                + error_report(fused, ref64, name))
+
+
+_FACTORIES = ("empty", "empty_like", "empty_strided")
+
+
+def _poison(t):
+    if isinstance(t, torch.Tensor) and t.numel():
+        if t.is_floating_point() or t.is_complex():
+            t.fill_(float("nan"))
+        elif t.dtype != torch.bool:
+            t.fill_(-77)  # an integer sentinel: masks / indices that are never written stand out too
+    return t
+
+
+@contextlib.contextmanager
+def nan_poisoned_allocations():
+    """Within the block, torch.empty / empty_like / empty_strided / Tensor.new_empty return poisoned memory."""
+    saved = {name: getattr(torch, name) for name in _FACTORIES}
+    saved_new_empty = torch.Tensor.new_empty
+
+    def wrap(fn):
+        def poisoned(*args, **kwargs):
+            return _poison(fn(*args, **kwargs))
+        return poisoned
+
+    try:
+        for name, fn in saved.items():
+            setattr(torch, name, wrap(fn))
+        torch.Tensor.new_empty = wrap(saved_new_empty)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch, name, fn)
+        torch.Tensor.new_empty = saved_new_empty

@@ -1,0 +1,309 @@
+"""torch.compile without graph breaks, DDP and FSDP2, autocast, determinism and activation checkpointing.
+
+Runs on the CPU (the PyTorch path) everywhere and, where CUDA is present, on the GPU too (the kernels)."""
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint as checkpoint
+
+import fastlora
+from fastlora import LoRALinear, reference
+from helpers import assert_close
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# "triton" on the CPU runs the real kernels through the Triton interpreter (tests/conftest.py switches it on).
+PATHS = [("cpu", "auto"), ("cpu", "triton")] + ([("cuda", "auto")] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture
+def path(request):
+    """(device, backend) for one test; the backend is restored afterwards."""
+    device, name = request.param
+    previous = fastlora.backend._backend
+    fastlora.set_backend(name)
+    yield device
+    fastlora.backend._backend = previous
+
+
+class TwoLayer(nn.Module):
+    def __init__(self, d_in=24, d_hidden=40, d_out=12, dropout=0.0, dtype=torch.float32, device="cpu"):
+        super().__init__()
+        self.fc1 = LoRALinear(d_in, d_hidden, r=4, lora_alpha=8, lora_dropout=dropout, dtype=dtype, device=device)
+        self.fc2 = LoRALinear(d_hidden, d_out, r=3, lora_alpha=6, lora_dropout=dropout, dtype=dtype, device=device)
+        with torch.no_grad():  # non-zero B so the LoRA path matters
+            self.fc1.lora_B.normal_(std=0.5)
+            self.fc2.lora_B.normal_(std=0.5)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _kernel_launches() -> int:
+    from fastlora.backend import triton_available
+
+    if not triton_available():
+        return 0
+    from fastlora import kernels
+
+    return sum(kernels.launch_counts.values())
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _step(model, x, seed=0, owner=None):
+    """One forward/backward under a fixed seed; the gradients of ``owner`` (default: model)."""
+    torch.manual_seed(seed)
+    y = model(x)
+    loss = (y.float() ** 2).mean()
+    loss.backward()
+    return y.detach(), _grads(owner or model)
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True, ids=lambda p: "-".join(p))
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_compile_fullgraph_equals_eager(path, dropout):
+    device = path
+    torch.manual_seed(0)
+    model = TwoLayer(dropout=dropout, device=device)
+    x = torch.randn(3, 5, 24, device=device, requires_grad=True)
+    y_eager, g_eager = _step(model, x)
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True)
+    launches = _kernel_launches()
+    y_comp, g_comp = _step(compiled, x, owner=model)
+    if fastlora.get_backend() == "triton" or device == "cuda":
+        assert _kernel_launches() > launches  # the compiled graph ran the Triton kernels
+    assert_close(y_comp, y_eager, 1e-5, 1e-5, "y")
+    assert set(g_comp) == set(g_eager) == {"fc1.lora_A", "fc1.lora_B", "fc2.lora_A", "fc2.lora_B"}
+    for name in g_eager:
+        assert_close(g_comp[name], g_eager[name], 1e-5, 1e-5, name)
+
+
+def test_compile_dynamic_lengths_do_not_recompile_each_time():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    model = TwoLayer()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    for length in (5, 7, 9, 11, 13, 17):
+        x = torch.randn(2, length, 24, requires_grad=True)
+        out = compiled(x)
+        out.sum().backward()
+        assert_close(out, model(x), 1e-5, 1e-5, f"length {length}")
+    assert counter.frame_count <= 2, f"recompiled {counter.frame_count} times for 6 lengths"
+
+
+def test_custom_ops_pass_opcheck():
+    # torch.library's own consistency checks: schema, fake (meta) kernel, autograd registration.
+    from fastlora import autograd as ag
+
+    x = torch.randn(5, 8, requires_grad=True)
+    W = torch.randn(6, 8)
+    A = torch.randn(3, 8, requires_grad=True)
+    B = torch.randn(6, 3, requires_grad=True)
+    b = torch.randn(6)
+    torch.library.opcheck(ag._lora_linear_fwd, (x, W, A, B, b, 0.5, 0.0, False),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(ag._lora_linear_infer, (x.detach(), W, A.detach(), B.detach(), None, 0.5, 0.0, False),
+                          test_utils=("test_schema", "test_faketensor"))
+    h = torch.randn(5, 3)
+    seed = torch.zeros((), dtype=torch.int64)
+    for needs in ([True, False, True, True, False], [False, True, False, True, True]):
+        torch.library.opcheck(ag._lora_linear_bwd, (torch.randn(5, 6), x.detach(), W, A.detach(), B.detach(), h,
+                                                    seed, 0.5, 0.0, False, needs),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True, ids=lambda p: "-".join(p))
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_activation_checkpointing_same_gradients(path, dropout):
+    device = path
+    torch.manual_seed(0)
+    model = TwoLayer(dropout=dropout, device=device)
+    x = torch.randn(4, 6, 24, device=device, requires_grad=True)
+    y_plain, g_plain = _step(model, x, seed=11)
+    gx_plain = x.grad.clone()
+    model.zero_grad()
+    x.grad = None
+
+    class Checkpointed(nn.Module):
+        def forward(self, inp):
+            return checkpoint.checkpoint(model, inp, use_reentrant=False)
+
+    y_ckpt, g_ckpt = _step(Checkpointed(), x, seed=11, owner=model)
+    assert torch.equal(y_ckpt, y_plain)
+    for name in g_plain:
+        assert torch.equal(g_ckpt[name], g_plain[name]), name  # the recompute regenerated the same mask
+    assert torch.equal(x.grad, gx_plain)
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True, ids=lambda p: "-".join(p))
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_deterministic_mode_bitwise_repeatable(path, dropout):
+    device = path
+    torch.manual_seed(0)
+    model = TwoLayer(dropout=dropout, device=device)
+    x = torch.randn(64, 24, device=device, requires_grad=True)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        _, first = _step(model, x, seed=5)
+        model.zero_grad()
+        _, second = _step(model, x, seed=5)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_matches_linear_behaviour(device):
+    torch.manual_seed(0)
+    layer = LoRALinear(48, 40, r=8, lora_alpha=16, device=device)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.bias.requires_grad_(True)
+    x = torch.randn(2, 9, 48, device=device, requires_grad=True)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y = layer(x)
+        y_peft = reference.peft_lora_linear(x, layer.weight, layer.lora_A, layer.lora_B, layer.bias, layer.scaling)
+        y_linear = nn.functional.linear(x, layer.weight, layer.bias)
+    assert y.dtype == y_peft.dtype == y_linear.dtype == torch.bfloat16
+    y64 = reference.merged_lora_linear(x.double(), layer.weight.double(), layer.lora_A.double(),
+                                       layer.lora_B.double(), layer.bias.double(), layer.scaling)
+    err = (y.double() - y64).abs().max()
+    err_peft = (y_peft.double() - y64).abs().max()
+    assert err <= 2 * err_peft + 1e-2, (err, err_peft)
+    y.float().sum().backward()
+    for p in (layer.lora_A, layer.lora_B, layer.bias, x):
+        assert p.grad is not None and p.grad.dtype == torch.float32  # grads come back in the parameter dtype
+    assert layer.weight.grad is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Distributed: two processes on loopback, gloo (CPU)
+# ---------------------------------------------------------------------------------------------------------
+
+def _dist_worker(rank, world, init_file, mode, result_file):
+    import torch.distributed as dist
+
+    from datetime import timedelta
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+    try:
+        torch.manual_seed(0)
+        model = TwoLayer()
+        x = torch.randn(8, 24, generator=torch.Generator().manual_seed(1))
+        shard = x.chunk(world)[rank]
+        if mode == "ddp":
+            wrapped = nn.parallel.DistributedDataParallel(model)
+        else:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in (model.fc1, model.fc2):
+                fully_shard(layer)
+            wrapped = fully_shard(model)
+        loss = (wrapped(shard) ** 2).mean()
+        loss.backward()
+        grads = {}
+        for name, p in model.named_parameters():
+            if p.grad is None:
+                continue
+            g = p.grad
+            if hasattr(g, "full_tensor"):  # FSDP2: a sharded DTensor gradient
+                g = g.full_tensor()
+            grads[name] = g.detach().clone()
+        torch.save(grads, f"{result_file}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _single_process_grads():
+    torch.manual_seed(0)
+    model = TwoLayer()
+    x = torch.randn(8, 24, generator=torch.Generator().manual_seed(1))
+    (model(x) ** 2).mean().backward()
+    return _grads(model)
+
+
+def _fsdp2_available():
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return False
+    return torch.distributed.is_available()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or sys.platform == "win32", reason="needs gloo")
+@pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp2", marks=pytest.mark.skipif(
+    not _fsdp2_available(), reason="torch.distributed.fsdp.fully_shard not in this torch"))])
+def test_distributed_gradients_equal_single_process(tmp_path, mode):
+    import torch.multiprocessing as mp
+
+    world = 2
+    result = tmp_path / "grads"
+    context = mp.start_processes(_dist_worker, args=(world, str(tmp_path / "init"), mode, str(result)),
+                                 nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + 300  # a hung collective fails the test instead of hanging CI
+    try:
+        while not context.join(timeout=5):
+            assert time.monotonic() < deadline, f"{mode} workers did not finish in 300 s"
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
+    expected = _single_process_grads()
+    for rank in range(world):
+        got = torch.load(f"{result}.{rank}")
+        assert set(got) == set(expected)
+        for name in expected:
+            assert_close(got[name], expected[name], 1e-5, 1e-5, f"rank {rank} {name}")
+
+
+class _PlainNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(24, 40)
+        self.fc2 = nn.Linear(40, 12)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_compile_fullgraph_accelerated_peft_and_lora_model(dropout):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"], lora_dropout=dropout)
+    model = fastlora.accelerate_peft(peft.get_peft_model(_PlainNet(), config))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    x = torch.randn(3, 5, 24)
+    y_eager, g_eager = _step(model, x)
+    model.zero_grad()
+    y_comp, g_comp = _step(torch.compile(model, fullgraph=True), x, owner=model)
+    assert_close(y_comp, y_eager, 1e-5, 1e-5, "y")
+    assert len(g_eager) == 4
+    for name in g_eager:
+        assert_close(g_comp[name], g_eager[name], 1e-5, 1e-5, name)
+
+    ours = fastlora.get_peft_model(_PlainNet(), fastlora.LoraConfig(r=4, target_modules=["fc1", "fc2"],
+                                                                   lora_dropout=dropout))
+    y_eager, g_eager = _step(ours, x)
+    ours.zero_grad()
+    y_comp, g_comp = _step(torch.compile(ours, fullgraph=True), x, owner=ours)
+    assert_close(y_comp, y_eager, 1e-5, 1e-5, "LoraModel y")
+    for name in g_eager:
+        assert_close(g_comp[name], g_eager[name], 1e-5, 1e-5, name)
