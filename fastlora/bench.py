@@ -18,7 +18,8 @@ Providers, each computing the same function:
 * ``compiled``   ``torch.compile`` of the unfused math.
 
 Timing is honest: every step synchronizes CUDA before it returns, warm-up runs first (autotuning included),
-and each step takes the next x and dY from a pool larger than the last-level cache. Memory per case: the bytes
+each step takes the next x and dY from a pool larger than the last-level cache, and the CLI times the
+providers of a case in round robin so that load from other processes drifts over all of them alike. Memory per case: the bytes
 autograd saves for backward (``saved_tensors_hooks``; each storage counted once, parameters excluded) and the
 peak memory of one step above what was allocated before it (CUDA allocator statistics; on CPU the profiler's
 allocation events).
@@ -29,7 +30,6 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import functools
 import json
 import math
 import os
@@ -51,9 +51,11 @@ CLI_DESCRIPTION = ("Time fastlora's LoRA linear against PEFT's unfused math, the
                    "and a PNG plot of the speed-ups.")
 
 __all__ = [
-    "PROVIDERS", "PEERS", "MODES", "SHAPE_PRESETS", "Case", "Runner", "build_runner", "saved_activation_bytes",
-    "peak_memory_bytes", "time_runner", "time_interleaved", "measure_case", "measure", "run_cases", "make_cases", "suite_cases", "lora_flops", "summarize",
-    "write_outputs", "main", "add_arguments", "run_cli",
+    "PROVIDERS", "PEERS", "MODES", "SHAPE_PRESETS", "GOALS", "Case", "Runner", "build_runner",
+    "provider_available", "saved_activation_bytes", "peak_memory_bytes", "time_runner", "time_interleaved",
+    "measure_case", "measure", "make_cases", "suite_cases", "run_cases", "lora_flops", "speedups", "summarize",
+    "environment", "render_text", "render_markdown", "plot", "write_outputs", "resolve_device", "parse_shapes",
+    "add_arguments", "run_cli", "main",
 ]
 
 PROVIDERS = ("fastlora", "peft", "peft_layer", "naive", "base", "compiled")
