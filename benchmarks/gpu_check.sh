@@ -6,7 +6,8 @@
 #   4. run the quick GPU benchmark of issue 3's goal grid: bf16, r=16, K=N ∈ {4096, 5120, 8192} ×
 #      M ∈ {2048, 4096, 8192}, dropout 0 and 0.1, forward and forward+backward, fastlora vs PEFT's math, the
 #      seed's W+BA (naive) and the frozen nn.Linear (base); it prints the table and the geometric means that
-#      issue 3's goals are stated in, MET / MISSED against each goal.
+#      issue 3's goals are stated in, MET / MISSED against each goal;
+#   5. time inference at decode shapes (M ∈ {1, 16, 64}, K = N = 4096) against the same peers.
 # A test failure does not stop the benchmark; a benchmark stopped by its budget still writes what it measured; both outcomes are reported at the end, and the exit status is
 # non-zero if either failed. Everything (log, junit xml, results.json/.md/.png) goes to $OUT/gpu_check/ when
 # $OUT is set (the device runner copies $OUT back), else to ./gpu_check_out/.
@@ -16,8 +17,9 @@
 #   DEVICE=cpu DTYPE=float32 SHAPES=64x128x128 TESTS=tests/test_bench.py bash benchmarks/gpu_check.sh
 #   DEVICE (cuda)  DTYPE (bfloat16)  RANK (16)  SHAPES (issue3)  DROPOUT (0,0.1)  MODES (forward+backward,forward)
 #   PROVIDERS (fastlora,peft,naive,base)  BENCH_BUDGET (0.15 s of timing per measurement)
-#   TESTS (tests)  PYTEST_ARGS (-q --maxfail=5 --durations=15)  TEST_BUDGET_S (180)  BENCH_BUDGET_S (150)
-#   SKIP_INSTALL=1 (do not pip install)  SKIP_TESTS=1  PYTHON (python)
+#   TESTS (tests)  PYTEST_ARGS (-q --maxfail=5 --durations=15)  TEST_BUDGET_S (170)  BENCH_BUDGET_S (150)
+#   DECODE_SHAPES (decode: M ∈ {1,16,64}, K=N=4096)  DECODE_BUDGET_S (45)
+#   SKIP_INSTALL=1 (do not pip install)  SKIP_TESTS=1  SKIP_DECODE=1  PYTHON (python)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -33,8 +35,10 @@ PROVIDERS=${PROVIDERS:-fastlora,peft,naive,base}
 BENCH_BUDGET=${BENCH_BUDGET:-0.15}
 TESTS=${TESTS:-tests}
 PYTEST_ARGS=${PYTEST_ARGS:--q --maxfail=5 --durations=15 -p no:cacheprovider}
-TEST_BUDGET_S=${TEST_BUDGET_S:-180}
+TEST_BUDGET_S=${TEST_BUDGET_S:-170}
 BENCH_BUDGET_S=${BENCH_BUDGET_S:-150}
+DECODE_SHAPES=${DECODE_SHAPES:-decode}
+DECODE_BUDGET_S=${DECODE_BUDGET_S:-45}
 RESULTS=${OUT:+$OUT/gpu_check}
 RESULTS=${RESULTS:-$REPO/gpu_check_out}
 mkdir -p "$RESULTS"
@@ -77,7 +81,7 @@ import fastlora
 from fastlora import backend
 print(f"fastlora {fastlora.__version__} from {fastlora.__file__}, backend {fastlora.get_backend()}")
 device = torch.device(sys.argv[1])
-if device.type == "cuda":
+if device.type == "cuda" and torch.cuda.is_available():
     print(f"{torch.cuda.get_device_name(device)}: {torch.cuda.get_device_properties(device)}")
     for dt in (torch.bfloat16, torch.float16, torch.float32):
         print(f"  lora_linear on cuda {dt}: {'Triton kernels' if backend.use_triton(device, dt) else 'torch fallback'}")
@@ -106,6 +110,17 @@ timeout -s INT -k 20 "$BENCH_BUDGET_S" "$PYTHON" -m fastlora bench --device "$DE
     --budget "$BENCH_BUDGET" --goals issue3 --out "$RESULTS" || bench_rc=$?
 [[ $bench_rc -eq 0 ]] || echo "!!! benchmark: FAILED or stopped (rc=$bench_rc)"
 
+decode_rc=skipped
+if [[ "${SKIP_DECODE:-0}" != "1" ]]; then
+    # issue 3: inference at M <= 64 must not be slower than the base linear plus the two skinny GEMMs (peft math)
+    stamp "decode benchmark: inference, $DTYPE r=$RANK shapes=$DECODE_SHAPES"
+    decode_rc=0
+    timeout -s INT -k 20 "$DECODE_BUDGET_S" "$PYTHON" -m fastlora bench --device "$DEVICE" --dtype "$DTYPE" \
+        --rank "$RANK" --shapes "$DECODE_SHAPES" --dropout 0 --modes inference --providers "$PROVIDERS" \
+        --budget "$BENCH_BUDGET" --no-plot --out "$RESULTS/decode" || decode_rc=$?
+    [[ $decode_rc -eq 0 ]] || echo "!!! decode benchmark: FAILED or stopped (rc=$decode_rc)"
+fi
+
 stamp "summary"
 if [[ -f "$RESULTS/results.json" ]]; then
     "$PYTHON" - "$RESULTS/results.json" <<'EOF' || true
@@ -129,6 +144,19 @@ EOF
 else
     echo "no results.json: the benchmark did not finish"
 fi
-echo "install rc=$install_rc, tests rc=$test_rc, benchmark rc=$bench_rc, total $(( $(date +%s) - START ))s"
+if [[ -f "$RESULTS/decode/results.json" ]]; then
+    "$PYTHON" - "$RESULTS/decode/results.json" <<'EOF' || true
+import json, sys
+report = json.load(open(sys.argv[1]))
+rows = {}
+for r in report["results"]:
+    rows.setdefault((r["M"], r["K"], r["N"]), {})[r["provider"]] = r.get("time_ms")
+print("decode (inference, median ms):")
+for (M, K, N), g in sorted(rows.items()):
+    print(f"  M={M:<3} K={K} N={N}  " + "  ".join(f"{p} {'err' if t is None else f'{t:.4f}'}" for p, t in g.items()))
+EOF
+fi
+echo "install rc=$install_rc, tests rc=$test_rc, benchmark rc=$bench_rc, decode rc=$decode_rc, total $(( $(date +%s) - START ))s"
 echo "log, tests.xml, results.json/.md/.png in $RESULTS"
-[[ $install_rc -eq 0 && ( $test_rc == 0 || $test_rc == skipped ) && $bench_rc -eq 0 ]]
+[[ $install_rc -eq 0 && ( $test_rc == 0 || $test_rc == skipped ) && $bench_rc -eq 0 \
+   && ( $decode_rc == 0 || $decode_rc == skipped ) ]]
