@@ -16,11 +16,17 @@ Backward, given dY = ∂L/∂y (M, N)::
     ∂L/∂W = dW = dYᵀ x                  (N, K)    only when W requires grad (frozen in LoRA: skipped)
     ∂L/∂b = db = Σ_rows dY              (N,)      only when b requires grad
 
-``B @ A`` appears nowhere. Saved for backward: x, h and the dropout seed (plus the parameters, which cost no
-memory); the mask m is regenerated from the seed, so it is the forward's bit for bit, and never stored.
+``B @ A`` appears nowhere. Saved for backward: x, h and the dropout seed (a Python int in eager code, an int64
+scalar under torch.compile), plus the parameters, which cost no memory; the mask m is regenerated from the seed, so it is the forward's bit for bit, and never stored.
 
-Each op's body picks the implementation: the Triton kernels (``fastlora.kernels``) or the pure-PyTorch math
-(``fastlora.reference``); both expose ``lora_forward`` / ``lora_backward`` with the same signature.
+Two thin wrappers share one forward and one backward body, which pick the implementation: the Triton kernels
+(``fastlora.kernels``) or the pure-PyTorch math (``fastlora.reference``), both exposing ``lora_forward`` /
+``lora_backward`` with the same signature:
+
+* eager code runs a ``torch.autograd.Function`` (a few µs of host overhead per call);
+* code being compiled runs ``torch.library`` custom ops with fake kernels and a registered autograd, so
+  ``torch.compile(fullgraph=True)`` traces through without a graph break (their Python dispatch costs tens of
+  µs per call, which a compiled graph pays once at trace time, and eager decode-sized calls should not pay).
 """
 from __future__ import annotations
 
@@ -42,14 +48,60 @@ def _impl(use_triton: bool):
     return reference
 
 
-def _draw_seed(dropout_p: float) -> Tensor:
+def _draw_seed(dropout_p: float) -> int:
     """The dropout seed, from torch's default (CPU) generator: torch.manual_seed makes runs repeatable, and
-    activation checkpointing, which restores the RNG state, recomputes the same mask. It is drawn inside the
-    op so that torch.compile'd code consumes the generator exactly as eager code does."""
+    activation checkpointing, which restores the RNG state, recomputes the same mask. Eager and compiled code
+    draw it the same way (inside the op), so they consume the generator alike and see the same masks."""
     if dropout_p > 0.0:
-        return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
-    return torch.zeros((), dtype=torch.int64)
+        return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
+    return 0
 
+
+def _forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton, save_h):
+    """(y, h or None, seed)."""
+    seed = _draw_seed(dropout_p)
+    y, h = _impl(use_triton).lora_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed,
+                                          save_h=save_h)
+    return y, h, seed
+
+
+def _needs(ctx) -> list[bool]:
+    """[dx, dW, dA, dB, dbias]: what autograd asks for; dW and dbias only for tensors that require grad."""
+    nx, nw, na, nb, nbias = ctx.needs_input_grad[:5]
+    return [nx, nw, na, nb, nbias and ctx.has_bias]
+
+
+def _backward(grad_y, x, weight, lora_A, lora_B, h, seed: int, scaling, dropout_p, use_triton, needs):
+    return _impl(use_triton).lora_backward(grad_y, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, *needs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Eager: an autograd.Function
+# ---------------------------------------------------------------------------------------------------------
+
+class LoRALinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton):
+        y, h, seed = _forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton, save_h=True)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, h)
+        ctx.seed, ctx.scaling, ctx.dropout_p, ctx.use_triton = seed, scaling, dropout_p, use_triton
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, lora_A, lora_B, h = ctx.saved_tensors
+        needs = _needs(ctx)
+        if not any(needs):
+            return (None,) * 8
+        grads = _backward(grad_y, x, weight, lora_A, lora_B, h, ctx.seed, ctx.scaling, ctx.dropout_p,
+                          ctx.use_triton, needs)
+        return (*grads, None, None, None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compiled: torch.library custom ops
+# ---------------------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("fastlora::lora_linear_fwd", mutates_args=())
 def _lora_linear_fwd(
@@ -57,11 +109,8 @@ def _lora_linear_fwd(
     scaling: float, dropout_p: float, use_triton: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (y, h, seed); the seed (a CPU int64 scalar) is saved for the backward's mask."""
-    seed = _draw_seed(dropout_p)
-    y, h = _impl(use_triton).lora_forward(
-        x, weight, lora_A, lora_B, bias, scaling, dropout_p, int(seed), save_h=True
-    )
-    return y, h, seed
+    y, h, seed = _forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton, save_h=True)
+    return y, h, torch.full((), seed, dtype=torch.int64)
 
 
 @_lora_linear_fwd.register_fake
@@ -77,10 +126,7 @@ def _lora_linear_infer(
     x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
     scaling: float, dropout_p: float, use_triton: bool,
 ) -> Tensor:
-    y, _ = _impl(use_triton).lora_forward(
-        x, weight, lora_A, lora_B, bias, scaling, dropout_p, int(_draw_seed(dropout_p)), save_h=False
-    )
-    return y
+    return _forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton, save_h=False)[0]
 
 
 @_lora_linear_infer.register_fake
@@ -95,9 +141,7 @@ def _lora_linear_bwd(
 ) -> list[Tensor]:
     """Returns [dx, dW, dA, dB, dbias]; a gradient that is not needed comes back as an empty tensor
     (custom ops cannot return None)."""
-    grads = _impl(use_triton).lora_backward(
-        grad_y, x, weight, lora_A, lora_B, h, scaling, dropout_p, int(seed), *needs_grad
-    )
+    grads = _backward(grad_y, x, weight, lora_A, lora_B, h, int(seed), scaling, dropout_p, use_triton, needs_grad)
     # Contiguous, as the fake kernel promises (a transposed product would otherwise leak its strides).
     return [g.contiguous() if g is not None else grad_y.new_empty(0) for g in grads]
 
@@ -116,29 +160,34 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, grad_y, grad_h, grad_seed):
+def _custom_op_backward(ctx, grad_y, grad_h, grad_seed):
     # h and seed are internal outputs that callers never use: their gradients are ignored.
     x, weight, lora_A, lora_B, h, seed = ctx.saved_tensors
-    nx, nw, na, nb, nbias = ctx.needs_input_grad[:5]
-    needs = [nx, nw, na, nb, nbias and ctx.has_bias]
+    needs = _needs(ctx)
     if not any(needs):
         return (None,) * 8
     grads = _lora_linear_bwd(
         grad_y, x, weight, lora_A, lora_B, h, seed, ctx.scaling, ctx.dropout_p, ctx.use_triton, needs
     )
-    out = [g if need else None for g, need in zip(grads, needs)]
-    return (*out, None, None, None)
+    return (*[g if need else None for g, need in zip(grads, needs)], None, None, None)
 
 
-torch.library.register_autograd("fastlora::lora_linear_fwd", _backward, setup_context=_setup_context)
+torch.library.register_autograd("fastlora::lora_linear_fwd", _custom_op_backward, setup_context=_setup_context)
 
+
+# ---------------------------------------------------------------------------------------------------------
+# Entry points for fastlora.functional (2-D x)
+# ---------------------------------------------------------------------------------------------------------
 
 def lora_linear_train(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton) -> Tensor:
-    """2-D op with autograd: saves x, h and the seed."""
-    y, _, _ = _lora_linear_fwd(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton)
-    return y
+    """With autograd: saves x, h and the seed."""
+    if torch.compiler.is_compiling():
+        return _lora_linear_fwd(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton)[0]
+    return LoRALinearFunction.apply(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton)
 
 
 def lora_linear_infer(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton) -> Tensor:
-    """2-D op without autograd: saves nothing and skips h's extra store."""
-    return _lora_linear_infer(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton)
+    """Without autograd: saves nothing and skips h's store."""
+    if torch.compiler.is_compiling():
+        return _lora_linear_infer(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton)
+    return _forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton, save_h=False)[0]

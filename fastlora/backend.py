@@ -32,9 +32,11 @@ def set_backend(name: str) -> None:
 
 
 def get_backend() -> str:
-    """The current choice: set_backend's last value, else ``$FASTLORA_BACKEND``, else ``"auto"``."""
+    """The current choice: set_backend's last value, else ``$FASTLORA_BACKEND`` (read on first use), else
+    ``"auto"``."""
+    global _backend
     if _backend is None:
-        return _check(os.environ.get("FASTLORA_BACKEND", "auto"), "FASTLORA_BACKEND")
+        _backend = _check(os.environ.get("FASTLORA_BACKEND", "auto"), "FASTLORA_BACKEND")
     return _backend
 
 
@@ -53,12 +55,12 @@ def use_triton(device: torch.device, dtype: torch.dtype) -> bool:
 
     Raises where ``triton`` was asked for but cannot run, instead of silently falling back.
     """
-    backend = get_backend()
+    backend = _backend if _backend is not None else get_backend()
     if backend == "torch":
         return False
-    kernel_device = device.type == "cuda" or (device.type == "cpu" and triton_interpreted())
     if backend == "auto":
         return device.type == "cuda" and dtype in KERNEL_DTYPES and triton_available()
+    kernel_device = device.type == "cuda" or (device.type == "cpu" and triton_interpreted())
     if not triton_available():
         raise RuntimeError("fastlora backend 'triton' needs the triton package: pip install triton")
     if not kernel_device:

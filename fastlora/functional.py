@@ -111,11 +111,10 @@ def lora_linear(
     p = float(dropout_p) if training else 0.0
     use_triton = _backend.use_triton(input.device, input.dtype)
 
-    lead = input.shape[:-1]
-    x2d = input.reshape(-1, input.shape[-1])
+    x2d = input if input.dim() == 2 else input.reshape(-1, input.shape[-1])
     args = (x2d, weight, lora_A, lora_B, bias, float(scaling), p, use_triton)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, weight, lora_A, lora_B, bias)
     )
     y = lora_linear_train(*args) if needs_grad else lora_linear_infer(*args)
-    return y.reshape(*lead, weight.shape[0])
+    return y if input.dim() == 2 else y.reshape(*input.shape[:-1], weight.shape[0])

@@ -42,29 +42,26 @@ def dropout_keep_mask(seed: int, shape, p: float, device, dtype=torch.bool) -> t
     device = torch.device(device)
     gen = torch.Generator(device=device)
     gen.manual_seed(int(seed))
-    mask_dtype = torch.float32 if dtype == torch.bool else dtype
-    keep = torch.empty(shape, device=device, dtype=mask_dtype).bernoulli_(1.0 - p, generator=gen)
-    return keep.bool() if dtype == torch.bool else keep
-
-
-def _dropped(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """drop(x) = x · keep / (1-p), a temporary: used and freed, never saved."""
-    if p == 0.0:
-        return x
-    keep = dropout_keep_mask(seed, x.shape, p, x.device, dtype=x.dtype)
-    return keep.mul_(x).mul_(1.0 / (1.0 - p))
+    keep = torch.rand(shape, device=device, generator=gen) >= p  # uniform [0, 1): kept with probability 1-p
+    return keep if dtype == torch.bool else keep.to(dtype)
 
 
 def lora_forward(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: float, seed: int, save_h: bool = True):
     """y = x@Wᵀ + b + s·h@Bᵀ with h = drop(x)@Aᵀ. Returns (y, h), h None unless ``save_h``.
 
     x (M, K) and weight (N, K) share a dtype; the adapters may be wider (fp32 with a bf16 base, as PEFT keeps
-    them) and are cast to x's dtype for the products, which accumulate in fp32 as torch's matmuls do.
+    them) and are cast to x's dtype for the products, which accumulate in fp32 as torch's matmuls do. With
+    dropout, the 1/(1-p) goes onto A (r, K) rather than onto an (M, K) tensor, and the (M, K) masked copy of
+    x is a temporary: it is freed before y is computed and never saved.
     """
     cd = x.dtype
-    A = lora_A.to(cd)
     B = lora_B.to(cd)
-    h = torch.mm(_dropped(x, dropout_p, seed), A.t())  # (M, r)
+    if dropout_p == 0.0:
+        h = torch.mm(x, lora_A.to(cd).t())  # (M, r)
+    else:
+        keep = dropout_keep_mask(seed, x.shape, dropout_p, x.device)
+        h = torch.mm(x * keep, (lora_A / (1.0 - dropout_p)).to(cd).t())
+        del keep
     if bias is None:
         y = torch.mm(x, weight.t())
     else:
@@ -80,26 +77,28 @@ def lora_backward(
     """Gradients of lora_forward (derived in fastlora.autograd). Returns (dx, dW, dA, dB, dbias), None where
     not needed. The dropout mask is regenerated from ``seed``: it is the forward's, bit for bit."""
     cd = grad_y.dtype
-    A = lora_A.to(cd)
-    B = lora_B.to(cd)
+    inv_keep = 1.0 / (1.0 - dropout_p)
     dx = dW = dA = dB = dbias = None
     if needs_input or needs_A:
-        dh = torch.mm(grad_y, B).mul_(scaling)  # (M, r)
+        dh = torch.mm(grad_y, lora_B.to(cd)).mul_(scaling)  # (M, r)
     if needs_B:
         # (N, r), computed as (hᵀ dY)ᵀ: BLAS streams dY faster in this orientation
         dB = torch.mm(h.to(cd).t(), grad_y).mul_(scaling).t().to(lora_B.dtype)
     keep = None
     if dropout_p > 0.0 and (needs_input or needs_A):
-        keep = dropout_keep_mask(seed, x.shape, dropout_p, x.device, dtype=cd)
+        keep = dropout_keep_mask(seed, x.shape, dropout_p, x.device)
     if needs_input:
         dx = torch.mm(grad_y, weight)  # (M, K)
         if keep is None:
-            dx.addmm_(dh, A)
-        else:
-            dx.add_(torch.mm(dh, A).mul_(keep), alpha=1.0 / (1.0 - dropout_p))
+            dx.addmm_(dh, lora_A.to(cd))
+        else:  # dx += (dh · A/(1-p)) ⊙ keep, in one pass over dx
+            dx.addcmul_(torch.mm(dh, (lora_A * inv_keep).to(cd)), keep)
     if needs_A:
-        xd = x if keep is None else keep.mul_(x).mul_(1.0 / (1.0 - dropout_p))
-        dA = torch.mm(dh.t(), xd).to(lora_A.dtype)  # (r, K)
+        if keep is None:
+            dA = torch.mm(dh.t(), x)  # (r, K)
+        else:
+            dA = torch.mm(dh.t(), x * keep).mul_(inv_keep)
+        dA = dA.to(lora_A.dtype)
     if needs_weight:
         dW = torch.mm(grad_y.t(), x)  # (N, K): only for a weight that asks for it
     if needs_bias:

@@ -219,8 +219,8 @@ def test_saves_only_input_h_and_seed(p):
     M, K, N, r = 64, 48, 80, 8
     x, W, A, B, b = make(M, K, N, r, torch.float32)
     _, storages = _saved_bytes(lambda: fastlora.lora_linear(x, W, A, B, b, dropout_p=p), (W, A, B, b))
-    expected = sorted([x.nbytes, M * r * 4, 8])  # x, h (fp32), the int64 seed
-    assert sorted(storages.values()) == expected
+    # x and h (fp32); eager code keeps the dropout seed as a Python int (compiled code, as an int64 scalar)
+    assert sorted(storages.values()) == sorted([x.nbytes, M * r * 4])
     if p:  # PEFT's unfused math saves a dropped copy of x and a mask (≥ 1 byte per element) on top.
         _, peft = _saved_bytes(lambda: reference.peft_lora_linear(x, W, A, B, b, dropout_p=p), (W, A, B, b))
         assert sum(peft.values()) >= sum(storages.values()) + M * K
@@ -308,10 +308,13 @@ def test_backend_choice(monkeypatch):
     monkeypatch.setattr(backend, "_backend", None)
     monkeypatch.setenv("FASTLORA_BACKEND", "torch")
     assert fastlora.get_backend() == "torch"
+    monkeypatch.setenv("FASTLORA_BACKEND", "triton")
+    assert fastlora.get_backend() == "torch"  # the variable is read once, on first use
+    monkeypatch.setattr(backend, "_backend", None)
     monkeypatch.setenv("FASTLORA_BACKEND", "bogus")
     with pytest.raises(ValueError, match="FASTLORA_BACKEND"):
         fastlora.get_backend()
-    monkeypatch.setenv("FASTLORA_BACKEND", "auto")
+    fastlora.set_backend("auto")
     # auto: the kernels for CUDA tensors only; CPU tensors take the PyTorch path
     assert backend.use_triton(torch.device("cpu"), torch.float32) is False
     assert backend.use_triton(torch.device("cuda"), torch.float64) is False
