@@ -45,14 +45,15 @@ def test_providers_compute_the_lora_linear(provider, mode):
     runner.step()  # the timed step runs (forward+backward: the gradients exist)
 
 
-def test_saved_bytes_are_x_h_and_seed():
+def test_saved_bytes_are_x_h_and_at_most_a_seed():
     for p in (0.0, 0.25):
         case = bench.Case(**TINY, dropout=p, mode="forward+backward")
         M, K, r = case.M, case.K, case.r
         fl = bench.build_runner("fastlora", case)
-        # x (M, K) fp32 + h (M, r) fp32 + the int64 seed; the frozen weight and the adapters are not counted
-        assert bench.saved_activation_bytes(fl) == M * K * 4 + M * r * 4 + 8
-        assert bench.saved_activation_bytes(fl, include_input=False) == M * r * 4 + 8
+        # x (M, K) fp32 + h (M, r) fp32, plus the seed if it is kept as an int64 tensor (a Python int in eager
+        # code costs no tensor); the frozen weight and the adapters are not counted
+        assert bench.saved_activation_bytes(fl) - (M * K * 4 + M * r * 4) in (0, 8)
+        assert bench.saved_activation_bytes(fl, include_input=False) - M * r * 4 in (0, 8)
         peft = bench.build_runner("peft", case)
         if p > 0:  # PEFT keeps the dropped copy of x (M, K) and its mask (≥ 1 byte per element)
             assert bench.saved_activation_bytes(peft, include_input=False) >= M * K * 5 + M * r * 4
