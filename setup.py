@@ -15,6 +15,7 @@ setup(
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
     ],
+    entry_points={"console_scripts": ["fastlora=fastlora.__main__:main"]},
     extras_require={
         "peft": ["peft>=0.13", "transformers>=4.45", "safetensors>=0.4"],
         "plot": ["matplotlib>=3.7"],

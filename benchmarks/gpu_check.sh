@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# One-shot check of fastlora on a machine with an NVIDIA GPU and no network (issue 3 / issue 7):
+#   1. install this checkout in place (no dependencies, no build isolation: nothing is downloaded);
+#   2. print nvidia-smi, torch, triton, peft versions and the backend fastlora picks on CUDA;
+#   3. run the full test suite (on CUDA: the kernels, bf16, large shapes) within a time budget;
+#   4. run the quick GPU benchmark of issue 3's goal grid: bf16, r=16, K=N ∈ {4096, 5120, 8192} ×
+#      M ∈ {2048, 4096, 8192}, dropout 0 and 0.1, forward and forward+backward, fastlora vs PEFT's math, the
+#      seed's W+BA (naive) and the frozen nn.Linear (base); it prints the table and the geometric means that
+#      issue 3's goals are stated in, MET / MISSED against each goal;
+#   5. time inference at decode shapes (M ∈ {1, 16, 64}, K = N = 4096) against the same peers.
+# A test failure does not stop the benchmark; a benchmark stopped by its budget still writes what it measured; both outcomes are reported at the end, and the exit status is
+# non-zero if either failed. Everything (log, junit xml, results.json/.md/.png) goes to $OUT/gpu_check/ when
+# $OUT is set (the device runner copies $OUT back), else to ./gpu_check_out/.
+# Budget: under 6 minutes on an H100, autotuning included.
+#
+# Knobs (environment), e.g. for a dry run on a CPU-only machine:
+#   DEVICE=cpu DTYPE=float32 SHAPES=64x128x128 TESTS=tests/test_bench.py bash benchmarks/gpu_check.sh
+#   DEVICE (cuda)  DTYPE (bfloat16)  RANK (16)  SHAPES (issue3)  DROPOUT (0,0.1)  MODES (forward+backward,forward)
+#   PROVIDERS (fastlora,peft,naive,base)  BENCH_BUDGET (0.15 s of timing per measurement)
+#   TESTS (tests)  PYTEST_ARGS (-q --maxfail=5 --durations=15)  TEST_BUDGET_S (170)  BENCH_BUDGET_S (150)
+#   DECODE_SHAPES (decode: M ∈ {1,16,64}, K=N=4096)  DECODE_BUDGET_S (45)
+#   SKIP_INSTALL=1 (do not pip install)  SKIP_TESTS=1  SKIP_DECODE=1  PYTHON (python)
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+REPO=$(pwd)
+PYTHON=${PYTHON:-$(command -v python || command -v python3)}
+DEVICE=${DEVICE:-cuda}
+DTYPE=${DTYPE:-bfloat16}
+RANK=${RANK:-16}
+SHAPES=${SHAPES:-issue3}
+DROPOUT=${DROPOUT:-0,0.1}
+MODES=${MODES:-forward+backward,forward}  # forward+backward first: the goals that matter most
+PROVIDERS=${PROVIDERS:-fastlora,peft,naive,base}
+BENCH_BUDGET=${BENCH_BUDGET:-0.15}
+TESTS=${TESTS:-tests}
+PYTEST_ARGS=${PYTEST_ARGS:--q --maxfail=5 --durations=15 -p no:cacheprovider}
+TEST_BUDGET_S=${TEST_BUDGET_S:-170}
+BENCH_BUDGET_S=${BENCH_BUDGET_S:-150}
+DECODE_SHAPES=${DECODE_SHAPES:-decode}
+DECODE_BUDGET_S=${DECODE_BUDGET_S:-45}
+RESULTS=${OUT:+$OUT/gpu_check}
+RESULTS=${RESULTS:-$REPO/gpu_check_out}
+mkdir -p "$RESULTS"
+LOG="$RESULTS/gpu_check.log"
+exec > >(tee "$LOG") 2>&1
+
+START=$(date +%s)
+stamp() { echo; echo "=== [$(( $(date +%s) - START ))s] $*"; }
+
+stamp "fastlora gpu_check in $REPO, results to $RESULTS ($(date -u '+%Y-%m-%d %H:%M UTC'))"
+echo "git: $(git -C "$REPO" log -1 --format='%h %s' 2>/dev/null || echo 'not a git checkout')"
+
+install_rc=0
+if [[ "${SKIP_INSTALL:-0}" != "1" ]]; then
+    stamp "pip install --no-deps --no-build-isolation -e ."
+    "$PYTHON" -m pip install -q --no-deps --no-build-isolation -e "$REPO" || install_rc=$?
+    [[ $install_rc -eq 0 ]] || echo "!!! install failed (rc=$install_rc): continuing with what is importable"
+fi
+
+stamp "versions"
+if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv || true
+    nvidia-smi -L || true
+else
+    echo "nvidia-smi: not found"
+fi
+env_rc=0
+"$PYTHON" - "$DEVICE" <<'EOF' || env_rc=$?
+import sys, platform
+import torch
+print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+      f"cuda available: {torch.cuda.is_available()}, devices: {torch.cuda.device_count()}")
+for name in ("triton", "peft", "transformers", "pytest_benchmark", "matplotlib"):
+    try:
+        mod = __import__(name)
+        print(f"{name} {getattr(mod, '__version__', '?')}")
+    except Exception as exc:
+        print(f"{name}: not importable ({type(exc).__name__}: {exc})")
+import fastlora
+from fastlora import backend
+print(f"fastlora {fastlora.__version__} from {fastlora.__file__}, backend {fastlora.get_backend()}")
+device = torch.device(sys.argv[1])
+if device.type == "cuda" and torch.cuda.is_available():
+    print(f"{torch.cuda.get_device_name(device)}: {torch.cuda.get_device_properties(device)}")
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        print(f"  lora_linear on cuda {dt}: {'Triton kernels' if backend.use_triton(device, dt) else 'torch fallback'}")
+EOF
+[[ $env_rc -eq 0 ]] || echo "!!! environment check failed (rc=$env_rc)"
+
+test_rc=skipped
+if [[ "${SKIP_TESTS:-0}" != "1" ]]; then
+    stamp "tests: timeout ${TEST_BUDGET_S}s python -m pytest $TESTS $PYTEST_ARGS"
+    test_rc=0
+    # SIGINT first so pytest prints its summary of what ran; SIGKILL 20 s later if it does not stop.
+    # shellcheck disable=SC2086
+    timeout -s INT -k 20 "$TEST_BUDGET_S" "$PYTHON" -m pytest $TESTS $PYTEST_ARGS \
+        --junitxml="$RESULTS/tests.xml" || test_rc=$?
+    case $test_rc in
+        0) echo "tests: passed" ;;
+        124|130|137) echo "!!! tests: stopped by the ${TEST_BUDGET_S}s budget (rc=$test_rc); see above for what ran" ;;
+        *) echo "!!! tests: FAILED (rc=$test_rc); continuing to the benchmark" ;;
+    esac
+fi
+
+stamp "benchmark: $DEVICE $DTYPE r=$RANK shapes=$SHAPES dropout=$DROPOUT modes=$MODES providers=$PROVIDERS"
+bench_rc=0
+timeout -s INT -k 20 "$BENCH_BUDGET_S" "$PYTHON" -m fastlora bench --device "$DEVICE" --dtype "$DTYPE" \
+    --rank "$RANK" --shapes "$SHAPES" --dropout "$DROPOUT" --modes "$MODES" --providers "$PROVIDERS" \
+    --budget "$BENCH_BUDGET" --goals issue3 --out "$RESULTS" || bench_rc=$?
+[[ $bench_rc -eq 0 ]] || echo "!!! benchmark: FAILED or stopped (rc=$bench_rc)"
+
+decode_rc=skipped
+if [[ "${SKIP_DECODE:-0}" != "1" ]]; then
+    # issue 3: inference at M <= 64 must not be slower than the base linear plus the two skinny GEMMs (peft math)
+    stamp "decode benchmark: inference, $DTYPE r=$RANK shapes=$DECODE_SHAPES"
+    decode_rc=0
+    timeout -s INT -k 20 "$DECODE_BUDGET_S" "$PYTHON" -m fastlora bench --device "$DEVICE" --dtype "$DTYPE" \
+        --rank "$RANK" --shapes "$DECODE_SHAPES" --dropout 0 --modes inference --providers "$PROVIDERS" \
+        --budget "$BENCH_BUDGET" --no-plot --out "$RESULTS/decode" || decode_rc=$?
+    [[ $decode_rc -eq 0 ]] || echo "!!! decode benchmark: FAILED or stopped (rc=$decode_rc)"
+fi
+
+stamp "summary"
+if [[ -f "$RESULTS/results.json" ]]; then
+    "$PYTHON" - "$RESULTS/results.json" <<'EOF' || true
+import json, sys
+report = json.load(open(sys.argv[1]))
+meta = report["meta"]
+print(f"{meta['device_name']}, {meta['dtype']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date_utc']}")
+errors = sorted({f"{r['provider']}: {r['error']}" for r in report["results"] if r.get("error")})
+for s in report["summary"]:
+    g = s.get("goal")
+    if g:
+        rel = ">=" if g["kind"] == "speedup" else "<="
+        print(f"  {g['text']:<42} {g['value']:.3f}  (goal {rel} {g['threshold']})  "
+              f"{'MET' if g['met'] else 'MISSED'}   [{s['cases']} cases]")
+for s in report["summary"]:
+    print(f"  {s['mode']:<17} vs {s['peer']:<6} geomean speed-up {s['geomean_speedup']:.3f}x "
+          f"(range {s['min_speedup']:.2f}-{s['max_speedup']:.2f}, {s['cases']} cases)")
+for e in errors:
+    print(f"  error: {e}")
+EOF
+else
+    echo "no results.json: the benchmark did not finish"
+fi
+if [[ -f "$RESULTS/decode/results.json" ]]; then
+    "$PYTHON" - "$RESULTS/decode/results.json" <<'EOF' || true
+import json, sys
+report = json.load(open(sys.argv[1]))
+rows = {}
+for r in report["results"]:
+    rows.setdefault((r["M"], r["K"], r["N"]), {})[r["provider"]] = r.get("time_ms")
+print("decode (inference, median ms):")
+for (M, K, N), g in sorted(rows.items()):
+    print(f"  M={M:<3} K={K} N={N}  " + "  ".join(f"{p} {'err' if t is None else f'{t:.4f}'}" for p, t in g.items()))
+EOF
+fi
+echo "install rc=$install_rc, tests rc=$test_rc, benchmark rc=$bench_rc, decode rc=$decode_rc, total $(( $(date +%s) - START ))s"
+echo "log, tests.xml, results.json/.md/.png in $RESULTS"
+[[ $install_rc -eq 0 && ( $test_rc == 0 || $test_rc == skipped ) && $bench_rc -eq 0 \
+   && ( $decode_rc == 0 || $decode_rc == skipped ) ]]
