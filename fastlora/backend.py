@@ -7,7 +7,6 @@ initial choice.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -45,9 +44,11 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None  # looks for the package, does not import it
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_AVAILABLE
 
 
 def use_triton(device: torch.device, dtype: torch.dtype) -> bool:

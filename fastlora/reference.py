@@ -60,7 +60,8 @@ def lora_forward(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: flo
         h = torch.mm(x, lora_A.to(cd).t())  # (M, r)
     else:
         keep = dropout_keep_mask(seed, x.shape, dropout_p, x.device)
-        h = torch.mm(x * keep, (lora_A / (1.0 - dropout_p)).to(cd).t())
+        # where(), not x * keep: a bool operand of * is first cast to x's dtype, an (M, K) temporary
+        h = torch.mm(torch.where(keep, x, 0.0), (lora_A / (1.0 - dropout_p)).to(cd).t())
         del keep
     if bias is None:
         y = torch.mm(x, weight.t())
@@ -91,13 +92,13 @@ def lora_backward(
         dx = torch.mm(grad_y, weight)  # (M, K)
         if keep is None:
             dx.addmm_(dh, lora_A.to(cd))
-        else:  # dx += (dh · A/(1-p)) ⊙ keep, in one pass over dx
-            dx.addcmul_(torch.mm(dh, (lora_A * inv_keep).to(cd)), keep)
+        else:  # dx += (dh · A/(1-p)) ⊙ keep; masked_fill_ in place on the fresh product, no cast of keep
+            dx.add_(torch.mm(dh, (lora_A * inv_keep).to(cd)).masked_fill_(~keep, 0.0))
     if needs_A:
         if keep is None:
             dA = torch.mm(dh.t(), x)  # (r, K)
         else:
-            dA = torch.mm(dh.t(), x * keep).mul_(inv_keep)
+            dA = torch.mm(dh.t(), torch.where(keep, x, 0.0)).mul_(inv_keep)
         dA = dA.to(lora_A.dtype)
     if needs_weight:
         dW = torch.mm(grad_y.t(), x)  # (N, K): only for a weight that asks for it
