@@ -123,6 +123,17 @@ def test_summary_goals_met_and_missed():
     assert base["goal"]["value"] == pytest.approx(1 / (0.8 * 0.9) ** 0.5) and not base["goal"]["met"]
 
 
+def test_issue2_goals_use_dropout_zero_cases_only():
+    def row(provider, t, dropout):
+        return {"provider": provider, "median_s": t, "mode": "forward+backward", "M": 64, "K": 8, "N": 8, "r": 1,
+                "dtype": "float32", "dropout": dropout, "bias": False, "device": "cpu"}
+    rows = [row("fastlora", 1.0, 0.0), row("base", 0.95, 0.0), row("fastlora", 1.3, 0.1), row("base", 0.95, 0.1)]
+    base = {s["peer"]: s for s in bench.summarize(rows, "issue2")}["base"]
+    assert base["goal"]["value"] == pytest.approx(1 / 0.95) and base["goal"]["met"]  # the p = 0.1 row is left out
+    assert base["goal"]["dropout"] == [0.0] and base["goal"]["cases"] == 1
+    assert base["cases"] == 2  # the geometric mean over the whole grid still covers both
+
+
 @pytest.mark.parametrize("spec, shapes", [("8x16x32", [(8, 16, 32)]), ("goal2,8x16x32, goal2", [(2048, 2048, 2048), (8, 16, 32)])])
 def test_parse_shapes(spec, shapes):
     assert bench.parse_shapes(spec) == shapes
