@@ -7,7 +7,9 @@
 #      M ∈ {2048, 4096, 8192}, dropout 0 and 0.1, forward and forward+backward, fastlora vs PEFT's math, the
 #      seed's W+BA (naive) and the frozen nn.Linear (base); it prints the table and the geometric means that
 #      issue 3's goals are stated in, MET / MISSED against each goal;
-#   5. time inference at decode shapes (M ∈ {1, 16, 64}, K = N = 4096) against the same peers.
+#   5. time inference at decode shapes (M ∈ {1, 16, 64}, K = N = 4096) against the same peers;
+#   6. time fastlora with FASTLORA_BASE_GEMM=cublas (the two large GEMMs on cuBLAS, the LoRA terms in Triton)
+#      against the frozen linear on a slice of the grid, to choose the default from measurements.
 # A test failure does not stop the benchmark; a benchmark stopped by its budget still writes what it measured; both outcomes are reported at the end, and the exit status is
 # non-zero if either failed. Everything (log, junit xml, results.json/.md/.png) goes to $OUT/gpu_check/ when
 # $OUT is set (the device runner copies $OUT back), else to ./gpu_check_out/.
@@ -18,8 +20,9 @@
 #   DEVICE (cuda)  DTYPE (bfloat16)  RANK (16)  SHAPES (issue3)  DROPOUT (0,0.1)  MODES (forward+backward,forward)
 #   PROVIDERS (fastlora,peft,naive,base)  BENCH_BUDGET (0.15 s of timing per measurement)
 #   TESTS (tests)  PYTEST_ARGS (-q --maxfail=5 --durations=15)  TEST_BUDGET_S (170)  BENCH_BUDGET_S (150)
-#   DECODE_SHAPES (decode: M ∈ {1,16,64}, K=N=4096)  DECODE_BUDGET_S (45)
-#   SKIP_INSTALL=1 (do not pip install)  SKIP_TESTS=1  SKIP_DECODE=1  PYTHON (python)
+#   DECODE_SHAPES (decode: M ∈ {1,16,64}, K=N=4096)  DECODE_BUDGET_S (30)
+#   CUBLAS_SHAPES (4096x4096x4096,8192x4096x4096,8192x8192x8192)  CUBLAS_BUDGET_S (40)
+#   SKIP_INSTALL=1 (do not pip install)  SKIP_TESTS=1  SKIP_DECODE=1  SKIP_CUBLAS=1  PYTHON (python)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -35,10 +38,12 @@ PROVIDERS=${PROVIDERS:-fastlora,peft,naive,base}
 BENCH_BUDGET=${BENCH_BUDGET:-0.15}
 TESTS=${TESTS:-tests}
 PYTEST_ARGS=${PYTEST_ARGS:--q --maxfail=5 --durations=15 -p no:cacheprovider}
-TEST_BUDGET_S=${TEST_BUDGET_S:-170}
-BENCH_BUDGET_S=${BENCH_BUDGET_S:-150}
+TEST_BUDGET_S=${TEST_BUDGET_S:-150}
+BENCH_BUDGET_S=${BENCH_BUDGET_S:-140}
 DECODE_SHAPES=${DECODE_SHAPES:-decode}
-DECODE_BUDGET_S=${DECODE_BUDGET_S:-45}
+DECODE_BUDGET_S=${DECODE_BUDGET_S:-30}
+CUBLAS_SHAPES=${CUBLAS_SHAPES:-4096x4096x4096,8192x4096x4096,8192x8192x8192}
+CUBLAS_BUDGET_S=${CUBLAS_BUDGET_S:-40}
 RESULTS=${OUT:+$OUT/gpu_check}
 RESULTS=${RESULTS:-$REPO/gpu_check_out}
 mkdir -p "$RESULTS"
@@ -121,6 +126,19 @@ if [[ "${SKIP_DECODE:-0}" != "1" ]]; then
     [[ $decode_rc -eq 0 ]] || echo "!!! decode benchmark: FAILED or stopped (rc=$decode_rc)"
 fi
 
+cublas_rc=skipped
+if [[ "${SKIP_CUBLAS:-0}" != "1" ]]; then
+    # The Triton GEMM (default) vs cuBLAS + a Triton LoRA epilogue pass: compare fastlora's rows here with the
+    # same shapes in the main benchmark above (same machine, same run).
+    stamp "FASTLORA_BASE_GEMM=cublas: $DTYPE r=$RANK shapes=$CUBLAS_SHAPES"
+    cublas_rc=0
+    FASTLORA_BASE_GEMM=cublas timeout -s INT -k 20 "$CUBLAS_BUDGET_S" "$PYTHON" -m fastlora bench \
+        --device "$DEVICE" --dtype "$DTYPE" --rank "$RANK" --shapes "$CUBLAS_SHAPES" --dropout 0 \
+        --modes forward+backward,forward --providers fastlora,base --budget "$BENCH_BUDGET" --no-plot \
+        --out "$RESULTS/cublas" || cublas_rc=$?
+    [[ $cublas_rc -eq 0 ]] || echo "!!! cublas benchmark: FAILED or stopped (rc=$cublas_rc)"
+fi
+
 stamp "summary"
 if [[ -f "$RESULTS/results.json" ]]; then
     "$PYTHON" - "$RESULTS/results.json" <<'EOF' || true
@@ -156,7 +174,25 @@ for (M, K, N), g in sorted(rows.items()):
     print(f"  M={M:<3} K={K} N={N}  " + "  ".join(f"{p} {'err' if t is None else f'{t:.4f}'}" for p, t in g.items()))
 EOF
 fi
-echo "install rc=$install_rc, tests rc=$test_rc, benchmark rc=$bench_rc, decode rc=$decode_rc, total $(( $(date +%s) - START ))s"
+if [[ -f "$RESULTS/cublas/results.json" && -f "$RESULTS/results.json" ]]; then
+    "$PYTHON" - "$RESULTS/results.json" "$RESULTS/cublas/results.json" <<'EOF' || true
+import json, sys
+def times(path):
+    out = {}
+    for r in json.load(open(path))["results"]:
+        if r.get("time_ms") is not None and r["dropout"] == 0:
+            out[(r["mode"], r["M"], r["K"], r["N"], r["provider"])] = r["time_ms"]
+    return out
+tri, cub = times(sys.argv[1]), times(sys.argv[2])
+print("base GEMM: triton (default) vs cublas, fastlora median ms (dropout 0), and the frozen linear:")
+for key in sorted(k for k in cub if k[-1] == "fastlora"):
+    mode, M, K, N, _ = key
+    t = tri.get(key)
+    print(f"  {mode:<17} {M}x{K}x{N}  triton {'-' if t is None else f'{t:.3f}'}  cublas {cub[key]:.3f}  "
+          f"base {cub.get((mode, M, K, N, 'base'), float('nan')):.3f}")
+EOF
+fi
+echo "install rc=$install_rc, tests rc=$test_rc, benchmark rc=$bench_rc, decode rc=$decode_rc, cublas rc=$cublas_rc, total $(( $(date +%s) - START ))s"
 echo "log, tests.xml, results.json/.md/.png in $RESULTS"
 [[ $install_rc -eq 0 && ( $test_rc == 0 || $test_rc == skipped ) && $bench_rc -eq 0 \
-   && ( $decode_rc == 0 || $decode_rc == skipped ) ]]
+   && ( $decode_rc == 0 || $decode_rc == skipped ) && ( $cublas_rc == 0 || $cublas_rc == skipped ) ]]
