@@ -34,6 +34,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import reference
 
@@ -89,6 +90,7 @@ class LoRALinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # first-order only: a double backward raises instead of differentiating the kernels
     def backward(ctx, grad_y):
         x, weight, lora_A, lora_B, h = ctx.saved_tensors
         needs = _needs(ctx)

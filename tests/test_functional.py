@@ -330,3 +330,11 @@ def test_forced_triton_rejects_what_it_cannot_run(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(TypeError, match="float64"):
         backend.use_triton(torch.device("cpu"), torch.float64)
+
+
+def test_double_backward_raises_instead_of_being_wrong():
+    x, W, A, B, b = make(5, 7, 6, 3, torch.float64)
+    y = fastlora.lora_linear(x, W, A, B, b)
+    (gA,) = torch.autograd.grad(y.sum(), [A], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        torch.autograd.grad(gA.sum(), [B])
