@@ -1,5 +1,5 @@
-r"""The LoRA linear op and its exact gradients, registered with ``torch.library`` so that ``torch.compile``
-traces through it without a graph break.
+r"""The LoRA linear op and its exact gradients: an autograd.Function for eager code, and ``torch.library``
+custom ops (with fake kernels and a registered autograd) that ``torch.compile`` traces without a graph break.
 
 Forward, with x (M, K), W (N, K), A (r, K), B (N, r), s the scaling and m the dropout keep mask (scaled by
 1/(1-p), all ones without dropout)::
@@ -17,7 +17,8 @@ Backward, given dY = ∂L/∂y (M, N)::
     ∂L/∂b = db = Σ_rows dY              (N,)      only when b requires grad
 
 ``B @ A`` appears nowhere. Saved for backward: x, h and the dropout seed (a Python int in eager code, an int64
-scalar under torch.compile), plus the parameters, which cost no memory; the mask m is regenerated from the seed, so it is the forward's bit for bit, and never stored.
+scalar under torch.compile), plus the parameters, which cost no memory; the mask m is regenerated from the
+seed, so it is the forward's bit for bit, and never stored.
 
 Two thin wrappers share one forward and one backward body, which pick the implementation: the Triton kernels
 (``fastlora.kernels``) or the pure-PyTorch math (``fastlora.reference``), both exposing ``lora_forward`` /

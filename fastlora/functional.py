@@ -78,12 +78,15 @@ def _check_dtypes(input, weight, lora_A, lora_B, bias) -> None:
         raise TypeError(f"lora_linear: lora_A dtype {lora_A.dtype} and lora_B dtype {lora_B.dtype} differ")
 
 
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)  # autocast leaves float64 alone
+
+
 def _autocast(device_type: str, *tensors):
     """Cast to the autocast dtype where autocast is on for this device, as nn.Linear's matmul is."""
     if not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t if t is None else t.to(dtype) for t in tensors)
+    return tuple(t.to(dtype) if t is not None and t.dtype in _AUTOCAST_ELIGIBLE else t for t in tensors)
 
 
 def lora_linear(

@@ -338,3 +338,12 @@ def test_double_backward_raises_instead_of_being_wrong():
     (gA,) = torch.autograd.grad(y.sum(), [A], create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
         torch.autograd.grad(gA.sum(), [B])
+
+
+def test_autocast_leaves_float64_alone_like_linear():
+    x, W, A, B, b = make(5, 12, 7, 2, torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fastlora.lora_linear(x, W, A, B, b)
+        y_lin = torch.nn.functional.linear(x, W, b)
+    assert y.dtype == y_lin.dtype == torch.float64
+    assert_close(y, reference.merged_lora_linear(x, W, A, B, b), 1e-10, 1e-10, "y")
