@@ -45,6 +45,12 @@ class _LoRAModule(nn.Module):
         wide = torch.promote_types(self.lora_A.dtype, torch.float32)
         return (self.lora_B.to(wide) @ self.lora_A.to(wide)) * self.scaling
 
+    def _new_adapters(self, a_shape: tuple, b_shape: tuple) -> None:
+        """Fresh (uninitialised) lora_A / lora_B on weight's device, in PEFT's adapter dtype for weight's dtype."""
+        adapter = {"device": self.weight.device, "dtype": adapter_dtype(self.weight.dtype)}
+        self.lora_A = nn.Parameter(torch.empty(a_shape, **adapter))
+        self.lora_B = nn.Parameter(torch.empty(b_shape, **adapter))
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the update into ``weight`` in place; forward then runs the plain base layer."""
@@ -90,9 +96,7 @@ class LoRALinear(_LoRAModule):
             self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        adapter = {"device": device, "dtype": adapter_dtype(self.weight.dtype)}
-        self.lora_A = nn.Parameter(torch.empty((r, in_features), **adapter))
-        self.lora_B = nn.Parameter(torch.empty((out_features, r), **adapter))
+        self._new_adapters((r, in_features), (out_features, r))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -139,9 +143,7 @@ class LoRALinear(_LoRAModule):
         if linear.bias is not None:
             layer.bias = linear.bias
             layer.bias.requires_grad_(False)
-        adapter = {"device": linear.weight.device, "dtype": adapter_dtype(linear.weight.dtype)}
-        layer.lora_A = nn.Parameter(torch.empty((r, linear.in_features), **adapter))
-        layer.lora_B = nn.Parameter(torch.empty((linear.out_features, r), **adapter))
+        layer._new_adapters((r, linear.in_features), (linear.out_features, r))
         layer.reset_lora_parameters(init_lora_weights)
         return layer
 
@@ -205,9 +207,7 @@ class LoRAEmbedding(_LoRAModule):
         self.use_rslora = bool(use_rslora)
         self.merged = False
         self.weight = nn.Parameter(torch.empty((num_embeddings, embedding_dim), **factory), requires_grad=False)
-        adapter = {"device": device, "dtype": adapter_dtype(self.weight.dtype)}
-        self.lora_A = nn.Parameter(torch.empty((r, num_embeddings), **adapter))
-        self.lora_B = nn.Parameter(torch.empty((embedding_dim, r), **adapter))
+        self._new_adapters((r, num_embeddings), (embedding_dim, r))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -245,9 +245,7 @@ class LoRAEmbedding(_LoRAModule):
                     e.sparse, device="meta", dtype=e.weight.dtype, r=r, lora_alpha=lora_alpha, use_rslora=use_rslora)
         layer.weight = e.weight
         layer.weight.requires_grad_(False)
-        adapter = {"device": e.weight.device, "dtype": adapter_dtype(e.weight.dtype)}
-        layer.lora_A = nn.Parameter(torch.empty((r, e.num_embeddings), **adapter))
-        layer.lora_B = nn.Parameter(torch.empty((e.embedding_dim, r), **adapter))
+        layer._new_adapters((r, e.num_embeddings), (e.embedding_dim, r))
         layer.reset_lora_parameters(init_lora_weights)
         return layer
 
