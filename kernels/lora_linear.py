@@ -621,7 +621,8 @@ def _grad_dy(grad_y, lora_B, h, scaling, need_dh, need_db, need_dbias, prec, mb)
     dbias = torch.zeros((N,), dtype=torch.float32, device=dev) if need_dbias else None
     # A dedicated dummy for absent tensors: the autotuner zeroes db_ptr / dbias_ptr before each timing run, so
     # they must never alias a real tensor (grad_y, say).
-    dummy = torch.zeros((1, 1), dtype=torch.float32, device=dev)
+    absent = any(t is None for t in (dh, db, dbias, h))
+    dummy = torch.zeros((1, 1), dtype=torch.float32, device=dev) if absent else None  # only when needed
     dh_a, db_a, dbias_a, h_a = (t if t is not None else dummy for t in (dh, db, dbias, h))
     _launch(
         "lora_grad_dy", _dy_tuned, lora_grad_dy_kernel, _DY_FIXED,
