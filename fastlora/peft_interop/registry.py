@@ -1,0 +1,60 @@
+"""The fusers: one for each kind of PEFT LoRA layer that fastlora can run through its fused ops.
+
+A fuser is plain data. The router in this package (``accelerate_peft``) asks, for every PEFT LoRA layer and each
+of its active adapters, which registered fuser claims it (the first one, in priority order), whether that fuser
+can run it now (``why_not``), and if every active adapter of the layer is claimed by one fuser that can, it calls
+``forward`` instead of PEFT's own forward. Everything else (adapters disabled or merged, ``adapter_names=`` mixed
+batches, hooks on the sub-layers, adapters of different kinds active together) keeps PEFT's forward.
+
+Contract for a fuser module (``linear``, ``embedding``, ``bnb``, ``dora``, ...):
+
+* ``claims(layer, adapter) -> bool``: adapter ``adapter`` of PEFT LoRA layer ``layer`` is of this fuser's kind
+  (e.g. a ``peft.tuners.lora.bnb.Linear4bit`` layer, or an adapter whose ``lora_variant`` is DoRA). Cheap, no
+  side effects.
+* ``why_not(layer, adapter) -> str | None``: the reason, in a few words shown to the user, that this claimed
+  adapter cannot run fused right now, or None when it can.
+* ``forward(layer, x, adapters) -> Tensor``: the full output of PEFT's ``layer.forward(x)`` with exactly these
+  active adapters (base output plus every adapter's contribution), with PEFT's semantics: dropout only in
+  training, each adapter its own independent dropout mask, output dtype as PEFT's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn as nn
+
+__all__ = ["Fuser", "register", "fusers", "fuser_for"]
+
+
+@dataclass(frozen=True)
+class Fuser:
+    name: str
+    claims: Callable[[nn.Module, str], bool]
+    why_not: Callable[[nn.Module, str], Optional[str]]
+    forward: Callable[[nn.Module, torch.Tensor, List[str]], torch.Tensor]
+    priority: int = 0  # higher is asked first: specific kinds (DoRA, 4-bit) before the plain linear one
+
+
+_FUSERS: list[Fuser] = []
+
+
+def register(fuser: Fuser) -> Fuser:
+    """Add (or replace, by name) a fuser; returns it."""
+    _FUSERS[:] = [f for f in _FUSERS if f.name != fuser.name]
+    _FUSERS.append(fuser)
+    _FUSERS.sort(key=lambda f: -f.priority)
+    return fuser
+
+
+def fusers() -> tuple[Fuser, ...]:
+    return tuple(_FUSERS)
+
+
+def fuser_for(layer: nn.Module, adapter: str) -> Optional[Fuser]:
+    """The first registered fuser that claims adapter ``adapter`` of ``layer``, or None."""
+    for f in _FUSERS:
+        if f.claims(layer, adapter):
+            return f
+    return None
