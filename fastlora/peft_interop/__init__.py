@@ -11,7 +11,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from .functional import lora_linear
+from ..functional import lora_linear
 
 __all__ = ["accelerate_peft", "is_accelerated"]
 
