@@ -1,7 +1,9 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
-    name="fastlora",
+    # "fastlora" on PyPI is an unrelated project: this one installs from source only (README) under a
+    # distribution name of its own; the import name stays `fastlora`.
+    name="fastlora-fused",
     version="0.1.0",
     description="Fused-kernel LoRA for PyTorch: Triton kernels on GPU, the same math in pure PyTorch elsewhere",
     long_description=open("README.md", encoding="utf-8").read(),
@@ -9,12 +11,11 @@ setup(
     python_requires=">=3.10",
     # kernels/ installs as fastlora.kernels: a top-level `kernels` would collide with the PyPI package of that
     # name, which transformers imports when present.
-    packages=["fastlora", "fastlora.kernels"],
+    packages=find_packages(include=["fastlora", "fastlora.*"]) + ["fastlora.kernels"],
     package_dir={"fastlora": "fastlora", "fastlora.kernels": "kernels"},
-    install_requires=[
-        "torch>=2.4",
-        "triton>=3.0; platform_system == 'Linux'",
-    ],
+    # triton is not required: CUDA builds of torch bring their own, and the CPU path never imports it. The test
+    # extra adds it so that the kernels run on the CPU through Triton's interpreter.
+    install_requires=["torch>=2.4"],
     entry_points={"console_scripts": ["fastlora=fastlora.__main__:main"]},
     extras_require={
         "peft": ["peft>=0.13", "transformers>=4.45", "safetensors>=0.4"],
@@ -22,6 +23,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-benchmark>=4",
+            "triton>=3.0; platform_system == 'Linux'",
             "numpy",
             "peft>=0.13",
             "transformers>=4.45",

@@ -17,7 +17,7 @@
 #
 # Knobs (environment), e.g. for a dry run on a CPU-only machine:
 #   DEVICE=cpu DTYPE=float32 SHAPES=64x128x128 TESTS=tests/test_bench.py bash benchmarks/gpu_check.sh
-#   DEVICE (cuda)  DTYPE (bfloat16)  RANK (16)  SHAPES (issue3)  DROPOUT (0,0.1)  MODES (forward+backward,forward)
+#   DEVICE (cuda)  DTYPE (bfloat16)  RANK (16)  SHAPES (llm-grid)  DROPOUT (0,0.1)  MODES (forward+backward,forward)
 #   PROVIDERS (fastlora,peft,naive,base)  BENCH_BUDGET (0.15 s of timing per measurement)
 #   TESTS (tests)  PYTEST_ARGS (-q --maxfail=5 --durations=15)  TEST_BUDGET_S (170)  BENCH_BUDGET_S (150)
 #   DECODE_SHAPES (decode: M ∈ {1,16,64}, K=N=4096)  DECODE_BUDGET_S (30)
@@ -31,7 +31,7 @@ PYTHON=${PYTHON:-$(command -v python || command -v python3)}
 DEVICE=${DEVICE:-cuda}
 DTYPE=${DTYPE:-bfloat16}
 RANK=${RANK:-16}
-SHAPES=${SHAPES:-issue3}
+SHAPES=${SHAPES:-llm-grid}
 DROPOUT=${DROPOUT:-0,0.1}
 MODES=${MODES:-forward+backward,forward}  # forward+backward first: the goals that matter most
 PROVIDERS=${PROVIDERS:-fastlora,peft,naive,base}
@@ -112,7 +112,7 @@ stamp "benchmark: $DEVICE $DTYPE r=$RANK shapes=$SHAPES dropout=$DROPOUT modes=$
 bench_rc=0
 timeout -s INT -k 20 "$BENCH_BUDGET_S" "$PYTHON" -m fastlora bench --device "$DEVICE" --dtype "$DTYPE" \
     --rank "$RANK" --shapes "$SHAPES" --dropout "$DROPOUT" --modes "$MODES" --providers "$PROVIDERS" \
-    --budget "$BENCH_BUDGET" --goals issue3 --out "$RESULTS" || bench_rc=$?
+    --budget "$BENCH_BUDGET" --goals cuda-kernels --out "$RESULTS" || bench_rc=$?
 [[ $bench_rc -eq 0 ]] || echo "!!! benchmark: FAILED or stopped (rc=$bench_rc)"
 
 decode_rc=skipped

@@ -1,0 +1,35 @@
+r"""The benchmark engine behind ``python -m fastlora bench`` and ``benchmarks/`` (pytest-benchmark).
+
+One small module per job:
+
+* ``cases``      what is measured: ``Case``, modes, dtypes, shape presets, the CLI and suite grids, FLOPs;
+* ``providers``  who is measured: fastlora, PEFT's math, the real PEFT layer, W+BA, the frozen linear (floor),
+                 torch.compile; ``Runner`` wraps one provider on one case;
+* ``timing``     how: CUDA events with the L2 cache cleared (``triton.testing.do_bench``) on GPU, interleaved
+                 host timing on CPU;
+* ``memory``     saved-for-backward and peak bytes of one step;
+* ``run``        a grid of cases → rows; the environment record;
+* ``summary``    rows → speed-ups, flags (not run as asked, noisy), geometric means, goals;
+* ``report``     terminal text (≤ 120 columns), markdown, the output folder;
+* ``plot``       the PNG;
+* ``cli``        the command line.
+"""
+from .cases import (DTYPE_NAMES, DTYPES, MODES, SHAPE_PRESETS, SUITE_GRIDS, Case, default_suite_grid, lora_flops,
+                    make_cases, parse_shapes, suite_cases)
+from .cli import CLI_DESCRIPTION, add_arguments, main, resolve_device, run_cli
+from .memory import peak_memory_bytes, saved_activation_bytes
+from .providers import DEFAULT_PROVIDERS, FLOOR, PEERS, PROVIDERS, Runner, build_runner, provider_available
+from .report import WIDTH, render_markdown, render_text, write_outputs
+from .run import Progress, environment, measure, measure_case, run_cases
+from .plot import plot
+from .summary import GOAL_DROPOUT, GOALS, NOISY_SPREAD, comparisons, speedups, summarize
+from .timing import spread, time_case, time_cuda, time_interleaved, time_runner
+
+__all__ = [
+    "DTYPE_NAMES", "DTYPES", "MODES", "SHAPE_PRESETS", "SUITE_GRIDS", "Case", "default_suite_grid", "lora_flops",
+    "make_cases", "parse_shapes", "suite_cases", "CLI_DESCRIPTION", "add_arguments", "main", "resolve_device",
+    "run_cli", "peak_memory_bytes", "saved_activation_bytes", "DEFAULT_PROVIDERS", "FLOOR", "PEERS", "PROVIDERS",
+    "Runner", "build_runner", "provider_available", "WIDTH", "render_markdown", "render_text", "write_outputs",
+    "Progress", "environment", "measure", "measure_case", "run_cases", "GOAL_DROPOUT", "GOALS", "NOISY_SPREAD",
+    "comparisons", "speedups", "summarize", "plot", "spread", "time_case", "time_cuda", "time_interleaved", "time_runner",
+]

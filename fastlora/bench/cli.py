@@ -1,0 +1,168 @@
+"""``python -m fastlora bench``: parse the options, run the grid, print the report, write the files."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .cases import DTYPE_NAMES, DTYPES, MODES, SHAPE_PRESETS, make_cases, parse_shapes
+from .providers import DEFAULT_PROVIDERS, PROVIDERS
+from .report import render_text, write_outputs
+from .run import environment, run_cases
+from .summary import GOAL_HELP, GOALS, summarize
+
+CLI_DESCRIPTION = ("Time fastlora's LoRA linear against PEFT's unfused math, the seed's W+BA reconstruction and the "
+                   "frozen nn.Linear (the floor) in forward, forward+backward and inference; print fastlora's "
+                   "speed-up over each (higher is better) and its overhead over the floor; write JSON, markdown "
+                   "and a PNG plot.")
+
+
+def resolve_device(name: str) -> str:
+    """'auto' → the best device present (cuda if available, else cpu); otherwise the named device, which
+    must be present. Raises ValueError saying what is there."""
+    name = name.strip().lower()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return "cpu"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            built = torch.version.cuda or "none (a CPU-only torch build)"
+            raise ValueError(
+                f"device {name!r} is not present: torch {torch.__version__} sees no CUDA device (CUDA in this "
+                f"torch build: {built}). Run on --device cpu, or on a machine with an NVIDIA GPU and a CUDA "
+                "build of torch.")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {name!r} is not present: this machine has {count} CUDA device(s), "
+                             f"cuda:0..cuda:{count - 1}")
+        return str(dev)
+    raise ValueError(f"device {name!r} is not supported by fastlora bench: use auto, cpu or cuda[:N]")
+
+
+def _floats(text):
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not vals or any(not 0.0 <= v < 1.0 for v in vals):
+        raise argparse.ArgumentTypeError(f"dropout must be in [0, 1), got {text!r}")
+    return vals
+
+
+def _ints(text):
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"ranks must be >= 1, got {text!r}")
+    return vals
+
+
+def _names(allowed, what):
+    def parse(text):
+        vals = [v.strip() for v in text.split(",") if v.strip()]
+        if vals == ["all"]:
+            return list(allowed)
+        bad = [v for v in vals if v not in allowed]
+        if bad or not vals:
+            raise argparse.ArgumentTypeError(f"unknown {what} {bad or text!r}: choose from {', '.join(allowed)}")
+        return vals
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="a small grid (CPU: M∈{256,1024}, K=N=1024; CUDA: the llm-grid), forward and "
+                             "forward+backward, dropout 0 and 0.1, short timing budget")
+    parser.add_argument("--device", default="auto", help="auto (default: cuda if present, else cpu), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--rank", type=_ints, default=None, help="LoRA rank(s), comma-separated (default 16)")
+    parser.add_argument("--shapes", default=None,
+                        help="comma-separated MxKxN (x is (M,K), y is (M,N)) and presets: "
+                             + ", ".join(f"{k} ({len(v)} shapes)" for k, v in SHAPE_PRESETS.items())
+                             + "; default: llm-grid on CUDA, cpu on CPU (cpu-quick with --quick)")
+    parser.add_argument("--dropout", type=_floats, default=None, help="dropout p values, comma-separated (default 0,0.1)")
+    parser.add_argument("--modes", type=_names(MODES, "mode"), default=None,
+                        help="forward, forward+backward, inference, or all (default: all; forward and "
+                             "forward+backward with --quick)")
+    parser.add_argument("--providers", type=_names(PROVIDERS, "provider"), default=None,
+                        help=f"from {', '.join(PROVIDERS)}, or all (default: {', '.join(DEFAULT_PROVIDERS)}); "
+                             "fastlora is always included; base is the frozen linear, the floor")
+    parser.add_argument("--bias", action="store_true", help="give the base linear a (frozen) bias")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds of timing per provider and case after warm-up (default 0.5; 0.2 with --quick)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (torch.set_num_threads; default: torch's choice)")
+    parser.add_argument("--goals", choices=sorted(GOALS), default=None,
+                        help="also check the geometric means against a set of performance goals: "
+                             + "; ".join(f"{k}: {v}" for k, v in GOAL_HELP.items()).replace("%", "%%"))
+    parser.add_argument("--out", default="fastlora-bench", help="output folder (default ./fastlora-bench/)")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    parser.set_defaults(func=run_cli)
+
+
+def run_cli(args: argparse.Namespace, stream=None) -> int:
+    stream = stream if stream is not None else sys.stdout
+    try:
+        device = resolve_device(args.device)
+        shapes_spec = args.shapes or ("llm-grid" if device.startswith("cuda") else
+                                      ("cpu-quick" if args.quick else "cpu"))
+        shapes = parse_shapes(shapes_spec)
+    except ValueError as exc:
+        print(f"fastlora bench: error: {exc}", file=sys.stderr)
+        return 2
+    dtype_name = DTYPE_NAMES[DTYPES[args.dtype]] if args.dtype else ("bfloat16" if device.startswith("cuda") else "float32")
+    ranks = args.rank or [16]
+    dropouts = args.dropout if args.dropout is not None else [0.0, 0.1]
+    modes = args.modes or (["forward", "forward+backward"] if args.quick else list(MODES))
+    providers = ["fastlora"] + [p for p in (args.providers or DEFAULT_PROVIDERS) if p != "fastlora"]
+    budget = args.budget if args.budget is not None else (0.2 if args.quick else 0.5)
+    cases = make_cases(shapes, ranks, dropouts, modes, dtype_name, device, bias=args.bias)
+
+    print(f"fastlora bench: {len(cases)} cases × {len(providers)} providers on {device} ({dtype_name}); "
+          f"results to {args.out}/", file=stream)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    rows = run_cases(cases, providers, budget_s=budget)
+    interrupted = len(rows) < len(cases) * len(providers)
+    meta = environment(device)
+    timers = sorted({r["timer"] for r in rows if r.get("timer")})
+    meta.update({
+        "device": device, "dtype": dtype_name, "ranks": ranks, "dropouts": dropouts, "modes": modes,
+        "shapes": [f"{M}x{K}x{N}" for M, K, N in shapes], "providers": providers, "budget_s": budget,
+        "quick": bool(args.quick), "bias": bool(args.bias), "wall_s": round(time.perf_counter() - t0, 1),
+        "interrupted": interrupted, "timer": ", ".join(timers) or "none",
+        "command": " ".join(["python -m fastlora bench"] + list(getattr(args, "argv", []) or [])),
+    })
+    report = {"meta": meta, "results": rows, "summary": summarize(rows, args.goals)}
+    print(render_text(report), file=stream)
+    written = write_outputs(report, Path(args.out), make_plot=not args.no_plot)
+    for kind in ("json", "markdown", "plot"):
+        if kind in written:
+            print(f"wrote {written[kind]}", file=stream)
+    if "plot_skipped" in written:
+        print(f"plot skipped: {written['plot_skipped']}", file=stream)
+    timed = [r for r in rows if r.get("provider") == "fastlora" and r.get("median_s")]
+    return 0 if timed and not interrupted else 1
+
+
+def main(argv=None) -> int:
+    """``python -m fastlora bench [options]`` without the ``bench`` word."""
+    parser = argparse.ArgumentParser(prog="fastlora bench", description=CLI_DESCRIPTION)
+    add_arguments(parser)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.argv = argv
+    return run_cli(args)
