@@ -263,3 +263,16 @@ def test_plot_of_flagged_cases(tmp_path):
                      _row("naive", 1.4, M=M, dropout=p, as_asked=p == 0), _row("base", 0.9, M=M, dropout=p)]
     bench.plot(_report(rows, ["fastlora", "peft", "naive", "base"]), tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_suite_settings_default_to_the_quick_cpu_grid_and_reject_typos():
+    device, dtype, grid, providers = bench.suite_settings({"FASTLORA_BENCH_DEVICE": "cpu"})
+    assert (device, dtype, grid, providers) == ("cpu", None, "quick", list(bench.DEFAULT_PROVIDERS))
+    quick, full = (bench.suite_cases("cpu", grid=g) for g in ("quick", "full"))
+    assert set(quick) < set(full) and all(c.dtype == "float32" for c in quick)
+    env = {"FASTLORA_BENCH_DEVICE": "cpu", "FASTLORA_BENCH_GRID": "full", "FASTLORA_BENCH_PROVIDERS": "fastlora,base"}
+    assert bench.suite_settings(env)[2:] == ("full", ["fastlora", "base"])
+    for key, value in (("FASTLORA_BENCH_GRID", "huge"), ("FASTLORA_BENCH_PROVIDERS", "fastlora,nope"),
+                       ("FASTLORA_BENCH_DTYPE", "int8")):
+        with pytest.raises(ValueError, match=key):
+            bench.suite_settings({"FASTLORA_BENCH_DEVICE": "cpu", key: value})

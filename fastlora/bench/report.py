@@ -24,7 +24,8 @@ EXCLUDED_MARK, NOISY_MARK = "†", "?"
 NOTE_EXCLUDED = (f"{EXCLUDED_MARK} the peer could not run this case as asked (W+BA cannot apply dropout, so it was "
                  "timed without it): shown for reference only, left out of every geomean and goal.")
 NOTE_NOISY = (f"{NOISY_MARK} a timing's spread (IQR/median) exceeds {NOISY_SPREAD:.0%}: this ratio may be off by "
-              "about that much. Rerun with a larger --budget on an idle machine.")
+              "about that much. Rerun on an idle machine, with a larger --budget (python -m fastlora bench) or "
+              "--benchmark-min-rounds (pytest-benchmark).")
 
 
 def _speedup_cell(c: dict | None) -> str:
