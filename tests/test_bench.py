@@ -276,3 +276,20 @@ def test_suite_settings_default_to_the_quick_cpu_grid_and_reject_typos():
                        ("FASTLORA_BENCH_DTYPE", "int8")):
         with pytest.raises(ValueError, match=key):
             bench.suite_settings({"FASTLORA_BENCH_DEVICE": "cpu", key: value})
+
+
+def test_cuda_runners_are_timed_with_cuda_events_and_cpu_ones_interleaved(monkeypatch):
+    from fastlora.bench import timing
+
+    calls = []
+    monkeypatch.setattr(timing, "time_cuda", lambda runner, **kw: calls.append(runner) or {"median_s": 1.0})
+
+    class FakeCudaRunner:
+        device = torch.device("cuda")
+
+    runners = {"a": FakeCudaRunner(), "b": FakeCudaRunner()}
+    assert timing.time_case(runners) == {"a": {"median_s": 1.0}, "b": {"median_s": 1.0}}
+    assert calls == [runners["a"], runners["b"]]
+    cpu = bench.build_runner("base", bench.Case(**TINY))
+    stats = timing.time_case({"base": cpu}, budget_s=0.01, min_reps=2)["base"]
+    assert stats["timer"] == "interleaved host timer" and stats["median_s"] > 0 and not calls[2:]

@@ -42,7 +42,7 @@ def plot(report: dict, path: Path) -> None:
     rows_n = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols + 2.6, 3.6 * rows_n + 0.6), squeeze=False,
                              layout="constrained")
-    others = [p for p in PROVIDERS if p != "fastlora"]
+    others = [p for p in PROVIDERS if p not in ("fastlora", FLOOR)] + [FLOOR]  # the floor last in the legend
     seen_styles, any_excluded = set(), False
     for ax, (mode, K, N, r) in zip(axes.flat, panels):
         keys = [k for k in comp if (k[MODE], k[2], k[3], k[4]) == (mode, K, N, r)]
@@ -77,7 +77,7 @@ def plot(report: dict, path: Path) -> None:
     for peer in others:
         for p in sorted({q for pr, q in seen_styles if pr == peer}):
             style = _style(peer, p)
-            label = ("floor: frozen linear" if peer == FLOOR else f"vs {NAMES[peer]}") + f", p={p:g}"
+            label = ("floor: frozen linear\n(1 = LoRA at no cost)" if peer == FLOOR else f"vs {NAMES[peer]}") + f", p={p:g}"
             handles.append(Line2D([], [], color=COLORS[peer], linestyle=style, marker=MARKERS[peer], label=label))
     handles.append(Line2D([], [], color="gray", linewidth=0.8, label="1 = parity"))
     if any_excluded:
