@@ -23,6 +23,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-benchmark>=4",
+            "matplotlib>=3.7",  # the bench plot is tested too
             "triton>=3.0; platform_system == 'Linux'",
             "numpy",
             "peft>=0.13",
