@@ -17,6 +17,7 @@ import fastlora
 from .cases import Case, lora_flops
 from .memory import peak_memory_bytes, saved_activation_bytes
 from .providers import build_runner, provider_available
+from .report import WIDTH
 from .timing import spread, time_case
 
 
@@ -99,7 +100,7 @@ class Progress:
         line = (f"[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} "
                 f"{elapsed:5.0f}s elapsed, ~{eta:4.0f}s left  {text}")
         if self.tty:
-            self.stream.write("\r" + line[:150].ljust(150))
+            self.stream.write("\r" + line[:WIDTH - 1].ljust(WIDTH - 1))
             if self.done == self.total:
                 self.stream.write("\n")
         else:
