@@ -72,7 +72,7 @@ def pytest_terminal_summary(terminalreporter, config):
             tr.write_line(rep._text_table(header, body))
     tr.write_line("")
     tr.write_line("geometric means over the comparable cases (speed-up: higher is better; floor: fastlora's extra time)")
-    tr.write_line(rep._text_table(rep.SUMMARY_HEADER, rep.summary_lines(bench.summarize(rows)), left=2))
+    tr.write_line(rep.summary_table(bench.summarize(rows)))
     excluded, noisy = rep._flags(rows)
     if excluded:
         tr.write_line(rep._wrap(rep.NOTE_EXCLUDED))

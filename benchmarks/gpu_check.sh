@@ -147,15 +147,8 @@ report = json.load(open(sys.argv[1]))
 meta = report["meta"]
 print(f"{meta['device_name']}, {meta['dtype']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date_utc']}")
 errors = sorted({f"{r['provider']}: {r['error']}" for r in report["results"] if r.get("error")})
-for s in report["summary"]:
-    g = s.get("goal")
-    if g:
-        rel = ">=" if g["kind"] == "speedup" else "<="
-        print(f"  {g['text']:<42} {g['value']:.3f}  (goal {rel} {g['threshold']})  "
-              f"{'MET' if g['met'] else 'MISSED'}   [{s['cases']} cases]")
-for s in report["summary"]:
-    print(f"  {s['mode']:<17} vs {s['peer']:<6} geomean speed-up {s['geomean_speedup']:.3f}x "
-          f"(range {s['min_speedup']:.2f}-{s['max_speedup']:.2f}, {s['cases']} cases)")
+from fastlora.bench.report import summary_table  # geomeans over comparable cases, goals MET / MISSED
+print(summary_table(report["summary"]))
 for e in errors:
     print(f"  error: {e}")
 EOF

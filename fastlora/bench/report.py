@@ -154,6 +154,11 @@ def summary_lines(summary) -> list[list[str]]:
     return body
 
 
+def summary_table(summary) -> str:
+    """The geometric means (and goals) of ``summarize()`` as a fixed-width table."""
+    return _text_table(SUMMARY_HEADER, summary_lines(summary), left=2)
+
+
 def _text_table(header, body, left: int = 0) -> str:
     """Fixed-width columns, right-aligned except the first ``left``."""
     widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
@@ -189,7 +194,7 @@ def render_text(report: dict) -> str:
         parts += ["", _wrap(title), _text_table(header, body)]
     if report["summary"]:
         parts += ["", "Summary: geometric means over the comparable cases (speed-up: higher is better; "
-                      "floor: fastlora's extra time)", _text_table(SUMMARY_HEADER, summary_lines(report["summary"]), left=2)]
+                      "floor: fastlora's extra time)", summary_table(report["summary"])]
     excluded, noisy = _flags(report["results"])
     if excluded:
         parts += ["", _wrap(NOTE_EXCLUDED)]
