@@ -71,7 +71,8 @@ def pytest_terminal_summary(terminalreporter, config):
             tr.write_line(rep._wrap(title))
             tr.write_line(rep._text_table(header, body))
     tr.write_line("")
-    tr.write_line("geometric means over the comparable cases (speed-up: higher is better; floor: fastlora's extra time)")
+    tr.write_line("geometric means over the comparable cases (speed-up: higher is better; "
+                  "floor: fastlora's extra time)")
     tr.write_line(rep.summary_table(bench.summarize(rows)))
     excluded, noisy = rep._flags(rows)
     if excluded:

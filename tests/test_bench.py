@@ -137,7 +137,8 @@ def test_cpu_fallback_goals_use_dropout_zero_cases_only():
     assert base["cases"] == 2  # the geometric mean over the whole grid still covers both
 
 
-@pytest.mark.parametrize("spec, shapes", [("8x16x32", [(8, 16, 32)]), ("square-2048,8x16x32, square-2048", [(2048, 2048, 2048), (8, 16, 32)])])
+@pytest.mark.parametrize("spec, shapes", [("8x16x32", [(8, 16, 32)]),
+                                          ("square-2048,8x16x32, square-2048", [(2048, 2048, 2048), (8, 16, 32)])])
 def test_parse_shapes(spec, shapes):
     assert bench.parse_shapes(spec) == shapes
 

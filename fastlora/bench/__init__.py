@@ -27,9 +27,10 @@ from .timing import spread, time_case, time_cuda, time_interleaved, time_runner
 
 __all__ = [
     "DTYPE_NAMES", "DTYPES", "MODES", "SHAPE_PRESETS", "SUITE_GRIDS", "Case", "default_suite_grid", "lora_flops",
-    "make_cases", "parse_shapes", "suite_cases", "suite_settings", "CLI_DESCRIPTION", "add_arguments", "main", "resolve_device",
-    "run_cli", "peak_memory_bytes", "saved_activation_bytes", "DEFAULT_PROVIDERS", "FLOOR", "PEERS", "PROVIDERS",
-    "Runner", "build_runner", "provider_available", "WIDTH", "render_markdown", "render_text", "write_outputs",
-    "Progress", "environment", "measure", "measure_case", "run_cases", "GOAL_DROPOUT", "GOALS", "NOISY_SPREAD",
-    "comparisons", "speedups", "summarize", "plot", "spread", "time_case", "time_cuda", "time_interleaved", "time_runner",
+    "make_cases", "parse_shapes", "suite_cases", "suite_settings", "CLI_DESCRIPTION", "add_arguments", "main",
+    "resolve_device", "run_cli", "peak_memory_bytes", "saved_activation_bytes", "DEFAULT_PROVIDERS", "FLOOR",
+    "PEERS", "PROVIDERS", "Runner", "build_runner", "provider_available", "WIDTH", "render_markdown", "render_text",
+    "write_outputs", "Progress", "environment", "measure", "measure_case", "run_cases", "GOAL_DROPOUT", "GOALS",
+    "NOISY_SPREAD", "comparisons", "speedups", "summarize", "plot", "spread", "time_case", "time_cuda",
+    "time_interleaved", "time_runner",
 ]

@@ -91,7 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated MxKxN (x is (M,K), y is (M,N)) and presets: "
                              + ", ".join(f"{k} ({len(v)} shapes)" for k, v in SHAPE_PRESETS.items())
                              + "; default: llm-grid on CUDA, cpu on CPU (cpu-quick with --quick)")
-    parser.add_argument("--dropout", type=_floats, default=None, help="dropout p values, comma-separated (default 0,0.1)")
+    parser.add_argument("--dropout", type=_floats, default=None,
+                        help="dropout p values, comma-separated (default 0,0.1)")
     parser.add_argument("--modes", type=_names(MODES, "mode"), default=None,
                         help="forward, forward+backward, inference, or all (default: all; forward and "
                              "forward+backward with --quick)")
@@ -121,7 +122,10 @@ def run_cli(args: argparse.Namespace, stream=None) -> int:
     except ValueError as exc:
         print(f"fastlora bench: error: {exc}", file=sys.stderr)
         return 2
-    dtype_name = DTYPE_NAMES[DTYPES[args.dtype]] if args.dtype else ("bfloat16" if device.startswith("cuda") else "float32")
+    if args.dtype:
+        dtype_name = DTYPE_NAMES[DTYPES[args.dtype]]
+    else:
+        dtype_name = "bfloat16" if device.startswith("cuda") else "float32"
     ranks = args.rank or [16]
     dropouts = args.dropout if args.dropout is not None else [0.0, 0.1]
     modes = args.modes or (["forward", "forward+backward"] if args.quick else list(MODES))

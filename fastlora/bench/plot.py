@@ -2,8 +2,8 @@
 
 Read at a glance: higher is better; y = 1 is parity; each peer has its own colour and marker, solid for
 dropout 0 and dashed for dropout > 0; the floor (the frozen linear: time ratio base / fastlora, 1 would be a
-free LoRA branch) is black, dotted (dash-dotted with dropout); hollow markers are cases the peer could not run as asked (left out
-of the geomeans); one legend, outside the panels.
+free LoRA branch) is black, dotted (dash-dotted with dropout); hollow markers are cases the peer could not run
+as asked (left out of the geomeans); one legend, outside the panels.
 """
 from __future__ import annotations
 
@@ -77,7 +77,8 @@ def plot(report: dict, path: Path) -> None:
     for peer in others:
         for p in sorted({q for pr, q in seen_styles if pr == peer}):
             style = _style(peer, p)
-            label = ("floor: frozen linear\n(1 = LoRA at no cost)" if peer == FLOOR else f"vs {NAMES[peer]}") + f", p={p:g}"
+            name = "floor: frozen linear\n(1 = LoRA at no cost)" if peer == FLOOR else f"vs {NAMES[peer]}"
+            label = f"{name}, p={p:g}"
             handles.append(Line2D([], [], color=COLORS[peer], linestyle=style, marker=MARKERS[peer], label=label))
     handles.append(Line2D([], [], color="gray", linewidth=0.8, label="1 = parity"))
     if any_excluded:

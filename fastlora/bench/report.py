@@ -167,8 +167,9 @@ def _text_table(header, body, left: int = 0) -> str:
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in body])
 
 
-def _md_table(header, body) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
+def _md_table(header, body, left: int = 0) -> str:
+    align = "|".join(":---" if i < left else "---:" for i in range(len(header)))
+    lines = ["| " + " | ".join(header) + " |", "|" + align + "|"]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
 
 
@@ -227,7 +228,7 @@ def render_markdown(report: dict) -> str:
     ]
     if report["summary"]:
         lines += ["", "## Summary: geometric means over the comparable cases", "",
-                  _md_table(SUMMARY_HEADER, summary_lines(report["summary"]))]
+                  _md_table(SUMMARY_HEADER, summary_lines(report["summary"]), left=2)]
     for mode, header, body in markdown_tables(report["results"], meta["providers"]):
         lines += ["", f"## {mode}", "", _md_table(header, body)]
     excluded, noisy = _flags(report["results"])

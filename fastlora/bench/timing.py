@@ -81,7 +81,8 @@ def time_interleaved(runners: dict, *, budget_s: float = 0.5, min_reps: int = 5,
                 out[name] = exc
                 del samples[name]
         rounds += 1
-        if rounds >= max_reps or (rounds >= min_reps and time.perf_counter() - start >= budget_s * max(len(samples), 1)):
+        spent = time.perf_counter() - start
+        if rounds >= max_reps or (rounds >= min_reps and spent >= budget_s * max(len(samples), 1)):
             break
     for name, vals in samples.items():
         out[name] = _stats(vals, inners[name])
