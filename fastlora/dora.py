@@ -113,7 +113,7 @@ def weight_row_sq(weight: Tensor) -> Tensor:
     sq = _cache_get(weight)
     if sq is None:
         with torch.no_grad():
-            sq = weight.to(acc_dtype(weight.dtype)).square().sum(1)
+            sq = torch.linalg.vector_norm(weight, 2, dim=1, dtype=acc_dtype(weight.dtype)).square_()  # no (N, K) temp
         _cache_put(weight, sq)
     return sq
 
@@ -151,6 +151,12 @@ def dora_weight_norm_torch(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
 
 
 def _norm(weight, lora_A, lora_B, scaling, use_triton) -> Tensor:
+    """Under no_grad; ``weight`` undetached, so that the ‖W_i‖² cache keys on the caller's tensor."""
+    with torch.no_grad():
+        return _norm_impl(weight, lora_A, lora_B, scaling, use_triton)
+
+
+def _norm_impl(weight, lora_A, lora_B, scaling, use_triton) -> Tensor:
     if use_triton:
         from fastlora.kernels import dora as kdora
 
@@ -167,7 +173,7 @@ def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: fl
     """‖W + scaling·lora_B @ lora_A‖ per row of ``weight`` (out,), fp32 (fp64 for fp64), detached, computed
     without forming lora_B @ lora_A (see the module docstring)."""
     use_triton = _backend.use_triton(weight.device, weight.dtype)
-    return _norm(weight.detach(), lora_A.detach(), lora_B.detach(), float(scaling), use_triton)
+    return _norm(weight, lora_A.detach(), lora_B.detach(), float(scaling), use_triton)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -310,7 +316,7 @@ def _draw_seed(dropout_p: float) -> int:
 def _forward(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, use_triton, save):
     """(y, z, h, norm, g, seed)."""
     seed = _draw_seed(dropout_p)
-    norm = _norm(weight.detach(), lora_A.detach(), lora_B.detach(), scaling, use_triton)  # detached, as PEFT
+    norm = _norm(weight, lora_A.detach(), lora_B.detach(), scaling, use_triton)  # no grad: detached, as PEFT
     g = magnitude.detach().to(norm.dtype) / norm
     fwd = _forward_triton if use_triton else dora_forward_torch
     y, z, h = fwd(x, weight, lora_A, lora_B, bias, g, scaling, dropout_p, seed, save)
@@ -467,7 +473,7 @@ def dora_embedding(input: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor
     if base_output is None:
         base_output = F.embedding(input, weight)
     use_triton = _backend.use_triton(weight.device, weight.dtype)
-    norm = _norm(weight.detach().t(), lora_A.detach(), lora_B.detach(), float(scaling), use_triton)
+    norm = _norm(weight.t(), lora_A.detach(), lora_B.detach(), float(scaling), use_triton)
     # PEFT's norm has the dtype of W + s·lora_weight: the promotion of the base's and the adapters' dtypes
     norm = norm.to(torch.promote_types(weight.dtype, lora_A.dtype))
     g = magnitude / norm
