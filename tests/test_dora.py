@@ -3,6 +3,7 @@
 fp16); the B@A-free norm; its cache; and that no (out × in) tensor is ever made."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 
@@ -406,3 +407,28 @@ def test_invalid_arguments_raise_before_any_kernel():
         fastlora.dora_linear(x.double(), W, A, B, m)
     with pytest.raises(TypeError, match="magnitude"):
         fastlora.dora_linear(x, W, A, B, torch.ones(5, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_kernels_write_every_output(triton_backend, p):
+    """With NaN-filled allocations every tensor the DoRA kernels hand back is fully written (several row splits
+    of the dY pass: M = 150)."""
+    from helpers import nan_poisoned_allocations
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(150, 12, generator=g)
+    W, b = torch.randn(20, 12, generator=g), torch.randn(20, generator=g)
+    A, B = torch.randn(3, 12, generator=g) * 0.3, torch.randn(20, 3, generator=g) * 0.3
+    m = torch.rand(20, generator=g) + 0.5
+    results = []
+    for poisoned in (False, True):
+        leaves = [t.clone().requires_grad_(True) for t in (x, A, B, m, b)]
+        fdora.clear_norm_cache()
+        torch.manual_seed(0)
+        with nan_poisoned_allocations() if poisoned else contextlib.nullcontext():
+            y = fastlora.dora_linear(leaves[0], W, leaves[1], leaves[2], leaves[3], leaves[4], scaling=0.7,
+                                     dropout_p=p)
+            y.backward(torch.ones_like(y))
+        results.append([y] + [t.grad for t in leaves])
+    for clean, poisoned, n in zip(*results, ["y", "dx", "dA", "dB", "dm", "db"]):
+        assert_close(poisoned, clean, 1e-6, 1e-6, n)
