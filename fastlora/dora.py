@@ -21,7 +21,8 @@ The norm without B A (N × K). Row i of W + sBA is W_i + s·B_i A, so
     n_i² = ‖W_i‖² + 2s·B_i·(W Aᵀ)_i + s²·B_i (A Aᵀ) B_iᵀ
 
 from W Aᵀ (N, r: one pass over W, 2NKr FLOPs), A Aᵀ (r, r: 2r²K) and ‖W_i‖² (N: cached while W is unchanged,
-keyed on its storage, data pointer and version counter). Everything accumulates in fp32 (fp64 for fp64 inputs)
+keyed on its storage, data pointer and version counter; the whole norm is reused while W, A and B are
+unchanged, i.e. in evaluation and decoding). Everything accumulates in fp32 (fp64 for fp64 inputs)
 and n² is clamped at 0 before the square root (cancellation can make it slightly negative when W_i + s(BA)_i ≈ 0).
 
 Backward, given dY (M, N). Write dZ = g ⊙ dY and E = dZ − dY = (g − 1) ⊙ dY::
@@ -76,9 +77,10 @@ _ROW_SQ: dict[int, tuple] = {}
 
 
 def clear_norm_cache() -> None:
-    """Forget every cached ‖W_i‖² (needed only after writing into a weight through ``.data``, which bypasses
-    the version counter that the cache keys on)."""
+    """Forget every cached ‖W_i‖² and norm (needed only after writing into a weight or an adapter through
+    ``.data``, which bypasses the version counter that the caches key on)."""
     _ROW_SQ.clear()
+    _NORM.clear()
 
 
 def _row_sq_key(weight: Tensor):
@@ -150,10 +152,36 @@ def dora_weight_norm_torch(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
         return norm_from_pieces(row_sq.to(acc), wa, aat, lora_B, scaling)
 
 
+# The last norm per weight: id(W's owner) -> (weakrefs to W's owner, A, B; key; norm). In training A and B
+# change every step (an optimizer step bumps their version counters), so this only saves the pass over W where
+# nothing changed between calls: evaluation and decoding.
+_NORM: dict[int, tuple] = {}
+
+
+def _tensor_key(t: Tensor):
+    return (t.data_ptr(), t._version, t.dtype, tuple(t.shape), tuple(t.stride()))
+
+
 def _norm(weight, lora_A, lora_B, scaling, use_triton) -> Tensor:
-    """Under no_grad; ``weight`` undetached, so that the ‖W_i‖² cache keys on the caller's tensor."""
+    """The detached norm (computed under no_grad), reused while W, A, B (the same objects, with unchanged data
+    pointers and version counters) and the scaling are. ``weight`` is undetached, so that the caches key on
+    the caller's tensors. The result is shared: callers must not modify it in place."""
+    owner = _owner(weight)
+    key = (_row_sq_key(weight), _tensor_key(lora_A), _tensor_key(lora_B), float(scaling), bool(use_triton))
+    hit = _NORM.get(id(owner))
+    if (hit is not None and hit[0]() is owner and hit[1]() is lora_A and hit[2]() is lora_B
+            and hit[3] == key):
+        return hit[4]
     with torch.no_grad():
-        return _norm_impl(weight, lora_A, lora_B, scaling, use_triton)
+        norm = _norm_impl(weight, lora_A, lora_B, scaling, use_triton)
+    oid = id(owner)
+    try:
+        refs = (weakref.ref(owner, lambda _r, oid=oid: _NORM.pop(oid, None)), weakref.ref(lora_A),
+                weakref.ref(lora_B))
+    except TypeError:  # not weak-referenceable: no caching
+        return norm
+    _NORM[oid] = (*refs, key, norm)
+    return norm
 
 
 def _norm_impl(weight, lora_A, lora_B, scaling, use_triton) -> Tensor:
@@ -173,7 +201,7 @@ def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: fl
     """‖W + scaling·lora_B @ lora_A‖ per row of ``weight`` (out,), fp32 (fp64 for fp64), detached, computed
     without forming lora_B @ lora_A (see the module docstring)."""
     use_triton = _backend.use_triton(weight.device, weight.dtype)
-    return _norm(weight, lora_A.detach(), lora_B.detach(), float(scaling), use_triton)
+    return _norm(weight, lora_A, lora_B, float(scaling), use_triton).clone()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -316,7 +344,7 @@ def _draw_seed(dropout_p: float) -> int:
 def _forward(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, use_triton, save):
     """(y, z, h, norm, g, seed)."""
     seed = _draw_seed(dropout_p)
-    norm = _norm(weight, lora_A.detach(), lora_B.detach(), scaling, use_triton)  # no grad: detached, as PEFT
+    norm = _norm(weight, lora_A, lora_B, scaling, use_triton)  # no grad: detached, as PEFT
     g = magnitude.detach().to(norm.dtype) / norm
     fwd = _forward_triton if use_triton else dora_forward_torch
     y, z, h = fwd(x, weight, lora_A, lora_B, bias, g, scaling, dropout_p, seed, save)
@@ -473,7 +501,7 @@ def dora_embedding(input: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor
     if base_output is None:
         base_output = F.embedding(input, weight)
     use_triton = _backend.use_triton(weight.device, weight.dtype)
-    norm = _norm(weight.t(), lora_A.detach(), lora_B.detach(), float(scaling), use_triton)
+    norm = _norm(weight.t(), lora_A, lora_B, float(scaling), use_triton)
     # PEFT's norm has the dtype of W + s·lora_weight: the promotion of the base's and the adapters' dtypes
     norm = norm.to(torch.promote_types(weight.dtype, lora_A.dtype))
     g = magnitude / norm

@@ -432,3 +432,24 @@ def test_kernels_write_every_output(triton_backend, p):
         results.append([y] + [t.grad for t in leaves])
     for clean, poisoned, n in zip(*results, ["y", "dx", "dA", "dB", "dm", "db"]):
         assert_close(poisoned, clean, 1e-6, 1e-6, n)
+
+
+def test_norm_is_reused_only_while_nothing_changed(torch_backend):
+    """Evaluation / decoding reuse the norm (no pass over W); any change to W, A or B recomputes it."""
+    fdora.clear_norm_cache()
+    W, A, B = torch.randn(6, 9), torch.randn(2, 9), torch.randn(6, 2)
+    calls = []
+    real = fdora._norm_impl
+    fdora._norm_impl = lambda *a: calls.append(1) or real(*a)
+    try:
+        n0 = fdora._norm(W, A, B, 0.5, False)
+        assert fdora._norm(W, A, B, 0.5, False) is n0 and len(calls) == 1
+        fdora._norm(W, A, B, 0.25, False)  # another scaling
+        B.add_(1.0)  # an optimizer step on B
+        n1 = fdora._norm(W, A, B, 0.25, False)
+        assert len(calls) == 3
+        assert_close(n1, _explicit_norm(W, A, B, 0.25), 1e-5, 1e-5, "after B changed")
+        fdora._norm(W, A.clone(), B, 0.25, False)  # another A object
+        assert len(calls) == 4
+    finally:
+        fdora._norm_impl = real
