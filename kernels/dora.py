@@ -17,6 +17,7 @@ Conventions as in ``lora_linear.py``: explicit strides, masked loads/stores, int
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -261,10 +262,18 @@ def scale_columns(z: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None, r
     return y
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _splits(M: int, N: int, bn: int, device) -> tuple[int, int]:
     """(splits, rows_per_split) so that column tiles × row splits fill the device."""
     col_tiles = triton.cdiv(N, bn)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    if device.type == "cuda":
+        sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        sms = 2  # the interpreter: a few splits, so that the split path runs on CPU too
     splits = max(1, min(triton.cdiv(2 * sms, col_tiles), triton.cdiv(M, 64)))
     rows = triton.cdiv(M, splits)
     return triton.cdiv(M, rows), rows
