@@ -10,7 +10,8 @@ Providers, all on the same PEFT layer's parameters (bf16 base, fp32 adapters and
   fastlora_lora  ``fastlora.lora_linear`` (the same A, B, no magnitude)
   peft_lora      PEFT's ``lora.Linear`` without DoRA
 x requires grad (as inside a model), W is frozen. Reported per case: median step time, peak memory of the step
-above what was allocated before it (CUDA only), and the ratios: the goal (issue 14, on an H100) is
+above what was allocated before it (CUDA only), the bytes saved for the backward beyond x and the parameters
+(any device), and the ratios: the goal (issue 14, on an H100) is
 fastlora_dora / fastlora_lora <= 1.2 at dropout 0; PEFT's peft_dora / peft_lora is recorded beside it, as well
 as the speed-up of fastlora's DoRA over PEFT's. Results: markdown on stdout and JSON in ``$OUT/dora_check/``
 (or ``--out``).
@@ -117,6 +118,24 @@ def peak_bytes(step):
     return torch.cuda.max_memory_allocated(step.device) - before
 
 
+def saved_bytes(step):
+    """Bytes autograd keeps for the backward of one forward, beyond x and the parameters (distinct storages):
+    measurable on any device."""
+    own = {step.x.untyped_storage().data_ptr()} | {p.untyped_storage().data_ptr() for p in step.layer.parameters()}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in own:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = step.fn(step.x)
+    del y
+    return sum(seen.values())
+
+
 def measure(M, K, N, r, dropout, dtype, device, reps, providers=PROVIDERS):
     row = {"M": M, "K": K, "N": N, "r": r, "dropout": dropout, "dtype": str(dtype).replace("torch.", "")}
     for provider in providers:
@@ -124,6 +143,7 @@ def measure(M, K, N, r, dropout, dtype, device, reps, providers=PROVIDERS):
             step = Step(provider, M, K, N, r, dropout, dtype, device)
             row[f"{provider}_ms"] = time_step(step, reps) * 1e3
             row[f"{provider}_peak_mib"] = (lambda b: None if b is None else b / 2**20)(peak_bytes(step))
+            row[f"{provider}_saved_mib"] = saved_bytes(step) / 2**20
             del step
         except Exception as exc:  # a provider that fails is reported, the others still run
             row[f"{provider}_ms"] = None
@@ -149,15 +169,17 @@ def render(rows, env) -> str:
     lines = [f"DoRA step (forward + backward), {env['device_name']}, torch {env['torch']}, "
              f"triton {env['triton']}, {env['date']}", ""]
     lines.append("| M×K×N | r | p | fastlora DoRA ms | PEFT DoRA ms | fastlora LoRA ms | PEFT LoRA ms | "
-                 "fastlora DoRA/LoRA | PEFT DoRA/LoRA | speed-up vs PEFT DoRA | peak MiB fastlora / PEFT DoRA |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+                 "fastlora DoRA/LoRA | PEFT DoRA/LoRA | speed-up vs PEFT DoRA | peak MiB fastlora / PEFT DoRA | "
+                 "saved MiB fastlora / PEFT DoRA |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         lines.append(
             f"| {r['M']}×{r['K']}×{r['N']} | {r['r']} | {r['dropout']:g} | {_fmt(r.get('fastlora_dora_ms'), '.3f')} | "
             f"{_fmt(r.get('peft_dora_ms'), '.3f')} | {_fmt(r.get('fastlora_lora_ms'), '.3f')} | "
             f"{_fmt(r.get('peft_lora_ms'), '.3f')} | {_fmt(r['fastlora_dora_over_lora'])} | "
             f"{_fmt(r['peft_dora_over_lora'])} | {_fmt(r['speedup_vs_peft_dora'])} | "
-            f"{_fmt(r.get('fastlora_dora_peak_mib'), '.0f')} / {_fmt(r.get('peft_dora_peak_mib'), '.0f')} |")
+            f"{_fmt(r.get('fastlora_dora_peak_mib'), '.0f')} / {_fmt(r.get('peft_dora_peak_mib'), '.0f')} | "
+            f"{_fmt(r.get('fastlora_dora_saved_mib'), '.1f')} / {_fmt(r.get('peft_dora_saved_mib'), '.1f')} |")
     goal = [r["fastlora_dora_over_lora"] for r in rows if r["dropout"] == 0 and r["fastlora_dora_over_lora"]]
     if goal:
         gm = statistics.geometric_mean(goal)

@@ -33,7 +33,8 @@ def test_dora_step(benchmark, case, provider):
     benchmark.group = f"dora-step-{M}x{K}x{N}-r{r}-p{p:g}-{str(DTYPE).replace('torch.', '')}"
     benchmark.extra_info.update({"provider": provider, "device": str(DEVICE), "dtype": str(DTYPE), "M": M, "K": K,
                                  "N": N, "r": r, "dropout": p, "mode": "forward+backward",
-                                 "peak_bytes": (dora_check.peak_bytes(step))})
+                                 "peak_bytes": dora_check.peak_bytes(step),
+                                 "saved_bytes": dora_check.saved_bytes(step)})
 
     def run():
         step()
