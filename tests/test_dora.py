@@ -191,13 +191,31 @@ def test_weight_and_bias_gradients_when_they_require_grad(use_triton, triton_bac
         assert_close(a, e, 5e-5, 5e-5, n)
 
 
-def test_eval_and_no_grad_match_peft(torch_backend):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_half_precision_torch_path_follows_the_rule(torch_backend, dtype, p):
+    """The PyTorch path in bf16 / fp16 (the CPU's, and any device's with backend "torch") against PEFT in fp64,
+    PEFT in the same dtype being the peer of the low-precision rule."""
+    layer = _peft_layer(24, 20, 4, bias=True, dropout=p)
+    layer.train()
+    ref64 = copy.deepcopy(layer).double()
+    layer = layer.to(dtype)
+    peft_same = copy.deepcopy(layer)
+    out, (r64, rsame), names = _run(layer, torch.randn(3, 7, 24).to(dtype), p, False, [ref64, peft_same])
+    for a, e, t, n in zip(out, r64, rsame, names):
+        assert_low_precision_close(a, e, t, 1e-2 if dtype == torch.bfloat16 else 1e-3, n)
+
+
+@pytest.mark.parametrize("use_triton", [False, True], ids=["torch", "kernels"])
+def test_eval_and_no_grad_match_peft(use_triton, triton_backend):
+    if not use_triton:
+        fastlora.set_backend("torch")
     layer = _peft_layer(8, 6, 2, bias=True, dropout=0.5)
     layer.eval()  # PEFT: no dropout in eval, base output reused
     x = torch.randn(4, 8)
     with torch.no_grad():
         assert_close(dora_fuser.forward(layer, x, ["default"]), layer(x), 1e-6, 1e-6, "eval no_grad")
-    out, (peft_out,), names = _run(layer, x, 0.5, False, [copy.deepcopy(layer)])
+    out, (peft_out,), names = _run(layer, x, 0.5, use_triton, [copy.deepcopy(layer)])
     for a, e, n in zip(out, peft_out, names):
         assert_close(a, e, 2e-5, 2e-5, n)
 
