@@ -22,6 +22,11 @@ from fastlora.peft_interop import registry  # noqa: E402
 from helpers import assert_close, assert_low_precision_close  # noqa: E402
 
 TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5)}
+KDEV = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels' lane: CUDA, else the interpreter on CPU
+
+
+def _dev(use_triton):
+    return KDEV if use_triton else "cpu"
 
 
 @pytest.fixture
@@ -71,14 +76,14 @@ class _MaskDropout(nn.Module):
         return x * self.keep.reshape(x.shape).to(x.dtype) / (1.0 - self.p)
 
 
-def _op_keep(seed_state, x2d_shape, p, use_triton):
+def _op_keep(seed_state, x2d_shape, p, use_triton, device):
     torch.manual_seed(seed_state)
     seed = fdora._draw_seed(p)
     if use_triton:
         from fastlora import kernels
 
-        return kernels.dropout_keep_mask(seed, x2d_shape, p, "cpu")
-    return reference.dropout_keep_mask(seed, x2d_shape, p, "cpu")
+        return kernels.dropout_keep_mask(seed, x2d_shape, p, device)
+    return reference.dropout_keep_mask(seed, x2d_shape, p, device)
 
 
 def _trainable(layer):
@@ -89,13 +94,15 @@ def _run(layer, x, p, use_triton, ref_layers, dy=None):
     """Fused forward+backward on ``layer`` and PEFT's on each of ``ref_layers`` (deep copies, maybe in another
     dtype), same dropout mask. Returns ([y, dx, grads...] fused, [[...] for each ref])."""
     K = x.shape[-1]
+    device = layer.get_base_layer().weight.device
+    x = x.to(device)
     training = layer.training and p > 0
-    keep = _op_keep(123, (x.numel() // K, K), p, use_triton) if training else None
+    keep = _op_keep(123, (x.numel() // K, K), p, use_triton, device) if training else None
     xs = x.detach().clone().requires_grad_(True)
     torch.manual_seed(123)
     y = dora_fuser.forward(layer, xs, ["default"])
     if dy is None:
-        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(device)
     y.backward(dy.to(y.dtype))
     out = [y, xs.grad] + [q.grad for q in _trainable(layer).values()]
     refs = []
@@ -134,7 +141,7 @@ def test_linear_equals_peft_torch(torch_backend, dtype, shape, bias, p):
         assert_close(a, e, atol, rtol, n)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("shape, bias, p", [
     (((2, 7), 13, 11, 3), True, 0.0),
     (((37,), 19, 33, 16), False, 0.3),
@@ -144,7 +151,7 @@ def test_linear_equals_peft_kernels(triton_backend, dtype, shape, bias, p):
     from fastlora import kernels
 
     lead, K, N, r = shape
-    layer = _peft_layer(K, N, r, bias=bias, dropout=p)
+    layer = _peft_layer(K, N, r, bias=bias, dropout=p).to(KDEV)
     layer.train()
     ref64 = copy.deepcopy(layer).double()
     layer = layer.to(dtype)
@@ -157,14 +164,14 @@ def test_linear_equals_peft_kernels(triton_backend, dtype, shape, bias, p):
         if dtype == torch.float32:
             assert_close(a, e, 5e-5, 5e-5, n)
         else:
-            assert_low_precision_close(a, e, t, 1e-3, n)
+            assert_low_precision_close(a, e, t, 1e-2 if dtype == torch.bfloat16 else 1e-3, n)
 
 
 def test_fp16_base_with_fp32_adapters_kernels(triton_backend):
     """PEFT's default for a half model: fp32 adapters and magnitude on a fp16 base. The fused op computes in the
     base's dtype (fp32 accumulation), as fastlora's LoRA does, where PEFT runs the adapter branch in fp32: the
     peer of the low-precision rule is PEFT with everything in fp16; dA, dB, dm keep the adapters' fp32."""
-    layer = _peft_layer(12, 10, 4, bias=True, dropout=0.2)
+    layer = _peft_layer(12, 10, 4, bias=True, dropout=0.2).to(KDEV)
     layer.train()
     ref64 = copy.deepcopy(layer).double()
     peft_half = copy.deepcopy(layer).half()
@@ -180,7 +187,7 @@ def test_fp16_base_with_fp32_adapters_kernels(triton_backend):
 def test_weight_and_bias_gradients_when_they_require_grad(use_triton, triton_backend, p=0.3):
     if not use_triton:
         fastlora.set_backend("torch")
-    layer = _peft_layer(11, 7, 3, bias=True, dropout=p)
+    layer = _peft_layer(11, 7, 3, bias=True, dropout=p).to(_dev(use_triton))
     layer.get_base_layer().weight.requires_grad_(True)
     layer.get_base_layer().bias.requires_grad_(True)
     layer.train()
@@ -210,9 +217,9 @@ def test_half_precision_torch_path_follows_the_rule(torch_backend, dtype, p):
 def test_eval_and_no_grad_match_peft(use_triton, triton_backend):
     if not use_triton:
         fastlora.set_backend("torch")
-    layer = _peft_layer(8, 6, 2, bias=True, dropout=0.5)
+    layer = _peft_layer(8, 6, 2, bias=True, dropout=0.5).to(_dev(use_triton))
     layer.eval()  # PEFT: no dropout in eval, base output reused
-    x = torch.randn(4, 8)
+    x = torch.randn(4, 8, device=_dev(use_triton))
     with torch.no_grad():
         assert_close(dora_fuser.forward(layer, x, ["default"]), layer(x), 1e-6, 1e-6, "eval no_grad")
     out, (peft_out,), names = _run(layer, x, 0.5, use_triton, [copy.deepcopy(layer)])
@@ -257,9 +264,10 @@ def test_norm_from_small_products(use_triton, dtype, triton_backend):
     fdora.clear_norm_cache()
     g = torch.Generator().manual_seed(1)
     N, K, r, s = 21, 300, 5, 0.8
-    W = torch.randn(N, K, generator=g).to(dtype)
-    A = torch.randn(r, K, generator=g) * 0.2
-    B = torch.randn(N, r, generator=g) * 0.2
+    dev = _dev(use_triton)
+    W = torch.randn(N, K, generator=g).to(dev, dtype)
+    A = (torch.randn(r, K, generator=g) * 0.2).to(dev)
+    B = (torch.randn(N, r, generator=g) * 0.2).to(dev)
     # row 0 nearly cancels: W_0 = -s·(B A)_0 up to rounding; the clamp keeps its norm finite and >= 0
     W[0] = (-s * (B[0:1] @ A)).to(dtype)[0]
     got = fastlora.dora_weight_norm(W, A, B, s)
@@ -268,7 +276,7 @@ def test_norm_from_small_products(use_triton, dtype, triton_backend):
     assert torch.isfinite(got).all() and (got >= 0).all()
     # PEFT rounds W + s·B A to the input dtype; ours accumulates in fp32: within a few ulps of fp32
     tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-4)
-    assert_close(got[1:], exp[1:], tol * float(exp.max()), tol, "norm")
+    assert_close(got[1:].cpu(), exp[1:].cpu(), tol * float(exp.max()), tol, "norm")
     # cancellation: n² loses eps·‖W_0‖² absolutely, so n_0 is only known to about sqrt(eps)·‖W_0‖
     assert float(got[0]) < 1e-2 * float(exp.max())
     # the transposed view that the Embedding variant passes
@@ -322,11 +330,12 @@ def test_never_forms_B_at_A(use_triton, p, triton_backend):
     if not use_triton:
         fastlora.set_backend("torch")
     M, K, N, r = 5, 23, 17, 3
-    x = torch.randn(M, K, requires_grad=True)
-    W = torch.randn(N, K)
-    A = torch.randn(r, K, requires_grad=True)
-    B = torch.randn(N, r, requires_grad=True)
-    m = torch.rand(N).add_(0.5).requires_grad_(True)
+    dev = _dev(use_triton)
+    x = torch.randn(M, K, device=dev, requires_grad=True)
+    W = torch.randn(N, K, device=dev)
+    A = torch.randn(r, K, device=dev, requires_grad=True)
+    B = torch.randn(N, r, device=dev, requires_grad=True)
+    m = torch.rand(N, device=dev).add_(0.5).requires_grad_(True)
     fdora.clear_norm_cache()
     with _ShapeRecorder() as rec:
         y = fastlora.dora_linear(x, W, A, B, m, scaling=0.5, dropout_p=p)
@@ -344,17 +353,17 @@ def test_never_forms_B_at_A(use_triton, p, triton_backend):
 def test_embedding_equals_peft(use_triton, dtype, triton_backend):
     if not use_triton:
         fastlora.set_backend("torch")
-    layer = _peft_layer(7, 5, 3, target="emb", V=29).to(dtype)
+    layer = _peft_layer(7, 5, 3, target="emb", V=29).to(_dev(use_triton), dtype)
     layer.get_base_layer().padding_idx = 0
     layer.train()
     ref = copy.deepcopy(layer)
-    ids = torch.tensor([[0, 3, 28, 3], [1, 2, 5, 0]])
+    ids = torch.tensor([[0, 3, 28, 3], [1, 2, 5, 0]], device=_dev(use_triton))
     assert dora_fuser.claims(layer, "default") and dora_fuser.why_not(layer, "default") is None
     y = dora_fuser.forward(layer, ids, ["default"])
     yr = ref(ids)
     atol, rtol = TOL[dtype]
     assert_close(y, yr, atol, rtol, "y")
-    dy = torch.randn(y.shape, dtype=dtype)
+    dy = torch.randn(y.shape, dtype=dtype).to(y.device)
     y.backward(dy)
     yr.backward(dy)
     for (n, q), (_, qr) in zip(_trainable(layer).items(), _trainable(ref).items()):
@@ -434,10 +443,10 @@ def test_kernels_write_every_output(triton_backend, p):
     from helpers import nan_poisoned_allocations
 
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(150, 12, generator=g)
-    W, b = torch.randn(20, 12, generator=g), torch.randn(20, generator=g)
-    A, B = torch.randn(3, 12, generator=g) * 0.3, torch.randn(20, 3, generator=g) * 0.3
-    m = torch.rand(20, generator=g) + 0.5
+    x = torch.randn(150, 12, generator=g).to(KDEV)
+    W, b = torch.randn(20, 12, generator=g).to(KDEV), torch.randn(20, generator=g).to(KDEV)
+    A, B = (torch.randn(3, 12, generator=g) * 0.3).to(KDEV), (torch.randn(20, 3, generator=g) * 0.3).to(KDEV)
+    m = (torch.rand(20, generator=g) + 0.5).to(KDEV)
     results = []
     for poisoned in (False, True):
         leaves = [t.clone().requires_grad_(True) for t in (x, A, B, m, b)]
