@@ -400,13 +400,6 @@ def test_fuser_claims_and_reasons():
     custom.lora_dropout["default"] = nn.AlphaDropout(0.1)
     assert "AlphaDropout" in dora_fuser.why_not(custom, "default")
 
-    from model_helpers import tiny_gpt2
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gpt2 = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(target_modules=["c_attn"], use_dora=True))
-    c_attn = gpt2.base_model.model.transformer.h[0].attn.c_attn
-    assert dora_fuser.claims(c_attn, "default") and "Conv1D" in dora_fuser.why_not(c_attn, "default")
 
 
 def test_two_active_dora_adapters_match_peft(torch_backend):
@@ -480,3 +473,26 @@ def test_norm_is_reused_only_while_nothing_changed(torch_backend):
         assert len(calls) == 4
     finally:
         fdora._norm_impl = real
+
+
+@pytest.mark.parametrize("use_triton, p", [(False, 0.0), (False, 0.3), (True, 0.3)],
+                         ids=["torch", "torch-dropout", "kernels-dropout"])
+def test_conv1d_fan_in_fan_out_equals_peft(use_triton, p, triton_backend):
+    """GPT-2's Conv1D (weight stored (in, out), PEFT's fan_in_fan_out) runs fused on the weight's transpose."""
+    from model_helpers import tiny_gpt2
+
+    if not use_triton:
+        fastlora.set_backend("torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gpt2 = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(target_modules=["c_attn"], use_dora=True, r=3,
+                                                                lora_dropout=p, init_lora_weights=False))
+    layer = gpt2.base_model.model.transformer.h[0].attn.c_attn.to(_dev(use_triton))
+    with torch.no_grad():
+        layer.lora_magnitude_vector["default"].weight.mul_(1.3)
+    assert layer.fan_in_fan_out
+    assert dora_fuser.claims(layer, "default") and dora_fuser.why_not(layer, "default") is None
+    layer.train()
+    out, (peft_out,), names = _run(layer, torch.randn(2, 5, 16), p, use_triton, [copy.deepcopy(layer)])
+    for a, e, n in zip(out, peft_out, names):
+        assert_close(a, e, 3e-5, 3e-5, n)

@@ -4,8 +4,9 @@
 It claims every adapter whose ``lora_variant`` is one of PEFT's DoRA variants (Linear, Embedding, Conv, and the
 quantized layers that reuse ``DoraLinearVariant``), at priority 20, ahead of the plain and 4-bit fusers: a DoRA
 adapter must never be run as plain LoRA by a fuser that only looks at the layer type. ``why_not`` then names
-the ones it cannot run (Conv, quantized or custom bases, Conv1D's fan_in_fan_out, lora_bias, custom dropout),
-which keep PEFT's forward.
+the ones it cannot run (Conv, quantized or custom bases, lora_bias, custom dropout),
+which keep PEFT's forward. transformers' Conv1D (GPT-2, ``fan_in_fan_out``) runs fused, on a transposed view of
+its weight.
 
 With several active DoRA adapters, the first runs fused and the others through PEFT's own variant forward on
 the running result, which is what PEFT does (its DoRA reuses the running result as the base output).
@@ -61,6 +62,15 @@ def _dropout_p(dropout: nn.Module) -> Optional[float]:
     return None
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2): y = bias + x @ weight with weight (in, out), i.e. a linear with Wᵀ."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - without transformers there is no Conv1D
+        return False
+    return type(module).forward is Conv1D.forward and getattr(module, "bias", None) is not None
+
+
 def _plain_float_weight(module: nn.Module) -> bool:
     w = getattr(module, "weight", None)
     return isinstance(w, torch.Tensor) and type(w) in (torch.Tensor, nn.Parameter) and w.is_floating_point()
@@ -82,12 +92,13 @@ def why_not(layer: nn.Module, adapter: str) -> Optional[str]:
         if not _plain_float_weight(base):
             return "DoRA on a quantized base weight"
         return None
-    if type(base) is not nn.Linear and type(base).forward is not nn.Linear.forward:
+    if getattr(layer, "fan_in_fan_out", False):
+        if not _is_conv1d(base):
+            return f"DoRA with fan_in_fan_out on a base layer {type(base).__name__}"
+    elif type(base) is not nn.Linear and type(base).forward is not nn.Linear.forward:
         return f"DoRA on a base layer {type(base).__name__} (quantized or custom)"
     if not _plain_float_weight(base):
         return "DoRA on a quantized base weight"
-    if getattr(layer, "fan_in_fan_out", False):
-        return "DoRA with fan_in_fan_out (Conv1D weight layout)"
     if getattr(layer.lora_B[adapter], "bias", None) is not None:
         return "DoRA with lora_bias"
     if _dropout_p(layer.lora_dropout[adapter]) is None:
@@ -103,7 +114,9 @@ def _peft_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _forward_linear(layer: nn.Module, x: torch.Tensor, adapters: List[str]) -> torch.Tensor:
     base = layer.get_base_layer()
-    weight, bias = base.weight, base.bias
+    # Conv1D keeps W as (in, out): its transpose is a strided view, which the ops take as it is (no copy)
+    weight = base.weight.t() if getattr(layer, "fan_in_fan_out", False) else base.weight
+    bias = base.bias
     autocast = torch.is_autocast_enabled(x.device.type)
     if x.dtype != weight.dtype and not autocast:
         return _peft_forward(layer, x)  # nn.Linear would raise, or PEFT casts its own way: its code decides
