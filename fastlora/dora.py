@@ -41,6 +41,10 @@ the correction ((dY − dZ) W) ⊙ (1 − c) on dx: the second base GEMM of the 
 Saved: x, h, z, n, g and the dropout seed (the mask is regenerated, never stored); z is the one (M, N) tensor,
 where PEFT's autograd keeps several. ``B @ A`` appears nowhere, in the forward or the backward.
 
+Eager code runs ``DoRALinearFunction`` (an autograd.Function); code being compiled runs the same forward and
+backward bodies as ``torch.library`` custom ops with fake kernels and a registered autograd, so
+``torch.compile(fullgraph=True)`` traces through without a graph break, as ``fastlora.autograd`` does for LoRA.
+
 The Embedding variant (``DoraEmbeddingVariant``) is ``y = g ⊙ (base(x) + s·embed_scale·A[:, x]ᵀ Bᵀ)`` with the
 norm over the vocabulary, i.e. the norm above applied to Wᵀ (D, V): it runs PEFT's own ops with that norm.
 """
@@ -379,6 +383,88 @@ class DoRALinearFunction(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Compiled: torch.library custom ops (torch.compile(fullgraph=True) traces through without a graph break)
+# ---------------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastlora::dora_linear_fwd", mutates_args=())
+def _dora_linear_fwd(
+    x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, bias: Optional[Tensor],
+    scaling: float, dropout_p: float, use_triton: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, z, h, norm, g, seed): the seed a CPU int64 scalar; norm a copy (the cached one is shared)."""
+    y, z, h, norm, g, seed = _forward(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, use_triton,
+                                      save=True)
+    return y, z, h, norm.clone(), g, torch.full((), seed, dtype=torch.int64)
+
+
+@_dora_linear_fwd.register_fake
+def _(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, use_triton):
+    M, N, r = x.shape[0], weight.shape[0], lora_A.shape[0]
+    acc = acc_dtype(weight.dtype)
+    return (x.new_empty(M, N), x.new_empty(M, N), x.new_empty(M, r, dtype=reference.h_dtype(x.dtype)),
+            weight.new_empty(N, dtype=acc), weight.new_empty(N, dtype=acc),
+            torch.empty((), dtype=torch.int64, device="cpu"))
+
+
+@torch.library.custom_op("fastlora::dora_linear_infer", mutates_args=())
+def _dora_linear_infer(
+    x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, bias: Optional[Tensor],
+    scaling: float, dropout_p: float, use_triton: bool,
+) -> Tensor:
+    return _forward(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, use_triton, save=False)[0]
+
+
+@_dora_linear_infer.register_fake
+def _(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, use_triton):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("fastlora::dora_linear_bwd", mutates_args=())
+def _dora_linear_bwd(
+    grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, h: Tensor, z: Tensor, g: Tensor,
+    norm: Tensor, seed: Tensor, scaling: float, dropout_p: float, use_triton: bool, needs_grad: list[bool],
+) -> list[Tensor]:
+    """[dx, dW, dA, dB, dm (in the norm's dtype), dbias]; one not needed comes back as an empty tensor."""
+    bwd = _backward_triton if use_triton else dora_backward_torch
+    grads = bwd(grad_y.contiguous(), x, weight, lora_A, lora_B, h, z, g, norm, scaling, dropout_p, int(seed),
+                tuple(needs_grad))
+    return [t.contiguous() if t is not None else grad_y.new_empty(0) for t in grads]
+
+
+@_dora_linear_bwd.register_fake
+def _(grad_y, x, weight, lora_A, lora_B, h, z, g, norm, seed, scaling, dropout_p, use_triton, needs_grad):
+    N = weight.shape[0]
+    like = (x, weight, lora_A, lora_B, norm, grad_y.new_empty(N))
+    return [t.new_empty(t.shape) if need else grad_y.new_empty(0) for t, need in zip(like, needs_grad)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, use_triton = inputs
+    _, z, h, norm, g, seed = output
+    ctx.save_for_backward(x, weight, lora_A, lora_B, h, z, norm, g, seed)
+    ctx.scaling, ctx.dropout_p, ctx.use_triton = scaling, dropout_p, use_triton
+    ctx.has_bias, ctx.mag_dtype = bias is not None, magnitude.dtype
+
+
+def _custom_op_backward(ctx, grad_y, grad_z, grad_h, grad_norm, grad_g, grad_seed):
+    # z, h, norm, g and the seed are internal outputs that callers never use: their gradients are ignored
+    x, weight, lora_A, lora_B, h, z, norm, g, seed = ctx.saved_tensors
+    nx, nw, na, nb, nm, nbias = ctx.needs_input_grad[:6]
+    needs = [nx, nw, na, nb, nm, nbias and ctx.has_bias]
+    if not any(needs):
+        return (None,) * 9
+    grads = _dora_linear_bwd(grad_y, x, weight, lora_A, lora_B, h, z, g, norm, seed, ctx.scaling, ctx.dropout_p,
+                             ctx.use_triton, needs)
+    grads = [t if need else None for t, need in zip(grads, needs)]
+    if grads[4] is not None:
+        grads[4] = grads[4].to(ctx.mag_dtype)
+    return (*grads, None, None, None)
+
+
+torch.library.register_autograd("fastlora::dora_linear_fwd", _custom_op_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Functional
 # ---------------------------------------------------------------------------------------------------------
 
@@ -470,7 +556,9 @@ def dora_linear(
     args = (x2d, weight, lora_A, lora_B, magnitude, bias, float(scaling), p, use_triton)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, weight, lora_A, lora_B, magnitude, bias))
-    if needs_grad:
+    if torch.compiler.is_compiling():  # custom ops: no graph break
+        y = _dora_linear_fwd(*args)[0] if needs_grad else _dora_linear_infer(*args)
+    elif needs_grad:
         y = DoRALinearFunction.apply(*args)
     else:
         y = _forward(*args, save=False)[0]
