@@ -40,7 +40,7 @@ def _check():
     for need_sq in (True, False):
         _build(kd.dora_norm_kernel, dict(w_ptr="*bf16", a_ptr="*fp32", b_ptr="*fp32", aat_ptr="*fp32",
                                              sq_ptr="*fp32", norm_ptr="*fp32", scaling="fp32"),
-                   dict(NEED_SQ=need_sq, BLOCK_N=32, BLOCK_K=128, R_BLOCK=16))
+                   dict(NEED_SQ=need_sq, BLOCK_N=32, BLOCK_K=128, R_BLOCK=16 if need_sq else 128))
     _build(kd.dora_scale_kernel, dict(z_ptr="*bf16", g_ptr="*fp32", bias_ptr="*bf16", rest_ptr="*bf16",
                                       y_ptr="*bf16"),
            dict(HAS_BIAS=True, HAS_REST=True, BLOCK_M=32, BLOCK_N=128))
