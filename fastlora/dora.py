@@ -241,7 +241,7 @@ def dora_forward_torch(x, weight, lora_A, lora_B, bias, g, scaling: float, dropo
     keep = _keep(seed, x, dropout_p)
     x_d = torch.where(keep, x * (1.0 / (1.0 - dropout_p)), 0.0).to(cd)  # (M, K) temporaries, never saved
     del keep
-    t = torch.mm(x - x_d, weight.t())  # (x − x_d) Wᵀ: PEFT's second base GEMM, folded into the first
+    t = torch.mm(x - x_d, weight.t())  # PEFT's x Wᵀ and x_d Wᵀ become (x − x_d) Wᵀ and x_d Wᵀ: still two GEMMs
     z, h = reference.lora_forward(x_d, weight, lora_A, lora_B, None, scaling, 0.0, 0, save_h=save)
     del x_d
     y = _scale_columns(z, g, bias, rest=t, inplace=not save)
