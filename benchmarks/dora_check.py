@@ -2,6 +2,7 @@
 fastlora's and PEFT's plain LoRA on the same shapes measured in the same run.
 
     python benchmarks/dora_check.py                      # GPU: bf16, r=16, the goal shapes, dropout 0 and 0.1
+    python benchmarks/dora_check.py --mode infer         # GPU: eval-mode forward at decode shapes (M = 1, 16, 64)
     python benchmarks/dora_check.py --device cpu --dtype float32 --shapes 128x256x256 --reps 3   # a dry run
 
 Providers, all on the same PEFT layer's parameters (bf16 base, fp32 adapters and magnitude: PEFT's default):
@@ -34,6 +35,7 @@ PROVIDERS = ("fastlora_dora", "peft_dora", "fastlora_lora", "peft_lora")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 GOAL_RATIO = 1.2
 DEFAULT_SHAPES = "4096x4096x4096,8192x4096x4096,4096x8192x8192"  # M x K x N
+DEFAULT_INFER_SHAPES = "1x4096x4096,16x4096x4096,64x4096x4096"  # decoding
 
 
 def _sync(device):
@@ -64,28 +66,36 @@ def peft_layer(K, N, r, dropout, dtype, device, use_dora, seed=0):
 
 
 class Step:
-    """One forward + backward of a provider on pooled inputs; ``__call__`` runs it (no sync)."""
+    """One training step (forward + backward) of a provider, or with ``mode="infer"`` one forward of the layer in
+    eval mode under no_grad (decoding); ``__call__`` runs it (no sync)."""
 
-    def __init__(self, provider, M, K, N, r, dropout, dtype, device):
+    def __init__(self, provider, M, K, N, r, dropout, dtype, device, mode="train"):
         import fastlora
         from fastlora.peft_interop import dora as dora_fuser
 
-        self.device = device
+        self.device, self.infer = device, mode == "infer"
         g = torch.Generator(device="cpu").manual_seed(1)
-        self.x = torch.randn(M, K, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
+        self.x = torch.randn(M, K, generator=g).to(device=device, dtype=dtype).requires_grad_(not self.infer)
         self.dy = torch.randn(M, N, generator=g).to(device=device, dtype=dtype)
         use_dora = provider.endswith("dora")
         self.layer = layer = peft_layer(K, N, r, dropout, dtype, device, use_dora)
+        training = not self.infer
+        layer.train(training)
         if provider == "fastlora_dora":
             self.fn = lambda x: dora_fuser.forward(layer, x, ["default"])
         elif provider == "fastlora_lora":
             base, A, B = layer.get_base_layer(), layer.lora_A["default"].weight, layer.lora_B["default"].weight
             s = layer.scaling["default"]
-            self.fn = lambda x: fastlora.lora_linear(x, base.weight, A, B, base.bias, scaling=s, dropout_p=dropout)
+            self.fn = lambda x: fastlora.lora_linear(x, base.weight, A, B, base.bias, scaling=s, dropout_p=dropout,
+                                                       training=training)
         else:
             self.fn = layer  # PEFT's own forward
 
     def __call__(self):
+        if self.infer:
+            with torch.no_grad():
+                self.fn(self.x)
+            return
         self.x.grad = None
         for p in self.layer.parameters():
             p.grad = None
@@ -136,14 +146,15 @@ def saved_bytes(step):
     return sum(seen.values())
 
 
-def measure(M, K, N, r, dropout, dtype, device, reps, providers=PROVIDERS):
-    row = {"M": M, "K": K, "N": N, "r": r, "dropout": dropout, "dtype": str(dtype).replace("torch.", "")}
+def measure(M, K, N, r, dropout, dtype, device, reps, providers=PROVIDERS, mode="train"):
+    row = {"M": M, "K": K, "N": N, "r": r, "dropout": dropout, "dtype": str(dtype).replace("torch.", ""),
+           "mode": mode}
     for provider in providers:
         try:
-            step = Step(provider, M, K, N, r, dropout, dtype, device)
+            step = Step(provider, M, K, N, r, dropout, dtype, device, mode)
             row[f"{provider}_ms"] = time_step(step, reps) * 1e3
             row[f"{provider}_peak_mib"] = (lambda b: None if b is None else b / 2**20)(peak_bytes(step))
-            row[f"{provider}_saved_mib"] = saved_bytes(step) / 2**20
+            row[f"{provider}_saved_mib"] = None if step.infer else saved_bytes(step) / 2**20
             del step
         except Exception as exc:  # a provider that fails is reported, the others still run
             row[f"{provider}_ms"] = None
@@ -165,8 +176,9 @@ def _fmt(v, spec=".2f"):
     return "—" if v is None else format(v, spec)
 
 
-def render(rows, env) -> str:
-    lines = [f"DoRA step (forward + backward), {env['device_name']}, torch {env['torch']}, "
+def render(rows, env, mode="train") -> str:
+    what = "training step (forward + backward)" if mode == "train" else "inference (eval, no_grad forward)"
+    lines = [f"DoRA {what}, {env['device_name']}, torch {env['torch']}, "
              f"triton {env['triton']}, {env['date']}", ""]
     lines.append("| M×K×N | r | p | fastlora DoRA ms | PEFT DoRA ms | fastlora LoRA ms | PEFT LoRA ms | "
                  "fastlora DoRA/LoRA | PEFT DoRA/LoRA | speed-up vs PEFT DoRA | peak MiB fastlora / PEFT DoRA | "
@@ -181,7 +193,10 @@ def render(rows, env) -> str:
             f"{_fmt(r.get('fastlora_dora_peak_mib'), '.0f')} / {_fmt(r.get('peft_dora_peak_mib'), '.0f')} | "
             f"{_fmt(r.get('fastlora_dora_saved_mib'), '.1f')} / {_fmt(r.get('peft_dora_saved_mib'), '.1f')} |")
     goal = [r["fastlora_dora_over_lora"] for r in rows if r["dropout"] == 0 and r["fastlora_dora_over_lora"]]
-    if goal:
+    if goal and mode == "infer":
+        lines += ["", f"inference: fastlora DoRA / fastlora LoRA geomean {statistics.geometric_mean(goal):.2f}× "
+                      "(the norm is reused while the adapters are unchanged)"]
+    elif goal:
         gm = statistics.geometric_mean(goal)
         worst = max(goal)
         verdict = "MET" if worst <= GOAL_RATIO else "MISSED"
@@ -222,7 +237,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="bfloat16 on CUDA, float32 on CPU")
-    ap.add_argument("--shapes", default=DEFAULT_SHAPES, help="MxKxN,...")
+    ap.add_argument("--mode", default="train", choices=["train", "infer"],
+                    help="train: forward + backward (the goal); infer: eval-mode forward under no_grad")
+    ap.add_argument("--shapes", default=None, help=f"MxKxN,... (train: {DEFAULT_SHAPES}; infer: "
+                                                   f"{DEFAULT_INFER_SHAPES})")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--dropout", default="0,0.1")
     ap.add_argument("--reps", type=int, default=20)
@@ -235,17 +253,20 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     env = environment(device)
     rows = []
-    for M, K, N in parse_shapes(args.shapes):
-        for p in (float(v) for v in args.dropout.split(",")):
-            rows.append(measure(M, K, N, args.rank, p, dtype, device, args.reps))
+    shapes = args.shapes or (DEFAULT_SHAPES if args.mode == "train" else DEFAULT_INFER_SHAPES)
+    dropouts = args.dropout if args.mode == "train" else "0"  # eval: no dropout anyway
+    for M, K, N in parse_shapes(shapes):
+        for p in (float(v) for v in dropouts.split(",")):
+            rows.append(measure(M, K, N, args.rank, p, dtype, device, args.reps, mode=args.mode))
             print(f"measured {M}x{K}x{N} p={p:g}", file=sys.stderr, flush=True)
-    text = render(rows, env)
+    text = render(rows, env, args.mode)
     print(text)
     out = Path(args.out) if args.out else (Path(os.environ["OUT"]) / "dora_check" if os.environ.get("OUT") else None)
+    stem = "results" if args.mode == "train" else "results_infer"
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
-        (out / "results.md").write_text(text + "\n")
+        (out / f"{stem}.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+        (out / f"{stem}.md").write_text(text + "\n")
     return 0
 
 
