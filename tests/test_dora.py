@@ -157,9 +157,9 @@ def test_linear_equals_peft_kernels(triton_backend, dtype, shape, bias, p):
     layer = layer.to(dtype)
     peft_same = copy.deepcopy(layer)
     x = torch.randn(*lead, K)
-    before = kernels.launch_counts["gemm_lora"]
+    before = sum(kernels.launch_counts.values())
     out, (r64, rsame), names = _run(layer, x.to(dtype), p, True, [ref64, peft_same])
-    assert kernels.launch_counts["gemm_lora"] > before  # the kernels ran, not the fallback
+    assert sum(kernels.launch_counts.values()) > before  # the LoRA kernels ran, not the fallback
     for a, e, t, n in zip(out, r64, rsame, names):
         if dtype == torch.float32:
             assert_close(a, e, 5e-5, 5e-5, n)
