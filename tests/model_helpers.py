@@ -53,7 +53,8 @@ def tiny_gpt2(seed: int = 0):
     import transformers
 
     torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(vocab_size=61, n_embd=16, n_layer=2, n_head=4, n_positions=32)
+    cfg = transformers.GPT2Config(vocab_size=61, n_embd=16, n_layer=2, n_head=4, n_positions=32, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     return transformers.GPT2LMHeadModel(cfg)
 
 
