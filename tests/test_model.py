@@ -61,3 +61,19 @@ def test_accelerating_twice_is_harmless():
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     routed = layer.forward
     assert fastlora.accelerate_peft(model) is model and layer.forward is routed
+
+
+def test_a_forward_replaced_by_another_library_is_left_alone():
+    """An accelerate-style hook that replaced a LoRA layer's forward before acceleration keeps working."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(target_modules=["q_proj"], r=2))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    calls = []
+    original = layer.forward
+    layer.forward = lambda x, *a, **k: calls.append(1) or original(x, *a, **k)
+    with pytest.warns(UserWarning, match="1 of 2 LoRA layers"):
+        fastlora.accelerate_peft(model)
+    assert "replaced by another library" in fastlora.fused_layers(model)["base_model.model.model.layers.0.self_attn.q_proj"]
+    model(torch.randint(0, 61, (1, 4)))
+    assert calls == [1]

@@ -8,6 +8,7 @@ management, saving and loading are PEFT's code. peft is imported only when one o
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Optional
 
@@ -42,6 +43,7 @@ def _peft(what: str):
     return peft
 
 
+@functools.lru_cache(maxsize=None)
 def _lora_layer_class():
     from peft.tuners.lora.layer import LoraLayer
 
@@ -171,7 +173,8 @@ def accelerate_peft(model: nn.Module) -> nn.Module:
             module.inject_adapter = _AccelerateAfter(module)
         if isinstance(module, LoraLayer):
             found += 1
-            if not is_accelerated(module):
+            # a forward already replaced by another library (an accelerate device hook, ...) stays in charge
+            if not is_accelerated(module) and "forward" not in module.__dict__:
                 module.forward = _RoutedForward(module)
                 module.__dict__[_FLAG] = True
     if found == 0:
@@ -194,7 +197,8 @@ def fused_layers(model: nn.Module) -> dict[str, Optional[str]]:
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
             if not is_accelerated(module):
-                out[name] = "not accelerated (call fastlora.accelerate_peft)"
+                out[name] = ("its forward is replaced by another library (e.g. an accelerate hook)"
+                             if "forward" in module.__dict__ else "not accelerated (call fastlora.accelerate_peft)")
             else:
                 plan = _plan(module)
                 out[name] = plan if isinstance(plan, str) else None

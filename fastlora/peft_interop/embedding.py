@@ -3,6 +3,7 @@
 allocated beside the output)."""
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -16,6 +17,7 @@ from .linear import variant_name
 __all__ = ["claims", "why_not", "forward", "FUSER"]
 
 
+@functools.lru_cache(maxsize=None)
 def _peft_embedding():
     from peft.tuners.lora.layer import Embedding
 

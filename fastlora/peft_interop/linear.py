@@ -7,6 +7,7 @@ the reason it cannot run them, and the fusers registered for them (with a higher
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -18,6 +19,7 @@ from . import registry
 __all__ = ["claims", "why_not", "forward", "FUSER"]
 
 
+@functools.lru_cache(maxsize=None)
 def _peft_linear():
     from peft.tuners.lora.layer import Linear
 
