@@ -54,10 +54,13 @@ def _lora_layer_class():
 # Routing one call
 # --------------------------------------------------------------------------------------------------------------
 
+# Attribute reads go through ``_modules`` / ``__dict__``: nn.Module.__getattr__ would cost most of a plan's time.
+
 def _active(layer) -> list[str]:
     """The active adapters that this layer holds, in PEFT's order."""
-    held = set(layer.lora_A.keys()) | set(layer.lora_embedding_A.keys())
-    return [a for a in layer.active_adapters if a in held]
+    mods = layer._modules
+    linear, embedding = mods["lora_A"]._modules, mods["lora_embedding_A"]._parameters
+    return [a for a in layer.active_adapters if a in linear or a in embedding]
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -65,24 +68,28 @@ def _hooked(module: nn.Module) -> bool:
                 or module._backward_pre_hooks or "forward" in module.__dict__)
 
 
+_SUB_LAYERS = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector")
+
+
 def _hook_reason(layer, adapters: list[str]) -> Optional[str]:
     """A hook that PEFT's forward would fire and a fused call would skip, if any."""
     if (_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks
             or _nn_module._global_backward_hooks or _nn_module._global_backward_pre_hooks):
         return "global module hooks are registered"
-    base = layer.base_layer
-    while True:
+    mods = layer._modules
+    base = mods["base_layer"]
+    while base is not None:
         if _hooked(base):
             return "hook or replaced forward on base_layer"
-        if not hasattr(base, "base_layer"):
-            break
-        base = base.base_layer
-    for attr in ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector"):
-        modules = getattr(layer, attr, None)
-        if modules is None:
+        base = base._modules.get("base_layer")
+    for attr in _SUB_LAYERS:
+        holder = mods.get(attr)
+        if holder is None:
             continue
+        subs = holder._modules
         for a in adapters:
-            if a in modules and _hooked(modules[a]):
+            sub = subs.get(a)
+            if sub is not None and _hooked(sub):
                 return f"hook on {attr}[{a!r}]"
     return None
 

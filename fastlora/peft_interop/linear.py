@@ -59,7 +59,7 @@ def base_kind_reason(base: nn.Module) -> Optional[str]:
         return "4-bit base"
     if "8bit" in name:
         return "8-bit base"
-    weight = getattr(base, "weight", None)
+    weight = base._parameters.get("weight") if "weight" in base._parameters else getattr(base, "weight", None)
     if (not isinstance(weight, torch.Tensor) or type(weight) not in (torch.Tensor, nn.Parameter)
             or not weight.is_floating_point()):
         return f"quantized base weight ({name})"
@@ -70,26 +70,37 @@ def base_kind_reason(base: nn.Module) -> Optional[str]:
     return f"base layer {name} (custom forward)"
 
 
+def base_of(layer: nn.Module) -> nn.Module:
+    """PEFT's ``layer.get_base_layer()``, read from ``_modules``."""
+    base = layer._modules["base_layer"]
+    while "base_layer" in base._modules:
+        base = base._modules["base_layer"]
+    return base
+
+
 def claims(layer: nn.Module, adapter: str) -> bool:
-    return isinstance(layer, _peft_linear()) and adapter in layer.lora_A
+    return isinstance(layer, _peft_linear()) and adapter in layer._modules["lora_A"]._modules
 
 
 def why_not(layer: nn.Module, adapter: str) -> Optional[str]:
+    # (runs on every call: submodules and parameters are read from _modules / _parameters, not nn.Module.__getattr__)
     variant = variant_name(layer, adapter)
     if variant is not None:
         return variant
-    reason = base_kind_reason(layer.get_base_layer())
+    reason = base_kind_reason(base_of(layer))
     if reason is not None:
         return reason
     if type(layer).forward is not _peft_linear().forward:
         return f"{type(layer).__name__} overrides PEFT's forward"
-    A, B = layer.lora_A[adapter], layer.lora_B[adapter]
-    if type(A) is not nn.Linear or type(B) is not nn.Linear or A.bias is not None:
+    mods = layer._modules
+    A, B = mods["lora_A"]._modules[adapter], mods["lora_B"]._modules[adapter]
+    if type(A) is not nn.Linear or type(B) is not nn.Linear or A._parameters["bias"] is not None:
         return "custom lora_A / lora_B modules"
-    if not A.weight.is_floating_point() or not B.weight.is_floating_point():
+    if not A._parameters["weight"].is_floating_point() or not B._parameters["weight"].is_floating_point():
         return "non-float adapter weights"
-    if dropout_p(layer.lora_dropout[adapter]) is None:
-        return f"lora_dropout is a {type(layer.lora_dropout[adapter]).__name__}"
+    dropout = mods["lora_dropout"]._modules[adapter]
+    if dropout_p(dropout) is None:
+        return f"lora_dropout is a {type(dropout).__name__}"
     return None
 
 
@@ -99,7 +110,7 @@ def _scaled(t: torch.Tensor, s) -> torch.Tensor:
 
 def forward(layer: nn.Module, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
     """PEFT's ``lora.Linear.forward(x)`` for these active adapters, in one fused call."""
-    base = layer.get_base_layer()
+    base = base_of(layer)
     # Conv1D keeps its weight as (in, out): the (out, in) operand is its transposed view, by strides, no copy
     weight = base.weight.t() if is_conv1d(base) else base.weight
     if not x.is_floating_point() or (x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type)):
