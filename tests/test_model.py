@@ -77,3 +77,46 @@ def test_a_forward_replaced_by_another_library_is_left_alone():
     assert "replaced by another library" in fastlora.fused_layers(model)["base_model.model.model.layers.0.self_attn.q_proj"]
     model(torch.randint(0, 61, (1, 4)))
     assert calls == [1]
+
+
+def test_dora_and_quantized_bases_are_named_as_not_the_linear_fuser_s(monkeypatch):
+    """With only this package's fusers registered (the DoRA and 4-bit ones come from their own modules), the
+    reason names the kind of layer."""
+    from fastlora.peft_interop import embedding, linear, registry
+
+    monkeypatch.setattr(registry, "_FUSERS", [linear.FUSER, embedding.FUSER])
+
+    class FakeLinear4bit(nn.Linear):
+        pass
+
+    net = nn.Sequential(nn.Linear(6, 5), FakeLinear4bit(5, 4))
+    with pytest.warns(UserWarning, match="2 of 2 LoRA layers"):
+        model = fastlora.get_peft_model(net, peft.LoraConfig(target_modules=["0", "1"], r=2, use_dora=True))
+    assert fastlora.fused_layers(model) == {"base_model.model.0": "DoRA", "base_model.model.1": "DoRA"}
+    model.base_model.model[1].lora_variant.clear()  # a plain adapter on the "4-bit" base
+    assert fastlora.fused_layers(model)["base_model.model.1"] == "4-bit base"
+
+
+def test_router_follows_the_registry_priorities(monkeypatch):
+    """A fuser registered with a higher priority (as the 4-bit and DoRA ones are) is asked first and runs the
+    layers it claims; adapters of two kinds on one layer keep PEFT's forward."""
+    from fastlora.peft_interop import registry
+
+    monkeypatch.setattr(registry, "_FUSERS", list(registry._FUSERS))
+    calls = []
+
+    def forward(layer, x, adapters):
+        calls.append(tuple(adapters))
+        return type(layer).forward(layer, x)
+
+    registry.register(registry.Fuser("special", lambda layer, a: a == "special", lambda layer, a: None, forward,
+                                     priority=10))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5))
+    model = fastlora.get_peft_model(net, peft.LoraConfig(target_modules=["0"], r=2))
+    model.add_adapter("special", peft.LoraConfig(target_modules=["0"], r=3))
+    model.set_adapter("special")
+    model(torch.randn(2, 6))
+    assert calls == [("special",)] and fastlora.fused_layers(model) == {"base_model.model.0": None}
+    model.base_model.set_adapter(["default", "special"])
+    assert fastlora.fused_layers(model) == {"base_model.model.0": "adapters of different kinds active together"}

@@ -43,13 +43,14 @@ def dropout_p(dropout: nn.Module) -> Optional[float]:
 
 def variant_name(layer, adapter: str) -> Optional[str]:
     """"DoRA" or the name of another LoRA variant on ``adapter``; None for plain LoRA."""
-    variant = getattr(layer, "lora_variant", {}).get(adapter)
-    if variant is not None:
-        name = type(variant).__name__
-        return "DoRA" if "Dora" in name else f"LoRA variant {name}"
-    if getattr(layer, "use_dora", {}).get(adapter, False):  # peft < 0.15 marks DoRA here only
-        return "DoRA"
-    return None
+    variants = layer.__dict__.get("lora_variant")
+    if variants is None:  # peft < 0.15 marks DoRA in use_dora only
+        return "DoRA" if layer.__dict__.get("use_dora", {}).get(adapter, False) else None
+    variant = variants.get(adapter)
+    if variant is None:
+        return None
+    name = type(variant).__name__
+    return "DoRA" if "Dora" in name else f"LoRA variant {name}"
 
 
 def base_kind_reason(base: nn.Module) -> Optional[str]:
@@ -79,7 +80,13 @@ def base_of(layer: nn.Module) -> nn.Module:
 
 
 def claims(layer: nn.Module, adapter: str) -> bool:
-    return isinstance(layer, _peft_linear()) and adapter in layer._modules["lora_A"]._modules
+    """PEFT's lora.Linear, and PEFT's other linear LoRA layers (``lora.bnb.Linear4bit``, ``lora.hqq``, ...) so that
+    ``why_not`` can name their base (4-bit, 8-bit, quantized) when no fuser of their own is registered."""
+    if adapter not in layer._modules["lora_A"]._modules:
+        return False
+    cls = type(layer)
+    return isinstance(layer, _peft_linear()) or (cls.__module__.startswith("peft.tuners.lora.")
+                                                  and "Linear" in cls.__name__)
 
 
 def why_not(layer: nn.Module, adapter: str) -> Optional[str]:
