@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import fastlora  # noqa: E402
-from model_helpers import assert_same, perturb_trainable, tiny_llama  # noqa: E402
+from model_helpers import assert_same, perturb_trainable, tiny_gpt2, tiny_llama, tiny_opt  # noqa: E402
 
 IDS = torch.randint(0, 61, (3, 6), generator=torch.Generator().manual_seed(0))
 Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
@@ -30,12 +30,12 @@ def _config(**kw):
     return fastlora.LoraConfig(**base)
 
 
-def _pair(**kw):
+def _pair(base=tiny_llama, **kw):
     """The same model and adapter, made by peft.get_peft_model and by fastlora.get_peft_model."""
     models = []
     for make in (peft.get_peft_model, fastlora.get_peft_model):
         torch.manual_seed(0)
-        model = quiet(make, tiny_llama(), _config(**kw))
+        model = quiet(make, base(), _config(**kw))
         perturb_trainable(model)
         models.append(model)
     return models
@@ -124,20 +124,29 @@ def test_unload_gives_back_the_base_model():
         assert_same(base_fast(IDS).logits, base_ref(IDS).logits, 0, 0, "unload")
 
 
-def test_save_pretrained_files_are_byte_identical_and_load_both_ways(tmp_path):
-    ref, fast = _pair(modules_to_save=["lm_head"])
+SAVE_CASES = {
+    "llama-modules-to-save": (tiny_llama, dict(modules_to_save=["lm_head"])),
+    "gpt2-conv1d-embedding": (tiny_gpt2, dict(target_modules=["c_attn", "wte"])),
+    "gpt2-lora-bias": (tiny_gpt2, dict(target_modules=["c_fc", "c_proj"], lora_bias=True)),
+    "opt-embedding-rslora": (tiny_opt, dict(target_modules=["q_proj", "embed_tokens"], use_rslora=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(SAVE_CASES))
+def test_save_pretrained_files_are_byte_identical_and_load_both_ways(case, tmp_path):
+    base, kw = SAVE_CASES[case]
+    ref, fast = _pair(base, **kw)
     quiet(ref.save_pretrained, tmp_path / "peft")
     quiet(fast.save_pretrained, tmp_path / "fast")
     for f in ("adapter_model.safetensors", "adapter_config.json"):
         assert (tmp_path / "peft" / f).read_bytes() == (tmp_path / "fast" / f).read_bytes(), f
-    torch.manual_seed(5)
-    fresh = tiny_llama(seed=0)
-    loaded_fast = quiet(fastlora.from_pretrained, fresh, tmp_path / "peft")
-    loaded_ref = quiet(peft.PeftModel.from_pretrained, tiny_llama(seed=0), tmp_path / "fast")
+    loaded_fast = quiet(fastlora.from_pretrained, base(), tmp_path / "peft")
+    loaded_ref = quiet(peft.PeftModel.from_pretrained, base(), tmp_path / "fast")
     assert type(loaded_fast) is type(loaded_ref) and all(w is None for w in fastlora.fused_layers(loaded_fast).values())
     assert not any(p.requires_grad for p in loaded_fast.parameters())  # PEFT's default: inference mode
     _same(loaded_ref, loaded_fast, "loaded")
-    trainable = quiet(fastlora.from_pretrained, tiny_llama(seed=0), tmp_path / "peft", is_trainable=True)
+    _same(ref, loaded_fast, "loaded vs saved")
+    trainable = quiet(fastlora.from_pretrained, base(), tmp_path / "peft", is_trainable=True)
     names = {n for n, p in trainable.named_parameters() if p.requires_grad}
     assert names and all("lora_" in n or "modules_to_save" in n for n in names)
     quiet(loaded_fast.save_pretrained, tmp_path / "again")
