@@ -33,7 +33,17 @@ def _model(r=2, alpha=4, seed=0, dropout=0.0):
     return model
 
 
-def test_tensor_scaling_eager_outputs_and_gradients_equal_peft():
+@pytest.fixture(params=["torch", "triton"])
+def backend(request):
+    from fastlora import backend as _backend
+
+    saved = _backend._backend
+    fastlora.set_backend(request.param)
+    yield request.param
+    _backend._backend = saved
+
+
+def test_tensor_scaling_eager_outputs_and_gradients_equal_peft(backend):
     ref = _model()
     prepare_model_for_compiled_hotswap(ref, target_rank=3)
     layer = ref.base_model.model.model.layers[0].self_attn.q_proj
@@ -142,3 +152,18 @@ def test_compiled_training_with_a_tensor_scaling_follows_its_value():
             want = step(fastlora.lora_linear, value)
             for a, e, name in zip(got, want, ("y", "dA", "dB")):
                 assert_same(a, e, 1e-5, 1e-5, f"{name} at scaling {value}")
+
+
+def test_custom_ops_with_a_tensor_scaling_pass_opcheck():
+    from fastlora import autograd as ag
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 4, generator=g, requires_grad=True)
+    W, b = torch.randn(6, 4, generator=g), torch.randn(6, generator=g)
+    A = torch.randn(3, 4, generator=g, requires_grad=True)
+    B = torch.randn(6, 3, generator=g, requires_grad=True)
+    scale = torch.tensor(0.75)
+    torch.library.opcheck(ag._lora_linear_fwd, (x, W, A, B, b, 1.0, 0.0, False, scale),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(ag._lora_linear_infer, (x.detach(), W, A.detach(), B.detach(), None, 1.0, 0.0, False,
+                                                  scale))
