@@ -17,7 +17,9 @@ Backward, given dY = ∂L/∂y (M, N)::
     ∂L/∂b = db = Σ_rows dY              (N,)      only when b requires grad
 
 ``B @ A`` appears nowhere. A 0-d tensor s (PEFT's hot-swap scaling) is folded into B as B' = s·B, so the launch
-helpers always get a Python float and the value is never read on the host; then ∂L/∂B = s · ∂L/∂B'. Saved for backward: x, h and the dropout seed (a Python int in eager code, an int64
+helpers always get a Python float and the value is never read on the host; then ∂L/∂B = s · ∂L/∂B'.
+
+Saved for backward: x, h and the dropout seed (a Python int in eager code, an int64
 scalar under torch.compile), plus the parameters, which cost no memory; the mask m is regenerated from the
 seed, so it is the forward's bit for bit, and never stored.
 

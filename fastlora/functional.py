@@ -162,13 +162,14 @@ def lora_linear_multi(
     dropout_ps: Sequence[float],
     training: bool = True,
 ) -> Tensor:
-    r"""Several adapters on one base layer: ``input @ weightᵀ + bias + Σᵢ sᵢ · (dropoutᵢ(input) @ Aᵢᵀ) @ Bᵢᵀ``,
-    each adapter with its own, independent dropout mask (as PEFT draws them).
+    r"""Several adapters on one base layer:
+    ``input @ weightᵀ + bias + Σᵢ sᵢ · (dropoutᵢ(input) @ Aᵢᵀ) @ Bᵢᵀ``, each adapter with its own, independent dropout mask (as PEFT draws them).
 
     Adapters without active dropout (``p = 0`` or not ``training``) share one fused call: their A's are stacked
     to one (Σr, in) matrix and their sᵢ·B's to one (out, Σr), which is exact (autograd takes the gradients back
     through the stacking). The first adapter with dropout runs fused with the base GEMM instead; the stacked
-    group and any further dropout adapters then add their branch ``sᵢ · (dropoutᵢ(x) Aᵢᵀ) Bᵢᵀ`` with PyTorch ops.
+    group and any further dropout adapters then add their branch ``sᵢ · (dropoutᵢ(x) Aᵢᵀ) Bᵢᵀ`` with PyTorch
+    ops.
     """
     n = len(lora_As)
     if n == 0 or len(lora_Bs) != n or len(scalings) != n or len(dropout_ps) != n:

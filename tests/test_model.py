@@ -74,7 +74,8 @@ def test_a_forward_replaced_by_another_library_is_left_alone():
     layer.forward = lambda x, *a, **k: calls.append(1) or original(x, *a, **k)
     with pytest.warns(UserWarning, match="1 of 2 LoRA layers"):
         fastlora.accelerate_peft(model)
-    assert "replaced by another library" in fastlora.fused_layers(model)["base_model.model.model.layers.0.self_attn.q_proj"]
+    reason = fastlora.fused_layers(model)["base_model.model.model.layers.0.self_attn.q_proj"]
+    assert "replaced by another library" in reason
     model(torch.randint(0, 61, (1, 4)))
     assert calls == [1]
 
@@ -120,3 +121,17 @@ def test_router_follows_the_registry_priorities(monkeypatch):
     assert calls == [("special",)] and fastlora.fused_layers(model) == {"base_model.model.0": None}
     model.base_model.set_adapter(["default", "special"])
     assert fastlora.fused_layers(model) == {"base_model.model.0": "adapters of different kinds active together"}
+
+
+def test_adding_an_adapter_warns_only_about_new_layers_that_cannot_run_fused():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.Conv2d(5, 4, 1), nn.Linear(4, 4))
+    with pytest.warns(UserWarning, match="Conv2d"):
+        model = fastlora.get_peft_model(net, peft.LoraConfig(target_modules=["0", "1"], r=2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.add_adapter("b", peft.LoraConfig(target_modules=["2"], r=2))  # a new layer, inactive for now
+    assert not [w for w in caught if "fastlora" in str(w.message)], [str(w.message) for w in caught]
+    assert fastlora.fused_layers(model)["base_model.model.2"] == "no active adapter on this layer"
+    model.set_adapter("b")
+    assert fastlora.fused_layers(model)["base_model.model.2"] is None

@@ -30,6 +30,10 @@ except ImportError:  # pragma: no cover
 __all__ = ["get_peft_model", "from_pretrained", "accelerate_peft", "fused_layers", "is_accelerated"]
 
 _FLAG = "_fastlora_accelerated"
+_DISABLED = "adapters disabled"
+_MERGED = "adapters merged (runs the base layer)"
+_INACTIVE = "no active adapter on this layer"
+_PASSING_STATES = (_DISABLED, _MERGED, _INACTIVE)
 PEFT_EXTRA = 'pip install "fastlora[peft]"'
 
 
@@ -97,12 +101,12 @@ def _hook_reason(layer, adapters: list[str]) -> Optional[str]:
 def _plan(layer):
     """(fuser, adapters) that can run this layer's next plain call, or the reason (a str) that none can."""
     if layer.disable_adapters:
-        return "adapters disabled"
+        return _DISABLED
     if layer.merged:
-        return "adapters merged (runs the base layer)"
+        return _MERGED
     adapters = _active(layer)
     if not adapters:
-        return "no active adapter on this layer"
+        return _INACTIVE
     reason = _hook_reason(layer, adapters)
     if reason is not None:
         return reason
@@ -164,9 +168,9 @@ def accelerate_peft(model: nn.Module) -> nn.Module:
     Only the layers' ``forward`` changes, so parameters, optimizer state, ``save_pretrained`` and PEFT's adapter
     management are untouched. Each call goes to a fuser when one can run it (``fused_layers`` says which layers
     do) and to PEFT's own forward otherwise: adapters disabled or merged, ``adapter_names=`` batches, hooks on
-    ``base_layer`` / ``lora_A`` / ``lora_B``, a layer kind or variant fastlora has no fuser for. Layers that do not
-    run fused are named in one warning. Adapters added or loaded later are routed as well. Calling it twice is
-    harmless.
+    ``base_layer`` / ``lora_A`` / ``lora_B``, a layer kind or variant fastlora has no fuser for. The layers routed
+    by this call that cannot run fused are named in one warning. Adapters added or loaded later are routed as
+    well. Calling it twice is harmless.
     """
     _peft("accelerate_peft")
     if not isinstance(model, nn.Module):
@@ -174,20 +178,25 @@ def accelerate_peft(model: nn.Module) -> nn.Module:
     from peft.tuners.tuners_utils import BaseTuner
 
     LoraLayer = _lora_layer_class()
-    found = 0
-    for module in model.modules():
+    found, new = 0, set()
+    for name, module in model.named_modules():
         if isinstance(module, BaseTuner) and "inject_adapter" not in module.__dict__:
             module.inject_adapter = _AccelerateAfter(module)
         if isinstance(module, LoraLayer):
             found += 1
-            # a forward already replaced by another library (an accelerate device hook, ...) stays in charge
-            if not is_accelerated(module) and "forward" not in module.__dict__:
-                module.forward = _RoutedForward(module)
-                module.__dict__[_FLAG] = True
+            if not is_accelerated(module):
+                new.add(name)
+                # a forward already replaced by another library (an accelerate device hook, ...) stays in charge
+                if "forward" not in module.__dict__:
+                    module.forward = _RoutedForward(module)
+                    module.__dict__[_FLAG] = True
     if found == 0:
         warnings.warn("fastlora.accelerate_peft: the model has no PEFT LoRA layer; nothing was changed", stacklevel=2)
         return model
-    unfused = {name: why for name, why in fused_layers(model).items() if why is not None}
+    # Warn once about the layers routed by this call that cannot run fused; states that pass (adapters disabled,
+    # merged, not active here) are not warned about, fused_layers lists them.
+    unfused = {name: why for name, why in fused_layers(model).items()
+               if name in new and why is not None and not why.startswith(_PASSING_STATES)}
     if unfused:
         listing = ", ".join(f"{name} ({why})" for name, why in unfused.items())
         warnings.warn(f"fastlora.accelerate_peft: {len(unfused)} of {found} LoRA layers run PEFT's forward: "
