@@ -200,3 +200,17 @@ def _saved(model) -> bytes:
     buf = io.BytesIO()
     torch.save(model, buf)
     return buf.getvalue()
+
+
+def test_conv1d_weight_is_passed_transposed_by_strides_without_a_copy(monkeypatch):
+    fast = fastlora.accelerate_peft(CASES["gpt2-conv1d-lora-bias"]())
+    from fastlora.peft_interop import linear
+
+    seen = []
+    real = linear.lora_linear_multi
+    monkeypatch.setattr(linear, "lora_linear_multi", lambda x, w, *a, **k: seen.append(w) or real(x, w, *a, **k))
+    fast(IDS)
+    conv = fast.base_model.model.transformer.h[0].attn.c_attn.base_layer
+    w = seen[0]
+    assert w.shape == (conv.nf, conv.weight.shape[0]) and w.data_ptr() == conv.weight.data_ptr()
+    assert w.stride() == (1, conv.nf)  # the (in, out) storage read as (out, in)
