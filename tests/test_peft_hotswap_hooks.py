@@ -74,6 +74,7 @@ def test_compiled_hotswap_reads_the_new_scaling_without_recompiling(tmp_path):
         graphs.append(gm)
         return gm
 
+    torch._dynamo.reset()  # graphs other tests compiled for PEFT's forward would count as recompiles
     compiled = torch.compile(fast, backend=recording_backend)
     with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
         assert_same(compiled(IDS).logits, first(IDS).logits, 1e-5, 1e-5, "first adapter")
@@ -144,6 +145,7 @@ def test_compiled_training_with_a_tensor_scaling_follows_its_value():
         return (y, *torch.autograd.grad(y.square().sum(), (A, B)))
 
     fastlora.get_backend()  # resolved before tracing, so the guard on it holds
+    torch._dynamo.reset()
     compiled = torch.compile(fastlora.lora_linear, backend="aot_eager", fullgraph=True)
     with torch._dynamo.config.patch(error_on_recompile=True):
         for value in (0.5, 1.75):
