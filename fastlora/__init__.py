@@ -18,7 +18,6 @@ __all__ = [
     "lora_embedding",
     "LoRALinear",
     "LoRAEmbedding",
-    "LoraConfig",
     "get_peft_model",
     "from_pretrained",
     "accelerate_peft",
@@ -27,7 +26,7 @@ __all__ = [
     "get_backend",
     "reference",
     "__version__",
-]
+]  # LoraConfig (peft's) is left out so that `from fastlora import *` works without peft
 
 
 def __getattr__(name: str):
