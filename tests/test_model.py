@@ -135,3 +135,20 @@ def test_adding_an_adapter_warns_only_about_new_layers_that_cannot_run_fused():
     assert fastlora.fused_layers(model)["base_model.model.2"] == "no active adapter on this layer"
     model.set_adapter("b")
     assert fastlora.fused_layers(model)["base_model.model.2"] is None
+
+
+def test_peft_s_own_4bit_layer_is_named_when_no_4bit_fuser_is_registered(monkeypatch):
+    """PEFT's lora.bnb.Linear4bit (not a lora.Linear) is claimed by the linear fuser only to name its base."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from fastlora.peft_interop import embedding, linear, registry
+
+    monkeypatch.setattr(registry, "_FUSERS", [linear.FUSER, embedding.FUSER])
+    net = nn.Sequential(bnb.nn.Linear4bit(16, 8, compute_dtype=torch.float32))
+    net[0].weight = bnb.nn.Params4bit(torch.randn(8, 16), requires_grad=False, quant_type="nf4")
+    net = net.to("cpu")
+    net.is_loaded_in_4bit = True  # what transformers sets: PEFT then makes its lora.bnb.Linear4bit layer
+    with pytest.warns(UserWarning, match="4-bit base"):
+        model = fastlora.get_peft_model(net, peft.LoraConfig(target_modules=["0"], r=2))
+    assert type(model.base_model.model[0]).__name__ == "Linear4bit"
+    assert fastlora.fused_layers(model) == {"base_model.model.0": "4-bit base"}
+    assert model(torch.randn(2, 16)).shape == (2, 8)
