@@ -16,7 +16,10 @@ Backward, given dY = ∂L/∂y (M, N)::
     ∂L/∂W = dW = dYᵀ x                  (N, K)    only when W requires grad (frozen in LoRA: skipped)
     ∂L/∂b = db = Σ_rows dY              (N,)      only when b requires grad
 
-``B @ A`` appears nowhere. Saved for backward: x, h and the dropout seed (a Python int in eager code, an int64
+``B @ A`` appears nowhere. A 0-d tensor s (PEFT's hot-swap scaling) is folded into B as B' = s·B, so the launch
+helpers always get a Python float and the value is never read on the host; then ∂L/∂B = s · ∂L/∂B'.
+
+Saved for backward: x, h and the dropout seed (a Python int in eager code, an int64
 scalar under torch.compile), plus the parameters, which cost no memory; the mask m is regenerated from the
 seed, so it is the forward's bit for bit, and never stored.
 
@@ -59,9 +62,21 @@ def _draw_seed(dropout_p: float) -> int:
     return 0
 
 
+def _fold_scaling(lora_B: Tensor, scaling):
+    """(B', s') with s'·B' = scaling·B and s' a Python float, as the launch helpers take it.
+
+    A float scaling stays as it is. A tensor scaling (0-d, as PEFT's ``prepare_model_for_compiled_hotswap`` makes
+    it) goes into B: an (N, r) product on B's device, so its value is never read on the host (no device sync, and
+    a compiled graph that takes it as an input need not be recompiled when it changes)."""
+    if isinstance(scaling, Tensor):
+        return lora_B * scaling.to(lora_B.dtype), 1.0
+    return lora_B, scaling
+
+
 def _forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton, save_h):
     """(y, h or None, seed)."""
     seed = _draw_seed(dropout_p)
+    lora_B, scaling = _fold_scaling(lora_B, scaling)
     y, h = _impl(use_triton).lora_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed,
                                           save_h=save_h)
     return y, h, seed
@@ -74,7 +89,12 @@ def _needs(ctx) -> list[bool]:
 
 
 def _backward(grad_y, x, weight, lora_A, lora_B, h, seed: int, scaling, dropout_p, use_triton, needs):
-    return _impl(use_triton).lora_backward(grad_y, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, *needs)
+    folded_B, s = _fold_scaling(lora_B, scaling)
+    dx, dW, dA, dB, dbias = _impl(use_triton).lora_backward(grad_y, x, weight, lora_A, folded_B, h, s, dropout_p,
+                                                            seed, *needs)
+    if dB is not None and isinstance(scaling, Tensor):  # dB' is the gradient wrt B' = scaling·B
+        dB = (dB * scaling.to(dB.dtype)).to(lora_B.dtype)
+    return dx, dW, dA, dB, dbias
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -84,6 +104,7 @@ def _backward(grad_y, x, weight, lora_A, lora_B, h, seed: int, scaling, dropout_
 class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton):
+        # scaling: a float, or a 0-d tensor that gets no gradient (PEFT's hot-swap scaling)
         y, h, seed = _forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton, save_h=True)
         ctx.save_for_backward(x, weight, lora_A, lora_B, h)
         ctx.seed, ctx.scaling, ctx.dropout_p, ctx.use_triton = seed, scaling, dropout_p, use_triton
@@ -109,15 +130,18 @@ class LoRALinearFunction(torch.autograd.Function):
 @torch.library.custom_op("fastlora::lora_linear_fwd", mutates_args=())
 def _lora_linear_fwd(
     x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
-    scaling: float, dropout_p: float, use_triton: bool,
+    scaling: float, dropout_p: float, use_triton: bool, scale: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (y, h, seed); the seed (a CPU int64 scalar) is saved for the backward's mask."""
-    y, h, seed = _forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton, save_h=True)
+    """Returns (y, h, seed); the seed (a CPU int64 scalar) is saved for the backward's mask. ``scale``, when given,
+    is a 0-d tensor scaling that replaces the float ``scaling`` (a graph input: its value may change between
+    calls of a compiled graph)."""
+    s = scale if scale is not None else scaling
+    y, h, seed = _forward(x, weight, lora_A, lora_B, bias, s, dropout_p, use_triton, save_h=True)
     return y, h, torch.full((), seed, dtype=torch.int64)
 
 
 @_lora_linear_fwd.register_fake
-def _(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton):
+def _(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton, scale=None):
     M = x.shape[0]
     y = x.new_empty(M, weight.shape[0])
     h = x.new_empty(M, lora_A.shape[0], dtype=reference.h_dtype(x.dtype))
@@ -127,52 +151,55 @@ def _(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton):
 @torch.library.custom_op("fastlora::lora_linear_infer", mutates_args=())
 def _lora_linear_infer(
     x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
-    scaling: float, dropout_p: float, use_triton: bool,
+    scaling: float, dropout_p: float, use_triton: bool, scale: Optional[Tensor] = None,
 ) -> Tensor:
-    return _forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton, save_h=False)[0]
+    s = scale if scale is not None else scaling
+    return _forward(x, weight, lora_A, lora_B, bias, s, dropout_p, use_triton, save_h=False)[0]
 
 
 @_lora_linear_infer.register_fake
-def _(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton):
+def _(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton, scale=None):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
 @torch.library.custom_op("fastlora::lora_linear_bwd", mutates_args=())
 def _lora_linear_bwd(
     grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, h: Tensor, seed: Tensor,
-    scaling: float, dropout_p: float, use_triton: bool, needs_grad: list[bool],
+    scaling: float, dropout_p: float, use_triton: bool, needs_grad: list[bool], scale: Optional[Tensor] = None,
 ) -> list[Tensor]:
     """Returns [dx, dW, dA, dB, dbias]; a gradient that is not needed comes back as an empty tensor
     (custom ops cannot return None)."""
-    grads = _backward(grad_y, x, weight, lora_A, lora_B, h, int(seed), scaling, dropout_p, use_triton, needs_grad)
+    s = scale if scale is not None else scaling
+    grads = _backward(grad_y, x, weight, lora_A, lora_B, h, int(seed), s, dropout_p, use_triton, needs_grad)
     # Contiguous, as the fake kernel promises (a transposed product would otherwise leak its strides).
     return [g.contiguous() if g is not None else grad_y.new_empty(0) for g in grads]
 
 
 @_lora_linear_bwd.register_fake
-def _(grad_y, x, weight, lora_A, lora_B, h, seed, scaling, dropout_p, use_triton, needs_grad):
+def _(grad_y, x, weight, lora_A, lora_B, h, seed, scaling, dropout_p, use_triton, needs_grad, scale=None):
     like = (x, weight, lora_A, lora_B, grad_y.new_empty(weight.shape[0]))
     return [t.new_empty(t.shape) if need else grad_y.new_empty(0) for t, need in zip(like, needs_grad)]
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton = inputs
+    x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton, *rest = inputs
+    scale = rest[0] if rest else None
     _, h, seed = output
-    ctx.save_for_backward(x, weight, lora_A, lora_B, h, seed)
+    ctx.save_for_backward(x, weight, lora_A, lora_B, h, seed, scale)
     ctx.scaling, ctx.dropout_p, ctx.use_triton = scaling, dropout_p, use_triton
     ctx.has_bias = bias is not None
 
 
 def _custom_op_backward(ctx, grad_y, grad_h, grad_seed):
     # h and seed are internal outputs that callers never use: their gradients are ignored.
-    x, weight, lora_A, lora_B, h, seed = ctx.saved_tensors
+    x, weight, lora_A, lora_B, h, seed, scale = ctx.saved_tensors
     needs = _needs(ctx)
     if not any(needs):
-        return (None,) * 8
+        return (None,) * 9
     grads = _lora_linear_bwd(
-        grad_y, x, weight, lora_A, lora_B, h, seed, ctx.scaling, ctx.dropout_p, ctx.use_triton, needs
+        grad_y, x, weight, lora_A, lora_B, h, seed, ctx.scaling, ctx.dropout_p, ctx.use_triton, needs, scale
     )
-    return (*[g if need else None for g, need in zip(grads, needs)], None, None, None)
+    return (*[g if need else None for g, need in zip(grads, needs)], None, None, None, None)
 
 
 torch.library.register_autograd("fastlora::lora_linear_fwd", _custom_op_backward, setup_context=_setup_context)
@@ -182,15 +209,22 @@ torch.library.register_autograd("fastlora::lora_linear_fwd", _custom_op_backward
 # Entry points for fastlora.functional (2-D x)
 # ---------------------------------------------------------------------------------------------------------
 
+def _op_scaling(scaling):
+    """(float, tensor or None) arguments of the custom ops for a float or 0-d tensor scaling."""
+    return (1.0, scaling) if isinstance(scaling, Tensor) else (scaling, None)
+
+
 def lora_linear_train(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton) -> Tensor:
-    """With autograd: saves x, h and the seed."""
+    """With autograd: saves x, h and the seed. ``scaling``: a float or a 0-d tensor (no gradient)."""
     if torch.compiler.is_compiling():
-        return _lora_linear_fwd(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton)[0]
+        s, scale = _op_scaling(scaling)
+        return _lora_linear_fwd(x, weight, lora_A, lora_B, bias, s, dropout_p, use_triton, scale)[0]
     return LoRALinearFunction.apply(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton)
 
 
 def lora_linear_infer(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton) -> Tensor:
     """Without autograd: saves nothing and skips h's store."""
     if torch.compiler.is_compiling():
-        return _lora_linear_infer(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton)
+        s, scale = _op_scaling(scaling)
+        return _lora_linear_infer(x, weight, lora_A, lora_B, bias, s, dropout_p, use_triton, scale)
     return _forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton, save_h=False)[0]

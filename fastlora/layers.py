@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .functional import lora_linear
+from .functional import lora_embedding, lora_linear
 
 __all__ = ["LoRALinear", "LoRAEmbedding"]
 
@@ -254,12 +254,11 @@ class LoRAEmbedding(_LoRAModule):
                            self.sparse)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        result = self._lookup(input, self.weight)
         if self.merged:
-            return result
-        # (..., r) @ (r, dim): the update is computed in the adapters' dtype, then the sum takes the base's, as PEFT
-        delta = (self._lookup(input, self.lora_A.t()) @ self.lora_B.t()) * self.scaling
-        return (result + delta).to(result.dtype)
+            return self._lookup(input, self.weight)
+        return lora_embedding(input, self.weight, self.lora_A, self.lora_B, scaling=self.scaling,
+                              padding_idx=self.padding_idx, max_norm=self.max_norm, norm_type=self.norm_type,
+                              scale_grad_by_freq=self.scale_grad_by_freq, sparse=self.sparse)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:

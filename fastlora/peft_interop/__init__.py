@@ -1,144 +1,238 @@
-"""``accelerate_peft``: run an existing PEFT model's LoRA linear layers through fastlora's fused op, in place.
+"""The model level: PEFT builds and manages the model, fastlora runs its LoRA layers.
 
-Only the forward of each PEFT ``lora.Linear`` changes: it calls ``fastlora.lora_linear`` with the layer's own
-parameters (``base_layer.weight``/``bias``, ``lora_A[name].weight``, ``lora_B[name].weight``), so PEFT's training
-loop, optimizer state, ``save_pretrained`` and adapter management are untouched. peft is imported only here.
+``get_peft_model`` and ``from_pretrained`` are PEFT's own (they return a genuine ``peft.PeftModel``), followed by
+``accelerate_peft``, which routes each PEFT LoRA layer's forward through the fusers of ``registry`` (plain and
+several-adapter linear layers, Conv1D, ``lora_bias``, embeddings; 4-bit bases and DoRA in their own modules) and
+falls back to PEFT's forward whenever no fuser can run the call. Only ``forward`` changes: parameters, adapter
+management, saving and loading are PEFT's code. peft is imported only when one of these functions is called.
 """
 from __future__ import annotations
 
+import functools
 import warnings
+from typing import Optional
 
-import torch
 import torch.nn as nn
+from torch.nn.modules import module as _nn_module
 
-from ..functional import lora_linear
+from . import registry
+from . import embedding, linear  # noqa: F401  (registers the fusers)
 
-__all__ = ["accelerate_peft", "is_accelerated"]
+try:  # the 4-bit and DoRA fusers, where present
+    from . import bnb  # noqa: F401
+except ImportError:  # pragma: no cover - depends on the branch / environment
+    pass
+try:
+    from . import dora  # noqa: F401
+except ImportError:  # pragma: no cover
+    pass
+
+__all__ = ["get_peft_model", "from_pretrained", "accelerate_peft", "fused_layers", "is_accelerated"]
 
 _FLAG = "_fastlora_accelerated"
+_DISABLED = "adapters disabled"
+_MERGED = "adapters merged (runs the base layer)"
+_INACTIVE = "no active adapter on this layer"
+_PASSING_STATES = (_DISABLED, _MERGED, _INACTIVE)
+PEFT_EXTRA = 'pip install peft transformers safetensors (or pip install -e ".[peft]" in a fastlora clone)'
 
 
-def _dropout_p(dropout: nn.Module):
-    """p of PEFT's lora_dropout entry (nn.Dropout or nn.Identity), or None for anything else."""
-    if type(dropout) is nn.Identity:
-        return 0.0
-    if type(dropout) is nn.Dropout:
-        return float(dropout.p)
+def _peft(what: str):
+    """The peft package, or an ImportError that names the extra to install."""
+    try:
+        import peft
+        from peft.tuners.lora.layer import LoraLayer  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"fastlora.{what} needs peft and transformers: {PEFT_EXTRA}") from e
+    return peft
+
+
+@functools.lru_cache(maxsize=None)
+def _lora_layer_class():
+    from peft.tuners.lora.layer import LoraLayer
+
+    return LoraLayer
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Routing one call
+# --------------------------------------------------------------------------------------------------------------
+
+# Attribute reads go through ``_modules`` / ``__dict__``: nn.Module.__getattr__ would cost most of a plan's time.
+
+def _active(layer) -> list[str]:
+    """The active adapters that this layer holds, in PEFT's order."""
+    mods = layer._modules
+    linear, embedding = mods["lora_A"]._modules, mods["lora_embedding_A"]._parameters
+    return [a for a in layer.active_adapters if a in linear or a in embedding]
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or "forward" in module.__dict__)
+
+
+_SUB_LAYERS = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector")
+
+
+def _hook_reason(layer, adapters: list[str]) -> Optional[str]:
+    """A hook that PEFT's forward would fire and a fused call would skip, if any."""
+    if (_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks
+            or _nn_module._global_backward_hooks or _nn_module._global_backward_pre_hooks):
+        return "global module hooks are registered"
+    mods = layer._modules
+    base = mods["base_layer"]
+    while base is not None:
+        if _hooked(base):
+            return "hook or replaced forward on base_layer"
+        base = base._modules.get("base_layer")
+    for attr in _SUB_LAYERS:
+        holder = mods.get(attr)
+        if holder is None:
+            continue
+        subs = holder._modules
+        for a in adapters:
+            sub = subs.get(a)
+            if sub is not None and _hooked(sub):
+                return f"hook on {attr}[{a!r}]"
     return None
 
 
-def _fast_path(module, x: torch.Tensor, args, kwargs):
-    """(name, dropout_p, dropout_training) when this call can take the fused op, else None (PEFT's path)."""
-    if args or kwargs or module.disable_adapters or module.merged:
-        return None  # adapter_names (mixed batches), variant kwargs, disabled or merged adapters: PEFT's own code
-    active = module.active_adapters
-    if len(active) != 1:
-        return None
-    name = active[0]
-    if name not in module.lora_A or _variant(module, name) or module.lora_B[name].bias is not None:
-        return None
-    dropout = module.lora_dropout[name]
-    p = _dropout_p(dropout)
-    if p is None:
-        return None
-    weight = module.get_base_layer().weight
-    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-        return None  # PEFT's base layer would raise or cast its own way: let it
-    return name, p, dropout.training
+def _plan(layer):
+    """(fuser, adapters) that can run this layer's next plain call, or the reason (a str) that none can."""
+    if layer.disable_adapters:
+        return _DISABLED
+    if layer.merged:
+        return _MERGED
+    adapters = _active(layer)
+    if not adapters:
+        return _INACTIVE
+    reason = _hook_reason(layer, adapters)
+    if reason is not None:
+        return reason
+    chosen = None
+    for a in adapters:
+        f = registry.fuser_for(layer, a)
+        if f is None:
+            return f"no fastlora fuser for {type(layer).__name__}"
+        why = f.why_not(layer, a)
+        if why is not None:
+            return why if len(adapters) == 1 else f"adapter {a!r}: {why}"
+        if chosen is not None and f is not chosen:
+            return "adapters of different kinds active together"
+        chosen = f
+    return chosen, adapters
 
 
-def _variant(module, name: str) -> str | None:
-    """The name of a LoRA variant (DoRA, ...) on adapter ``name``; peft < 0.15 marks DoRA in ``use_dora`` only."""
-    variant = getattr(module, "lora_variant", {}).get(name)
-    if variant is not None:
-        return "DoRA" if "Dora" in type(variant).__name__ else f"LoRA variant {type(variant).__name__}"
-    if getattr(module, "use_dora", {}).get(name, False):
-        return "DoRA"
-    return None
+class _RoutedForward:
+    """The instance-level ``forward`` of an accelerated PEFT LoRA layer: a fuser where one can run the call, PEFT's
+    own forward otherwise (an object rather than a closure, so the model still pickles and deep-copies)."""
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+
+    def __call__(self, x, *args, **kwargs):
+        layer = self.layer
+        if not args and not kwargs:  # adapter_names= (mixed batches) and variant kwargs: PEFT's path
+            plan = _plan(layer)
+            if not isinstance(plan, str):
+                fuser, adapters = plan
+                return fuser.forward(layer, x, adapters)
+        return type(layer).forward(layer, x, *args, **kwargs)
 
 
-class _AcceleratedForward:
-    """The instance-level ``forward`` of an accelerated layer (an object rather than a bound function, so that
-    the model still pickles and deep-copies)."""
+class _AccelerateAfter:
+    """Wraps a PEFT tuner's ``inject_adapter`` so that layers made by a later ``add_adapter`` / ``load_adapter``
+    are routed too."""
 
-    def __init__(self, module: nn.Module):
-        self.module = module
+    def __init__(self, tuner: nn.Module):
+        self.tuner = tuner
 
-    def __call__(self, x: torch.Tensor, *args, **kwargs):
-        module = self.module
-        fast = _fast_path(module, x, args, kwargs)
-        if fast is None:
-            return type(module).forward(module, x, *args, **kwargs)
-        name, p, training = fast
-        base = module.get_base_layer()
-        return lora_linear(x, base.weight, module.lora_A[name].weight, module.lora_B[name].weight, base.bias,
-                           scaling=module.scaling[name], dropout_p=p, training=training)
-
-
-def _why_not(module) -> str | None:
-    """Why a PEFT lora.Linear cannot take the fused op, or None if it can."""
-    active = [a for a in module.active_adapters if a in module.lora_A]
-    if len(active) > 1:
-        return f"{len(active)} active adapters"
-    if not active:
-        return "no active adapter"
-    name = active[0]
-    variant = _variant(module, name)
-    if variant is not None:
-        return variant
-    if getattr(module, "fan_in_fan_out", False):
-        return "fan_in_fan_out (Conv1D weight layout)"
-    if module.lora_B[name].bias is not None:
-        return "lora_bias"
-    if _dropout_p(module.lora_dropout[name]) is None:
-        return f"lora_dropout is a {type(module.lora_dropout[name]).__name__}"
-    base = module.get_base_layer()
-    if type(base) is not nn.Linear and type(base).forward is not nn.Linear.forward:
-        return f"base layer {type(base).__name__} (quantized or custom)"
-    w = getattr(base, "weight", None)
-    if not isinstance(w, torch.Tensor) or type(w) not in (torch.Tensor, nn.Parameter) or not w.is_floating_point():
-        return "quantized base weight"
-    if type(module.lora_A[name]) is not nn.Linear or type(module.lora_B[name]) is not nn.Linear:
-        return "custom lora_A / lora_B modules"
-    return None
+    def __call__(self, *args, **kwargs):
+        out = type(self.tuner).inject_adapter(self.tuner, *args, **kwargs)
+        accelerate_peft(self.tuner)
+        return out
 
 
 def is_accelerated(module: nn.Module) -> bool:
     return bool(module.__dict__.get(_FLAG, False))
 
 
-def accelerate_peft(peft_model: nn.Module) -> nn.Module:
-    """Swap the forward of every PEFT ``lora.Linear`` whose adapter fastlora can run for one that calls
-    ``fastlora.lora_linear`` on the layer's own parameters; returns ``peft_model`` (changed in place).
+# --------------------------------------------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------------------------------------------
 
-    The new forward computes ``base(x) + scaling · lora_B(lora_A(dropout(x)))`` with PEFT's parameters and
-    dropout probability, and defers to PEFT's own forward whenever PEFT would do something else: adapters disabled
-    or merged, several active adapters, ``adapter_names`` passed. Layers that cannot be accelerated at all (DoRA and
-    other variants, several active adapters, ``lora_bias``, quantized or Conv1D bases) keep PEFT's path and are
-    named in one warning. Calling it twice is harmless.
+def accelerate_peft(model: nn.Module) -> nn.Module:
+    """Route every PEFT LoRA layer of ``model`` through fastlora's fused ops; returns ``model``, changed in place.
+
+    Only the layers' ``forward`` changes, so parameters, optimizer state, ``save_pretrained`` and PEFT's adapter
+    management are untouched. Each call goes to a fuser when one can run it (``fused_layers`` says which layers
+    do) and to PEFT's own forward otherwise: adapters disabled or merged, ``adapter_names=`` batches, hooks on
+    ``base_layer`` / ``lora_A`` / ``lora_B``, a layer kind or variant fastlora has no fuser for. The layers routed
+    by this call that cannot run fused are named in one warning. Adapters added or loaded later are routed as
+    well. Calling it twice is harmless.
     """
-    try:
-        from peft.tuners.lora import layer as lora_layer
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("accelerate_peft needs peft: pip install peft (or pip install fastlora[peft])") from e
-    if not isinstance(peft_model, nn.Module):
-        raise TypeError(f"accelerate_peft expects a PEFT model (an nn.Module), got {type(peft_model).__name__}")
-    skipped, found = [], 0
-    for name, module in peft_model.named_modules():
-        if not isinstance(module, lora_layer.Linear):
-            continue
-        found += 1
-        if is_accelerated(module):
-            continue
-        reason = _why_not(module)
-        if reason is not None:
-            skipped.append(f"{name} ({reason})")
-            continue
-        module.forward = _AcceleratedForward(module)
-        module.__dict__[_FLAG] = True
+    _peft("accelerate_peft")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"accelerate_peft expects a PEFT model (an nn.Module), got {type(model).__name__}")
+    from peft.tuners.tuners_utils import BaseTuner
+
+    LoraLayer = _lora_layer_class()
+    found, new = 0, set()
+    for name, module in model.named_modules():
+        if isinstance(module, BaseTuner) and "inject_adapter" not in module.__dict__:
+            module.inject_adapter = _AccelerateAfter(module)
+        if isinstance(module, LoraLayer):
+            found += 1
+            if not is_accelerated(module):
+                new.add(name)
+                # a forward already replaced by another library (an accelerate device hook, ...) stays in charge
+                if "forward" not in module.__dict__:
+                    module.forward = _RoutedForward(module)
+                    module.__dict__[_FLAG] = True
     if found == 0:
-        warnings.warn("accelerate_peft: the model has no PEFT lora.Linear layer; nothing was changed")
-    if skipped:
-        warnings.warn(f"accelerate_peft: {len(skipped)} of {found} LoRA linear layers keep PEFT's forward: "
-                      + ", ".join(skipped))
-    return peft_model
+        warnings.warn("fastlora.accelerate_peft: the model has no PEFT LoRA layer; nothing was changed", stacklevel=2)
+        return model
+    # Warn once about the layers routed by this call that cannot run fused; states that pass (adapters disabled,
+    # merged, not active here) are not warned about, fused_layers lists them.
+    unfused = {name: why for name, why in fused_layers(model).items()
+               if name in new and why is not None and not why.startswith(_PASSING_STATES)}
+    if unfused:
+        listing = ", ".join(f"{name} ({why})" for name, why in unfused.items())
+        warnings.warn(f"fastlora.accelerate_peft: {len(unfused)} of {found} LoRA layers run PEFT's forward: "
+                      f"{listing}. fastlora.fused_layers(model) lists them.", stacklevel=2)
+    return model
+
+
+def fused_layers(model: nn.Module) -> dict[str, Optional[str]]:
+    """Every PEFT LoRA layer of ``model`` by module name: None if its next plain forward runs fused, else the
+    reason it runs PEFT's forward (e.g. ``"DoRA"``, ``"adapters disabled"``, ``"hook on lora_A['default']"``)."""
+    _peft("fused_layers")
+    LoraLayer = _lora_layer_class()
+    out: dict[str, Optional[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            if not is_accelerated(module):
+                out[name] = ("its forward is replaced by another library (e.g. an accelerate hook)"
+                             if "forward" in module.__dict__ else "not accelerated (call fastlora.accelerate_peft)")
+            else:
+                plan = _plan(module)
+                out[name] = plan if isinstance(plan, str) else None
+    return out
+
+
+def get_peft_model(model: nn.Module, peft_config, *args, **kwargs):
+    """``peft.get_peft_model(model, peft_config, ...)`` (same arguments, a genuine ``peft.PeftModel`` back), with
+    its LoRA layers routed through fastlora (``accelerate_peft``)."""
+    peft = _peft("get_peft_model")
+    return accelerate_peft(peft.get_peft_model(model, peft_config, *args, **kwargs))
+
+
+def from_pretrained(model: nn.Module, model_id, adapter_name: str = "default", is_trainable: bool = False,
+                    config=None, **kwargs):
+    """``peft.PeftModel.from_pretrained`` (same arguments: ``is_trainable=True`` to train on, PEFT's task classes
+    chosen from the adapter's config), with its LoRA layers routed through fastlora (``accelerate_peft``)."""
+    peft = _peft("from_pretrained")
+    loaded = peft.PeftModel.from_pretrained(model, model_id, adapter_name=adapter_name, is_trainable=is_trainable,
+                                            config=config, **kwargs)
+    return accelerate_peft(loaded)

@@ -1,0 +1,59 @@
+"""The fuser for PEFT's ``lora.Embedding`` on a plain ``nn.Embedding``: the base lookup and each adapter's
+``s · Aᵀ[ids] Bᵀ`` through ``fastlora.lora_embedding`` (one in-place ``addmm_`` per adapter, nothing (…, dim)
+allocated beside the output)."""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..functional import add_embedding_update
+from . import registry
+from .linear import variant_name
+
+__all__ = ["claims", "why_not", "forward", "FUSER"]
+
+
+@functools.lru_cache(maxsize=None)
+def _peft_embedding():
+    from peft.tuners.lora.layer import Embedding
+
+    return Embedding
+
+
+def claims(layer: nn.Module, adapter: str) -> bool:
+    return isinstance(layer, _peft_embedding()) and adapter in layer.lora_embedding_A
+
+
+def why_not(layer: nn.Module, adapter: str) -> Optional[str]:
+    variant = variant_name(layer, adapter)
+    if variant is not None:
+        return variant
+    base = layer.get_base_layer()
+    if not (type(base) is nn.Embedding or (isinstance(base, nn.Embedding) and type(base).forward is nn.Embedding.forward
+                                           and not hasattr(base, "embed_scale"))):
+        return f"base layer {type(base).__name__} (custom forward)"
+    if type(layer).forward is not _peft_embedding().forward:
+        return f"{type(layer).__name__} overrides PEFT's forward"
+    if getattr(layer, "input_fns", {}).get(adapter) is not None or getattr(layer, "output_fns", {}).get(adapter):
+        return "tensor-parallel input/output functions"
+    if not layer.lora_embedding_A[adapter].is_floating_point():
+        return "non-float adapter weights"
+    return None
+
+
+def forward(layer: nn.Module, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
+    """PEFT's ``lora.Embedding.forward(x)`` for these active adapters."""
+    base = layer.get_base_layer()
+    opts = (base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+    result = F.embedding(x, base.weight, *opts)
+    for a in adapters:
+        result = add_embedding_update(result, x, layer.lora_embedding_A[a], layer.lora_embedding_B[a],
+                                      layer.scaling[a], opts)
+    return result
+
+
+FUSER = registry.register(registry.Fuser("embedding", claims, why_not, forward, priority=0))
