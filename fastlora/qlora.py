@@ -124,11 +124,30 @@ class _Quant:
         return qs.absmax.float().contiguous()
 
     def dequantize(self, q: Tensor, dtype: torch.dtype) -> Tensor:
-        """W̃ (N, K) in ``dtype``: bitsandbytes' dequantize_4bit, then a cast (as bnb.matmul_4bit does)."""
+        """W̃ (N, K) in ``dtype``: bitsandbytes' dequantize_4bit, then a cast (as bnb.matmul_4bit does).
+
+        On CPU with K not a multiple of the blocksize, the flat-layout dequantization below instead: bitsandbytes'
+        CPU kernel (0.50) indexes blocks per row (row·⌊K/blocksize⌋ + k//blocksize) when K is a multiple of 16
+        but not of the blocksize, which disagrees with the layout its own quantize_4bit writes and its reference
+        and CUDA implementations read (tests/test_qlora.py shows it); real models have K % blocksize == 0."""
+        if q.device.type == "cpu" and self.K % self.blocksize:
+            return _dequantize_flat(q, self.absmax(), _code(self.quant_type, q.device), self.N, self.K,
+                                    self.blocksize, self.dtype).to(dtype)
         from bitsandbytes.functional import dequantize_4bit
 
         w = dequantize_4bit(q.view(-1, 1), self.state)
         return w.reshape(self.N, self.K).to(dtype)
+
+
+def _dequantize_flat(q: Tensor, absmax: Tensor, code: Tensor, N: int, K: int, blocksize: int,
+                     w_dtype: torch.dtype) -> Tensor:
+    """bitsandbytes' packed layout read in PyTorch: element i = n·K + k of W is nibble i of the byte stream (the
+    HIGH nibble of byte i//2 for even i), scaled by absmax[i // blocksize]; fp32 products rounded to w_dtype."""
+    n = N * K
+    nib = torch.stack((q >> 4, q & 0xF), dim=1).reshape(-1)[:n].int()
+    vals = code[nib]
+    vals *= absmax.repeat_interleave(blocksize)[:n]
+    return vals.to(w_dtype).reshape(N, K)
 
 
 @functools.lru_cache(maxsize=None)
@@ -224,8 +243,6 @@ def _validate(input, weight, quant: _Quant, lora_A, lora_B, bias, scaling, dropo
 
 
 def _check_dtypes(input, lora_A, lora_B, bias) -> None:
-    if input.dtype not in _W_DTYPES:
-        raise TypeError(f"lora_linear_4bit: input dtype must be fp16, bf16 or fp32 (the compute dtype), got {input.dtype}")
     if bias is not None and bias.dtype != input.dtype:
         raise TypeError(f"lora_linear_4bit: bias dtype {bias.dtype} must match input dtype {input.dtype}")
     if lora_A.dtype != lora_B.dtype:
