@@ -47,14 +47,47 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def dequant_4bit_tile(q_ptr, absmax_ptr, code_ptr, idx, ok, BLOCKSIZE: tl.constexpr, W_DTYPE: tl.constexpr):
-    """Values of the 4-bit elements at flat indices ``idx`` (int64, any shape), 0 where not ``ok``, in W_DTYPE:
-    ``code[nibble] · absmax[idx // BLOCKSIZE]`` in fp32, rounded once to W_DTYPE (bitsandbytes' rounding)."""
+def _select(bit, one, zero):
+    return tl.where(bit != 0, one, zero)
+
+
+@triton.jit
+def lookup_code(nib, code_ptr):
+    """code[nib] for a tile of 4-bit indices, as a tree of selects between the 16 table entries (loaded once as
+    scalars): no per-element gather, exactly the table's values (bitsandbytes' dDequantizeNF4 is the same tree)."""
+    b0 = nib & 1
+    b1 = nib & 2
+    b2 = nib & 4
+    b3 = nib & 8
+    v0 = _select(b0, tl.load(code_ptr + 1), tl.load(code_ptr + 0))
+    v1 = _select(b0, tl.load(code_ptr + 3), tl.load(code_ptr + 2))
+    v2 = _select(b0, tl.load(code_ptr + 5), tl.load(code_ptr + 4))
+    v3 = _select(b0, tl.load(code_ptr + 7), tl.load(code_ptr + 6))
+    v4 = _select(b0, tl.load(code_ptr + 9), tl.load(code_ptr + 8))
+    v5 = _select(b0, tl.load(code_ptr + 11), tl.load(code_ptr + 10))
+    v6 = _select(b0, tl.load(code_ptr + 13), tl.load(code_ptr + 12))
+    v7 = _select(b0, tl.load(code_ptr + 15), tl.load(code_ptr + 14))
+    w0 = _select(b1, v1, v0)
+    w1 = _select(b1, v3, v2)
+    w2 = _select(b1, v5, v4)
+    w3 = _select(b1, v7, v6)
+    return _select(b3, _select(b2, w3, w2), _select(b2, w1, w0))
+
+
+@triton.jit
+def dequant_4bit_tile(q_ptr, absmax_ptr, code_ptr, idx, ok, scale_idx, BLOCKSIZE: tl.constexpr,
+                      SCALE_AXIS: tl.constexpr, W_DTYPE: tl.constexpr):
+    """Values of the 4-bit elements at flat indices ``idx`` (int64, (BK, BN)), 0 where not ``ok``, in W_DTYPE:
+    ``code[nibble] · absmax[idx // BLOCKSIZE]`` in fp32, rounded once to W_DTYPE (bitsandbytes' rounding).
+    SCALE_AXIS 0: a scale per element; 1 / 2: the tile lies within quantization blocks along axis 0 / 1, so
+    ``scale_idx`` ((1, BN) / (BK, 1) flat indices) gives one scale per column / row of the tile."""
     byte = tl.load(q_ptr + (idx >> 1), mask=ok, other=0).to(tl.int32)
     shift = (1 - (idx & 1).to(tl.int32)) * 4  # element 2j: high nibble, 2j+1: low nibble
-    nib = (byte >> shift) & 0xF
-    code = tl.load(code_ptr + nib)  # a 16-entry fp32 table: stays in L1
-    scale = tl.load(absmax_ptr + idx // BLOCKSIZE, mask=ok, other=0.0)
+    code = lookup_code((byte >> shift) & 0xF, code_ptr)
+    if SCALE_AXIS == 1:  # (1, BN); no K tail: K is a multiple of the K tile here
+        scale = tl.load(absmax_ptr + scale_idx // BLOCKSIZE)
+    else:  # (BK, BN) or (BK, 1): rows past the reduction length are masked
+        scale = tl.load(absmax_ptr + scale_idx // BLOCKSIZE, mask=ok, other=0.0)
     return tl.where(ok, code * scale, 0.0).to(W_DTYPE)
 
 
@@ -66,7 +99,7 @@ def gemm_4bit_lora_kernel(
     stride_lm, stride_lr, stride_ur, stride_un, stride_sk, stride_sr,
     scaling, seed, drop_thr, inv_keep,
     HAS_BIAS: tl.constexpr, LO_DROPOUT: tl.constexpr, FUSE_SHRINK: tl.constexpr, STORE_L: tl.constexpr,
-    BLOCKSIZE: tl.constexpr, W_DTYPE: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, SCALE_AXIS: tl.constexpr, W_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_BLOCK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr,
 ):
@@ -75,6 +108,8 @@ def gemm_4bit_lora_kernel(
     deq(q)[k, n] is the 4-bit weight element at flat index ``k·qstride_k + n·qstride_n``. Forward: a = x,
     qstride = (1, K_in), L = h, U = Bᵀ (FUSE_SHRINK: L = a @ S with S = Aᵀ accumulated in the K loop). Backward
     dX: a = dY, qstride = (K_in, 1), L = dh (scaled, s = 1), U = A, LO_DROPOUT: the forward's mask on (M, N).
+    SCALE_AXIS (set by the launcher when K % BLOCKSIZE == 0 and the tile divides the blocksize): 1 — the K tile
+    lies in one quantization block per column (forward), 2 — the column tile lies in one block per row (dX).
     Grid: one program per (row tile, column tile), column tiles fastest (small M: W is read once).
     """
     pid = tl.program_id(0)
@@ -114,7 +149,14 @@ def gemm_4bit_lora_kernel(
     for k in range(0, K, BLOCK_K):
         k_ok = offs_k < K - k
         a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-        w = dequant_4bit_tile(q_ptr, absmax_ptr, code_ptr, q_idx, k_ok[:, None], BLOCKSIZE, W_DTYPE)
+        if SCALE_AXIS == 1:
+            scale_idx = k * qstride_k + cols[None, :] * qstride_n  # (1, BN): the tile's first row
+        elif SCALE_AXIS == 2:
+            scale_idx = (k + offs_k.to(tl.int64))[:, None] * qstride_k + pid_n * BLOCK_N * qstride_n  # (BK, 1)
+        else:
+            scale_idx = q_idx
+        w = dequant_4bit_tile(q_ptr, absmax_ptr, code_ptr, q_idx, k_ok[:, None], scale_idx, BLOCKSIZE,
+                              SCALE_AXIS, W_DTYPE)
         acc = _dot(a, w.to(cdt), acc, DOT_PRECISION)
         if FUSE_SHRINK:
             s = tl.load(s_ptrs, mask=r_ok & k_ok[:, None], other=0.0)
@@ -150,7 +192,8 @@ def _config(M: int) -> dict:
     if _interpreted():
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2)
     bm = 16 if M <= 16 else (32 if M <= 32 else 64)
-    return dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
+    # BLOCK_K = BLOCK_N = 64 divide bitsandbytes' usual blocksizes (64, 128, ...): one scale per column of a tile
+    return dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4)
 
 
 def _r_block(r: int) -> int:
@@ -218,6 +261,8 @@ def qlora_gemm_forward(x, q, absmax, code, blocksize: int, w_dtype: torch.dtype,
             float(scaling), 0, 0, 1.0,
             HAS_BIAS=bias is not None, LO_DROPOUT=False, FUSE_SHRINK=fuse, STORE_L=fuse and save_h,
             BLOCKSIZE=blocksize, W_DTYPE=_TL_DTYPES[w_dtype],
+            # K tiles inside one quantization block per column: one scale per column and tile
+            SCALE_AXIS=1 if K % blocksize == 0 and blocksize % cfg["BLOCK_K"] == 0 else 0,
             R_BLOCK=_r_block(r) if fuse else (16 if r <= 16 else 32),
             DOT_PRECISION=_dot_precision(x.dtype), N_ROUNDS=PHILOX_ROUNDS, **cfg,
         )
@@ -249,6 +294,8 @@ def qlora_gemm_dx(grad_y, q, absmax, code, blocksize: int, w_dtype: torch.dtype,
             1.0, int(seed), thr, inv_keep,
             HAS_BIAS=False, LO_DROPOUT=p > 0.0, FUSE_SHRINK=False, STORE_L=False,
             BLOCKSIZE=blocksize, W_DTYPE=_TL_DTYPES[w_dtype], R_BLOCK=16 if r <= 16 else 32,
+            # output (k) tiles inside one quantization block per row n: one scale per row and tile
+            SCALE_AXIS=2 if K % blocksize == 0 and blocksize % cfg["BLOCK_N"] == 0 else 0,
             DOT_PRECISION=_dot_precision(grad_y.dtype), N_ROUNDS=PHILOX_ROUNDS, **cfg,
         )
     return dx
