@@ -341,8 +341,7 @@ def _forward(x, q, quant: _Quant, lora_A, lora_B, bias, scaling, p, seed, save_h
     """(y, h or None)."""
     cd = x.dtype
     if not use_triton:
-        w = quant.dequantize(q, cd)  # transient (N, K): freed when this function returns
-        return reference.lora_forward(x, w, lora_A, lora_B, bias, scaling, p, seed, save_h=save_h)
+        return _forward_torch(x, q, quant, lora_A, lora_B, bias, scaling, p, seed, save_h)
 
     from fastlora import kernels
     from fastlora.kernels import qlora as qk
@@ -379,7 +378,7 @@ def _backward(grad_y, x, q, quant: _Quant, lora_A, lora_B, h, scaling, p, seed, 
         return dx, dA, dB, dbias
 
     if not use_triton:
-        return via_dense(reference)
+        return _backward_torch(grad_y, x, q, quant, lora_A, lora_B, h, scaling, p, seed, needs)
 
     from fastlora import kernels
     from fastlora.kernels import qlora as qk
@@ -396,6 +395,40 @@ def _backward(grad_y, x, q, quant: _Quant, lora_A, lora_B, h, scaling, p, seed, 
 
     return _pick("backward", x, quant, lora_A, nbias, p,
                  {"fused4bit": fused4bit, "dequant": lambda: via_dense(kernels)})
+
+
+def _forward_torch(x, q, quant: _Quant, lora_A, lora_B, bias, scaling, p, seed, save_h):
+    """fastlora.reference's math, ordered so that the transient W̃ never coexists with the dropout temporaries:
+    h first (the reference op with zero output features), then x W̃ᵀ with W̃ freed at once, then s·h Bᵀ."""
+    cd = x.dtype
+    h = reference.lora_forward(x, _standin(x, 0, quant.K), lora_A, lora_B[:0], None, scaling, p, seed,
+                               save_h=True)[1]
+    w = quant.dequantize(q, cd)
+    y = torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
+    del w
+    y.addmm_(h.to(cd), lora_B.to(cd).t(), alpha=scaling)  # h was computed in cd: the cast back is exact
+    return y, (h if save_h else None)
+
+
+def _backward_torch(grad_y, x, q, quant: _Quant, lora_A, lora_B, h, scaling, p, seed, needs):
+    """fastlora.reference's gradients: dA, dB, db first (no W̃ needed), then dx = dY W̃ with W̃ dequantized again
+    and freed before the masked low-rank term (dh A) ⊙ m / (1-p) is added."""
+    nx, na, nb, nbias = needs
+    cd = grad_y.dtype
+    _, _, dA, dB, dbias = reference.lora_backward(grad_y, x, _standin(x, quant.N, quant.K), lora_A, lora_B, h,
+                                                  scaling, p, seed, False, False, na, nb, nbias)
+    dx = None
+    if nx:
+        w = quant.dequantize(q, cd)
+        dx = torch.mm(grad_y, w)  # (M, K)
+        del w
+        dh = torch.mm(grad_y, lora_B.to(cd)).mul_(scaling)  # (M, r)
+        if p == 0.0:
+            dx.addmm_(dh, lora_A.to(cd))
+        else:  # the reference's mask, regenerated from the seed
+            keep = reference.dropout_keep_mask(seed, x.shape, p, x.device)
+            dx.add_(torch.mm(dh, (lora_A * (1.0 / (1.0 - p))).to(cd)).masked_fill_(~keep, 0.0))
+    return dx, dA, dB, dbias
 
 
 class LoRALinear4bitFunction(torch.autograd.Function):

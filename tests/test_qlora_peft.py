@@ -241,3 +241,28 @@ def test_cpu_inference_repacking_is_undone():
 def test_from_linear_refuses_8bit():
     with pytest.raises(TypeError, match="8-bit"):
         fastlora.LoRALinear.from_linear(bnb.nn.Linear8bitLt(16, 16, has_fp16_weights=False))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_training_step_peak_memory_not_above_peft(dropout):
+    """One forward+backward of a QLoRA layer (CPU, the profiler's allocation events): fastlora's peak is no
+    higher than PEFT's on the same layer, and it saves only x and h (no dequantized W)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
+    import qlora_check
+    from fastlora import bench
+
+    case = bench.Case(32, 256, 384, r=8, dtype="float32", dropout=dropout, device="cpu")
+    layer = qlora_check.qlora_layer(case)
+    peaks, saved = {}, {}
+    for provider in ("fastlora", "peft"):
+        runner = qlora_check.build_runner(provider, case, layer)
+        runner.step()
+        peaks[provider] = bench.peak_memory_bytes(runner)
+        saved[provider] = bench.saved_activation_bytes(runner, include_input=False)
+    if peaks["peft"] is None:
+        pytest.skip("the profiler reports no memory events here")
+    assert peaks["fastlora"] <= peaks["peft"], peaks
+    assert saved["fastlora"] == case.M * case.r * 4, saved  # h (M, r) fp32, beyond x itself
