@@ -297,3 +297,15 @@ def test_bitsandbytes_cpu_kernel_quirk(path):
     assert torch.equal(Wd, expected)  # the oracle's reference reads the flat layout
     y = fastlora.lora_linear_4bit(torch.eye(K), q, torch.zeros(1, K), torch.zeros(N, 1), quant_state=qs)
     assert_close(y, expected.t(), 0.0, 0.0, "W̃ᵀ")
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_weight_rounded_to_its_quantized_dtype_before_fp32_compute(path):
+    """A weight quantized from fp16 dequantizes to fp16 values (bitsandbytes rounds code·absmax once to the
+    quant_state's dtype), even when the compute dtype is fp32."""
+    q, qs, Wd = quantized(24, 128, "fp4", nested=True, w_dtype=torch.float16)
+    assert Wd.dtype == torch.float16
+    x, A, B, _ = make(3, 128, 24, 2, torch.float32, bias=False)
+    y = fastlora.lora_linear_4bit(x, q, A, B, quant_state=qs)
+    y64, _ = oracle(x, Wd.float(), A, B, None, 1.0, None, 0.0, torch.float64)
+    assert_close(y, y64, 2e-5, 2e-5, "y")
