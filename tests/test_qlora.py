@@ -194,6 +194,8 @@ def test_no_dequantized_weight_saved_or_kept(path, monkeypatch):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = fastlora.lora_linear_4bit(x, q, A, B, quant_state=qs, dropout_p=0.1)
+    gc.collect()
+    assert all(ref() is None for ref in made), "a dequantized weight is alive between forward and backward"
     params = {t.untyped_storage().data_ptr() for t in (q, A, B)}
     activations = [t for t in saved if t.untyped_storage().data_ptr() not in params]
     assert not any(t.is_floating_point() and t.numel() >= N * K for t in saved), [tuple(t.shape) for t in saved]

@@ -100,13 +100,17 @@ def test_fuser_through_the_triton_kernels(llama_dir, monkeypatch):
         compare_layer(layer, torch.randn(5, layer.in_features), ["default"], 1e-4, 1e-4)
 
 
-def test_fuser_fp16_compute_dtype(llama_dir):
-    """bnb_4bit_compute_dtype=fp16 with an fp32 model: the base GEMM in fp16, the output back in fp32."""
+def test_fuser_fp16_compute_dtype(llama_dir, monkeypatch):
+    """bnb_4bit_compute_dtype=fp16 with an fp32 model: the op runs in fp16, the output is back in fp32."""
     model = qlora_model(llama_dir, "nf4", True, compute_dtype=torch.float16)
     _, layer = lora4_layers(model)[0]
     assert layer.get_base_layer().compute_dtype == torch.float16
+    seen = []
+    real = fuser_bnb.lora_linear_4bit
+    monkeypatch.setattr(fuser_bnb, "lora_linear_4bit", lambda x, *a, **k: seen.append(x.dtype) or real(x, *a, **k))
     # PEFT computes the LoRA branch in fp32, fastlora in the compute dtype: fp16 rounding apart
     compare_layer(layer, torch.randn(4, layer.in_features), ["default"], 2e-2, 2e-2)
+    assert seen == [torch.float16]
 
 
 def test_fuser_several_adapters(llama_dir):
