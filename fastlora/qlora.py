@@ -265,8 +265,9 @@ class _TimedChoice:
     three timed runs each) and cached. (fastlora.kernels has no shared dispatch helper in this branch: this is
     the small one the 4-bit op needs.)"""
 
-    def __init__(self, reps: int = 3):
+    def __init__(self, reps: int = 3, sync: Callable[[], None] = torch.cuda.synchronize):
         self.reps = reps
+        self.sync = sync  # waits for the device: the timings are of finished work
         self.cache: dict = {}
 
     def run(self, key, candidates: dict[str, Callable[[], object]]):
@@ -276,12 +277,12 @@ class _TimedChoice:
         times, outs = {}, {}
         for name, fn in candidates.items():
             outs[name] = fn()  # warm-up: compilation, autotuning, allocator
-            torch.cuda.synchronize()
+            self.sync()
             samples = []
             for _ in range(self.reps):
                 t0 = time.perf_counter()
                 fn()
-                torch.cuda.synchronize()
+                self.sync()
                 samples.append(time.perf_counter() - t0)
             times[name] = sorted(samples)[len(samples) // 2]
         best = min(times, key=times.get)

@@ -311,3 +311,27 @@ def test_weight_rounded_to_its_quantized_dtype_before_fp32_compute(path):
     y = fastlora.lora_linear_4bit(x, q, A, B, quant_state=qs)
     y64, _ = oracle(x, Wd.float(), A, B, None, 1.0, None, 0.0, torch.float64)
     assert_close(y, y64, 2e-5, 2e-5, "y")
+
+
+def test_timed_choice_keeps_the_faster_path_per_key():
+    """The CUDA dispatch between the two Triton paths (device sync replaced by a no-op here): each candidate is
+    timed once per key, the faster one is cached and is the only one run afterwards; its result is returned."""
+    import time
+
+    calls = []
+
+    def slow():
+        calls.append("slow")
+        time.sleep(0.004)
+        return "slow result"
+
+    def fast():
+        calls.append("fast")
+        return "fast result"
+
+    choice = qlora._TimedChoice(reps=2, sync=lambda: None)
+    assert choice.run("k", {"slow": slow, "fast": fast}) == "fast result"
+    assert choice.cache == {"k": "fast"} and calls.count("slow") == 3
+    calls.clear()
+    assert choice.run("k", {"slow": slow, "fast": fast}) == "fast result" and calls == ["fast"]
+    assert choice.run("other", {"a": slow}) == "slow result" and choice.cache["other"] == "a"
