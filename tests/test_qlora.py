@@ -55,7 +55,7 @@ def bnb_dequantize(q, qs):
     from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 
     absmax = bnbF.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset if qs.nested else qs.absmax
-    return _dequantize_4bit_compute.__wrapped__(q.reshape(-1), absmax.float(), bnbF.get_4bit_type(qs.quant_type, "cpu"),
+    return _dequantize_4bit_compute.__wrapped__(q.view(torch.uint8).reshape(-1), absmax.float(), bnbF.get_4bit_type(qs.quant_type, "cpu"),
                                                 qs.blocksize, qs.shape, qs.dtype)
 
 
@@ -159,7 +159,9 @@ def test_nibble_order_and_flat_blocks(path):
 
 @pytest.mark.parametrize("path", PATHS, indirect=True)
 def test_params4bit_weight_and_leading_dims(path):
-    lin = bnb.nn.Linear4bit(48, 20, bias=True, quant_type="fp4", compress_statistics=True)
+    """A Params4bit (its quant_state), stored as bf16 words (quant_storage, as for FSDP), 3-D and empty inputs."""
+    lin = bnb.nn.Linear4bit(48, 20, bias=True, quant_type="fp4", compress_statistics=True,
+                            quant_storage=torch.bfloat16)
     lin = lin.to("cpu")  # quantizes
     x = torch.randn(2, 3, 48)
     A, B = torch.randn(4, 48) / 7, torch.randn(20, 4)
@@ -168,6 +170,11 @@ def test_params4bit_weight_and_leading_dims(path):
     expected = reference.unfused_lora_linear(x, Wd, A, B, lin.bias, scaling=0.5)
     assert y.shape == (2, 3, 20)
     assert_close(y, expected, 1e-4, 1e-4, "y")
+    x0 = torch.randn(0, 48, requires_grad=True)
+    A.requires_grad_()
+    y0 = fastlora.lora_linear_4bit(x0, lin.weight, A, B, lin.bias, scaling=0.5)
+    y0.sum().backward()
+    assert y0.shape == (0, 20) and x0.grad.shape == (0, 48) and torch.equal(A.grad, torch.zeros_like(A))
 
 
 @pytest.mark.parametrize("path", PATHS, indirect=True)
