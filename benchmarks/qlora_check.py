@@ -128,19 +128,41 @@ def provider_available(provider: str, device: str) -> tuple[bool, str]:
 
 
 def check_output(layer, case: bench.Case) -> float:
-    """max |fastlora − PEFT| / max |PEFT| on one input in eval mode (no dropout: the same function)."""
+    """max over fastlora's paths (auto, and on CUDA each Triton path forced) of the relative error against PEFT's
+    layer, for y and the gradients of x, A and B, in eval mode (no dropout: the same function)."""
     from fastlora.peft_interop import bnb as fuser_bnb
 
     layer = copy.deepcopy(layer).eval()
-    # an input that requires grad keeps bitsandbytes off its CPU inference kernel (bf16, repacked weight)
-    x = torch.randn(min(case.M, 64), case.K, device=case.device).to(case.torch_dtype).requires_grad_()
-    ref = layer(x).detach().double()
-    out = fuser_bnb.FUSER_4BIT.forward(layer, x, ["default"]).detach().double()
-    return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    gen = torch.Generator(device=case.device).manual_seed(1)
+    x = torch.randn(min(case.M, 64), case.K, device=case.device, generator=gen).to(case.torch_dtype)
+    gy = torch.randn(x.shape[0], case.N, device=case.device, generator=gen).to(case.torch_dtype)
+
+    def outputs(fn):
+        # an input that requires grad also keeps bitsandbytes off its CPU inference kernel (repacked, bf16)
+        xi = x.detach().clone().requires_grad_()
+        y = fn(xi)
+        return [y.detach(), *torch.autograd.grad(y, [xi, *params], gy)]
+
+    ref = outputs(layer)
+    paths = [None] + (list(TRITON_ONLY.values()) if case.device.startswith("cuda") else [])
+    worst = 0.0
+    for path in paths:
+        if path:
+            os.environ["FASTLORA_QLORA_PATH"] = path
+        try:
+            got = outputs(lambda xi: fuser_bnb.FUSER_4BIT.forward(layer, xi, ["default"]))
+        finally:
+            os.environ.pop("FASTLORA_QLORA_PATH", None)
+        for a, e in zip(got, ref):
+            e = e.double()
+            worst = max(worst, float((a.double() - e).abs().max() / e.abs().max().clamp_min(1e-12)))
+    return worst
 
 
 def run(cases, providers, *, budget_s: float, quant_type: str, double_quant: bool, blocksize: int,
-        stream=sys.stdout) -> list[dict]:
+        stream=sys.stdout, on_case=None) -> list[dict]:
+    """Measure every case; ``on_case(rows)`` after each one (a run stopped by a time limit keeps what it has)."""
     rows = []
     for case in cases:
         layer = qlora_layer(case, quant_type, double_quant, blocksize)
@@ -171,6 +193,8 @@ def run(cases, providers, *, budget_s: float, quant_type: str, double_quant: boo
                          "M": case.M, "K": case.K, "N": case.N})
         print(f"  measured {case.label()} (fastlora vs PEFT rel. error {rel_err:.1e})", file=stream, flush=True)
         del layer, runners
+        if on_case is not None:
+            on_case(rows)
     return rows
 
 
@@ -229,17 +253,20 @@ def main(argv=None) -> int:
     print(f"qlora_check: {len(cases)} cases on {device} ({dtype}), {args.quant_type}, "
           f"double_quant={not args.no_double_quant}, blocksize={args.blocksize}", flush=True)
     t0 = time.time()
-    rows = run(cases, providers, budget_s=args.budget, quant_type=args.quant_type,
-               double_quant=not args.no_double_quant, blocksize=args.blocksize)
+    env = bench.environment(device)
     from fastlora import qlora
 
-    choices = {str(k): v for k, v in qlora.dispatch_choices().items()}
-    report = {"environment": bench.environment(device), "rows": rows, "dispatch_choices": choices,
-              "wall_s": time.time() - t0}
-    md = table(rows)
-    (out / "qlora_check.json").write_text(json.dumps(report, indent=1, default=str))
-    (out / "qlora_check.md").write_text(md + "\n")
-    print(md)
+    def write(rows):
+        choices = {str(k): v for k, v in qlora.dispatch_choices().items()}
+        report = {"environment": env, "rows": rows, "dispatch_choices": choices, "wall_s": time.time() - t0}
+        (out / "qlora_check.json").write_text(json.dumps(report, indent=1, default=str))
+        (out / "qlora_check.md").write_text(table(rows) + "\n")
+        return choices
+
+    rows = run(cases, providers, budget_s=args.budget, quant_type=args.quant_type,
+               double_quant=not args.no_double_quant, blocksize=args.blocksize, on_case=write)
+    choices = write(rows)
+    print(table(rows))
     if choices:
         print("measured path choices (phase, M bucket, N, K, r, ...): ")
         for k, v in choices.items():
