@@ -15,7 +15,20 @@ The fastlora_* variants run only where the Triton kernels do (CUDA); on CPU fast
     python benchmarks/qlora_check.py --device cpu --quick # seconds on a CPU
 Results: a table on stdout, qlora_check.json / .md in --out (default $OUT/qlora_check, else ./qlora_check_out).
 Timing, peak memory and saved-bytes accounting are fastlora.bench's. Exit status 0 unless a provider failed or
-fastlora's output differs from PEFT's beyond the dtype's tolerance.
+fastlora's output or gradients differ from PEFT's beyond the dtype's tolerance (every path: auto, and on CUDA
+each Triton path forced). Results are written after every case, so a run stopped by a time limit keeps them.
+
+For benchmarks/gpu_check.sh (a section after the decode benchmark; about 2-3 minutes on an H100/H200 with the
+default shapes, ~1 minute with QLORA_SHAPES=decode):
+
+    stamp "QLoRA: fastlora vs PEFT's QLoRA layer vs bnb dequantize+matmul (benchmarks/qlora_check.py)"
+    qlora_rc=0
+    if "$PYTHON" -c "import bitsandbytes" 2>/dev/null; then
+      timeout "${QLORA_BUDGET_S:-180}" "$PYTHON" benchmarks/qlora_check.py --device "$DEVICE" --dtype "$DTYPE" \
+        --shapes "${QLORA_SHAPES:-decode,train}" --out "$RESULTS/qlora" || qlora_rc=$?
+    else
+      echo "bitsandbytes not installed: QLoRA section skipped"
+    fi
 """
 from __future__ import annotations
 
