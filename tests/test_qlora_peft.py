@@ -166,7 +166,8 @@ def test_fuser_training_dropout_changes_the_branch_only(llama_dir):
 def test_why_not_names_dora_and_8bit(llama_dir):
     model = qlora_model(llama_dir, "nf4", True, use_dora=True)
     _, layer = lora4_layers(model)[0]
-    assert fuser_for(layer, "default") is fuser_bnb.FUSER_4BIT
+    # (a DoRA fuser registered with a higher priority may claim this adapter first: the router's choice)
+    assert fuser_bnb.FUSER_4BIT.claims(layer, "default")
     assert fuser_bnb.FUSER_4BIT.why_not(layer, "default") == "DoRA on a 4-bit base"
 
     # PEFT's own 8-bit LoRA layer (what get_peft_model builds over a model loaded with load_in_8bit)
