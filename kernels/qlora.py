@@ -77,7 +77,7 @@ def lookup_code(nib, code_ptr):
 @triton.jit
 def dequant_4bit_tile(q_ptr, absmax_ptr, code_ptr, idx, ok, scale_idx, BLOCKSIZE: tl.constexpr,
                       SCALE_AXIS: tl.constexpr, W_DTYPE: tl.constexpr):
-    """Values of the 4-bit elements at flat indices ``idx`` (int64, (BK, BN)), 0 where not ``ok``, in W_DTYPE:
+    """Values of the 4-bit elements at flat indices ``idx`` ((BK, BN) int32 or int64), 0 where not ``ok``, in W_DTYPE:
     ``code[nibble] · absmax[idx // BLOCKSIZE]`` in fp32, rounded once to W_DTYPE (bitsandbytes' rounding).
     SCALE_AXIS 0: a scale per element; 1 / 2: the tile lies within quantization blocks along axis 0 / 1, so
     ``scale_idx`` ((1, BN) / (BK, 1) flat indices) gives one scale per column / row of the tile."""
@@ -99,7 +99,7 @@ def gemm_4bit_lora_kernel(
     stride_lm, stride_lr, stride_ur, stride_un, stride_sk, stride_sr,
     scaling, seed, drop_thr, inv_keep,
     HAS_BIAS: tl.constexpr, LO_DROPOUT: tl.constexpr, FUSE_SHRINK: tl.constexpr, STORE_L: tl.constexpr,
-    BLOCKSIZE: tl.constexpr, SCALE_AXIS: tl.constexpr, W_DTYPE: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, SCALE_AXIS: tl.constexpr, W_DTYPE: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_BLOCK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr,
 ):
@@ -125,7 +125,14 @@ def gemm_4bit_lora_kernel(
     rows = (offs_m % M).to(tl.int64)  # wrapped: loads stay in bounds, the store is masked
     cols = (offs_n % N).to(tl.int64)
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k.to(tl.int64)[None, :] * stride_ak
-    q_idx = offs_k.to(tl.int64)[:, None] * qstride_k + cols[None, :] * qstride_n  # (BLOCK_K, BLOCK_N) flat
+    # (BLOCK_K, BLOCK_N) flat indices into W: int32 unless W (with a tile's overhang) passes 2³¹ elements, which
+    # halves the registers of the per-element index math
+    if IDX64:
+        qcols = cols
+        q_idx = offs_k.to(tl.int64)[:, None] * qstride_k + qcols[None, :] * qstride_n
+    else:
+        qcols = offs_n % N
+        q_idx = offs_k[:, None] * qstride_k + qcols[None, :] * qstride_n
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if not FUSE_SHRINK:
@@ -150,9 +157,9 @@ def gemm_4bit_lora_kernel(
         k_ok = offs_k < K - k
         a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
         if SCALE_AXIS == 1:
-            scale_idx = k * qstride_k + cols[None, :] * qstride_n  # (1, BN): the tile's first row
+            scale_idx = k * qstride_k + qcols[None, :] * qstride_n  # (1, BN): the tile's first row
         elif SCALE_AXIS == 2:
-            scale_idx = (k + offs_k.to(tl.int64))[:, None] * qstride_k + pid_n * BLOCK_N * qstride_n  # (BK, 1)
+            scale_idx = (k + offs_k.to(q_idx.dtype))[:, None] * qstride_k + pid_n * BLOCK_N * qstride_n  # (BK, 1)
         else:
             scale_idx = q_idx
         w = dequant_4bit_tile(q_ptr, absmax_ptr, code_ptr, q_idx, k_ok[:, None], scale_idx, BLOCKSIZE,
@@ -194,6 +201,14 @@ def _config(M: int) -> dict:
     bm = 16 if M <= 16 else (32 if M <= 32 else 64)
     # BLOCK_K = BLOCK_N = 64 divide bitsandbytes' usual blocksizes (64, 128, ...): one scale per column of a tile
     return dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4)
+
+
+# W's flat indices (plus a tile's overhang) at or above this use int64 arithmetic in the kernel
+IDX32_LIMIT = 2**31
+
+
+def _idx64(N: int, K: int) -> bool:
+    return (N + 256) * (K + 256) >= IDX32_LIMIT
 
 
 def _r_block(r: int) -> int:
@@ -262,7 +277,7 @@ def qlora_gemm_forward(x, q, absmax, code, blocksize: int, w_dtype: torch.dtype,
             HAS_BIAS=bias is not None, LO_DROPOUT=False, FUSE_SHRINK=fuse, STORE_L=fuse and save_h,
             BLOCKSIZE=blocksize, W_DTYPE=_TL_DTYPES[w_dtype],
             # K tiles inside one quantization block per column: one scale per column and tile
-            SCALE_AXIS=1 if K % blocksize == 0 and blocksize % cfg["BLOCK_K"] == 0 else 0,
+            SCALE_AXIS=1 if K % blocksize == 0 and blocksize % cfg["BLOCK_K"] == 0 else 0, IDX64=_idx64(N, K),
             R_BLOCK=_r_block(r) if fuse else (16 if r <= 16 else 32),
             DOT_PRECISION=_dot_precision(x.dtype), N_ROUNDS=PHILOX_ROUNDS, **cfg,
         )
@@ -295,7 +310,7 @@ def qlora_gemm_dx(grad_y, q, absmax, code, blocksize: int, w_dtype: torch.dtype,
             HAS_BIAS=False, LO_DROPOUT=p > 0.0, FUSE_SHRINK=False, STORE_L=False,
             BLOCKSIZE=blocksize, W_DTYPE=_TL_DTYPES[w_dtype], R_BLOCK=16 if r <= 16 else 32,
             # output (k) tiles inside one quantization block per row n: one scale per row and tile
-            SCALE_AXIS=2 if K % blocksize == 0 and blocksize % cfg["BLOCK_N"] == 0 else 0,
+            SCALE_AXIS=2 if K % blocksize == 0 and blocksize % cfg["BLOCK_N"] == 0 else 0, IDX64=_idx64(N, K),
             DOT_PRECISION=_dot_precision(grad_y.dtype), N_ROUNDS=PHILOX_ROUNDS, **cfg,
         )
     return dx

@@ -342,3 +342,27 @@ def test_timed_choice_keeps_the_faster_path_per_key():
     calls.clear()
     assert choice.run("k", {"slow": slow, "fast": fast}) == "fast result" and calls == ["fast"]
     assert choice.run("other", {"a": slow}) == "slow result" and choice.cache["other"] == "a"
+
+
+@pytest.mark.parametrize("K,blocksize", [(128, 64), (99, 64)])
+def test_fused4bit_int64_index_path(K, blocksize, monkeypatch):
+    """The 4-bit GEMM's int64 flat indices (used when W passes 2³¹ elements) forced on a small W: forward and
+    dX as bitsandbytes' W̃ gives them, with the per-tile (K = 128) and per-element (K = 99) scales."""
+    from fastlora.kernels import qlora as qk
+
+    monkeypatch.setattr(qk, "IDX32_LIMIT", 0)
+    monkeypatch.setenv("FASTLORA_QLORA_PATH", "fused4bit")
+    previous = fastlora.get_backend()
+    fastlora.set_backend("triton")
+    try:
+        q, qs, Wd = quantized(36, K, "nf4", nested=True, blocksize=blocksize)
+        x, A, B, _ = make(5, K, 36, 3, torch.float32, bias=False)
+        y = fastlora.lora_linear_4bit(x, q, A, B, quant_state=qs)
+        y64, leaves = oracle(x, Wd, A, B, None, 1.0, None, 0.0, torch.float64)
+        assert_close(y, y64, 1e-4, 1e-4, "y")
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+        (dx,) = torch.autograd.grad(y, (x,), gy)
+        (dx64,) = torch.autograd.grad(y64, (leaves[0],), gy.double())
+        assert_close(dx, dx64, 1e-4, 1e-4, "dx")
+    finally:
+        fastlora.set_backend(previous)

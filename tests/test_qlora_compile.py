@@ -40,7 +40,7 @@ def check(variant: str) -> None:
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     types = dict(a_ptr="*bf16", q_ptr="*u8", absmax_ptr="*fp32", code_ptr="*fp32", c_ptr="*bf16", bias_ptr="*bf16",
                  l_ptr="*fp32", u_ptr="*fp32", s_ptr="*fp32", scaling="fp32", inv_keep="fp32", drop_thr="u32")
-    common = dict(BLOCKSIZE=64, W_DTYPE=tl.bfloat16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_PRECISION="ieee",
+    common = dict(BLOCKSIZE=64, W_DTYPE=tl.bfloat16, IDX64=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_PRECISION="ieee",
                   N_ROUNDS=7)
     if variant == "forward_small_m":  # a = x, deq = Wᵀ (qstride_k = 1), U = Bᵀ, S = Aᵀ
         consts = dict(common, HAS_BIAS=True, LO_DROPOUT=False, FUSE_SHRINK=True, STORE_L=True, R_BLOCK=16,
