@@ -17,7 +17,7 @@ import bitsandbytes.functional as bnbF  # noqa: E402
 
 import fastlora  # noqa: E402
 from fastlora import qlora, reference  # noqa: E402
-from helpers import assert_close, assert_low_precision_close  # noqa: E402
+from helpers import assert_close, assert_low_precision_close, nan_poisoned_allocations  # noqa: E402
 
 PATHS = ["torch", "fused4bit", "dequant"]
 # (quant_type, double quantization, blocksize): every pair of the three options appears
@@ -366,3 +366,16 @@ def test_fused4bit_int64_index_path(K, blocksize, monkeypatch):
         assert_close(dx, dx64, 1e-4, 1e-4, "dx")
     finally:
         fastlora.set_backend(previous)
+
+
+@pytest.mark.parametrize("path", ["fused4bit", "dequant"], indirect=True)
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_every_output_element_written(path, p):
+    """NaN-filled torch.empty / new_empty inside the op (forward and backward): an element no kernel writes shows."""
+    q, qs, Wd = quantized(37, 96, "fp4", blocksize=32)
+    x, A, B, b = make(7, 96, 37, 5, torch.float16, bias=True)
+    with nan_poisoned_allocations():
+        y, _ = run_op(q, qs, x, A, B, b, 0.5, p)
+        grads = torch.autograd.grad(y, (x, A, B), torch.ones_like(y))
+    for name, t in zip(("y", "dx", "dA", "dB"), (y, *grads)):
+        assert torch.isfinite(t).all(), name
