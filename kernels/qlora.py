@@ -22,6 +22,7 @@ op, its gradients and the dispatch between this kernel and "dequantize once, the
 from __future__ import annotations
 
 import collections
+import functools
 import os
 
 import torch
@@ -193,14 +194,28 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _config(M: int) -> dict:
-    """Tiles: tiny under the interpreter (its cost grows with the tile); on a GPU, short row tiles and narrow
-    column tiles so that a small M still launches enough programs to stream the packed weight at full bandwidth."""
+def _config(M: int, N: int = 0, sms: int = 0) -> dict:
+    """Tiles for an (M, N) output: tiny under the interpreter (its cost grows with the tile); on a GPU, short row
+    tiles, and column tiles narrow enough that a small M still launches at least one program per SM (``sms``) to
+    stream the packed weight at full bandwidth: 64 columns, or 32 where 64 would leave SMs idle."""
     if _interpreted():
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2)
     bm = 16 if M <= 16 else (32 if M <= 32 else 64)
-    # BLOCK_K = BLOCK_N = 64 divide bitsandbytes' usual blocksizes (64, 128, ...): one scale per column of a tile
-    return dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4)
+    bn = 64 if triton.cdiv(M, bm) * triton.cdiv(N, 64) >= sms else 32
+    # BLOCK_K = 64 and BLOCK_N (32 or 64) divide bitsandbytes' usual blocksizes (64, 128, ...): one scale per
+    # column (forward) or row (dX) of a tile
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, num_warps=4, num_stages=4)
+
+
+@functools.lru_cache(maxsize=None)
+def _sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    return _sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 # W's flat indices (plus a tile's overhang) at or above this use int64 arithmetic in the kernel
@@ -263,7 +278,7 @@ def qlora_gemm_forward(x, q, absmax, code, blocksize: int, w_dtype: torch.dtype,
         return y, h
     h_arg = h if h is not None else y  # dummy pointer when h is neither read nor stored
     bias_arg = bias.contiguous() if bias is not None else y
-    cfg = _config(M)
+    cfg = _config(M, N, _sm_count(x.device))
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     launch_counts["gemm_4bit_lora"] += 1
     with _guard(x.device):
@@ -296,7 +311,7 @@ def qlora_gemm_dx(grad_y, q, absmax, code, blocksize: int, w_dtype: torch.dtype,
         return dx
     p = float(dropout_p)
     thr, inv_keep = (dropout_threshold(p), 1.0 / (1.0 - p)) if p > 0.0 else (0, 1.0)
-    cfg = _config(M)
+    cfg = _config(M, K, _sm_count(grad_y.device))
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"]),)
     launch_counts["gemm_4bit_lora_dx"] += 1
     with _guard(grad_y.device):
