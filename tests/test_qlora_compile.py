@@ -17,7 +17,8 @@ import torch
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="real launches compile the kernels on CUDA")
 
-VARIANTS = ("forward_small_m", "dx_masked")
+# name: the launcher's tile for (M, output columns, SMs of an H100/H200)
+VARIANTS = {"forward_small_m": (16, 11008, 132), "forward_decode_narrow": (1, 4096, 132), "dx_masked": (64, 4096, 132)}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -36,13 +37,13 @@ def check(variant: str) -> None:
     from fastlora.kernels import qlora as qk
 
     os.environ.pop("TRITON_INTERPRET", None)
-    cfg = qk._config(16 if variant == "forward_small_m" else 64)
+    cfg = qk._config(*VARIANTS[variant])
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     types = dict(a_ptr="*bf16", q_ptr="*u8", absmax_ptr="*fp32", code_ptr="*fp32", c_ptr="*bf16", bias_ptr="*bf16",
                  l_ptr="*fp32", u_ptr="*fp32", s_ptr="*fp32", scaling="fp32", inv_keep="fp32", drop_thr="u32")
     common = dict(BLOCKSIZE=64, W_DTYPE=tl.bfloat16, IDX64=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_PRECISION="ieee",
                   N_ROUNDS=7)
-    if variant == "forward_small_m":  # a = x, deq = Wᵀ (qstride_k = 1), U = Bᵀ, S = Aᵀ
+    if variant.startswith("forward"):  # a = x, deq = Wᵀ (qstride_k = 1), U = Bᵀ, S = Aᵀ
         consts = dict(common, HAS_BIAS=True, LO_DROPOUT=False, FUSE_SHRINK=True, STORE_L=True, R_BLOCK=16,
                       SCALE_AXIS=1)
         unit = ["stride_ak", "qstride_k", "stride_cn", "stride_lr", "stride_ur", "stride_sk"]
