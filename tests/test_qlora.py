@@ -298,7 +298,6 @@ def test_bitsandbytes_cpu_kernel_quirk(path):
     shape with per-row blocks; if a later release agrees with the reference, nothing here needs to change."""
     N, K, bs = 20, 96, 64
     q, qs, Wd = quantized(N, K, "nf4", blocksize=bs)
-    flat = bnbF.dequantize_4bit  # noqa: F841  (the public one, for the record below)
     idx = torch.arange(N * K)
     byte = q.reshape(-1)[idx // 2].long()
     nib = torch.where(idx % 2 == 0, byte >> 4, byte & 0xF)

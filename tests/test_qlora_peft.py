@@ -7,11 +7,11 @@ import warnings
 
 import pytest
 import torch
-import torch.nn as nn
 
 bnb = pytest.importorskip("bitsandbytes", reason="the 4-bit (QLoRA) path needs bitsandbytes: pip install fastlora[qlora]")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
+from peft.tuners.lora import bnb as lora_bnb  # noqa: E402  (PEFT's bitsandbytes LoRA layers)
 
 import fastlora  # noqa: E402
 from fastlora import reference  # noqa: E402
@@ -56,7 +56,7 @@ def qlora_model(path, quant_type="nf4", double_quant=True, compute_dtype=torch.f
 
 
 def lora4_layers(model):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.bnb.Linear4bit)]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, lora_bnb.Linear4bit)]
 
 
 def trainable(layer):
@@ -171,7 +171,7 @@ def test_why_not_names_dora_and_8bit(llama_dir):
     assert fuser_bnb.FUSER_4BIT.why_not(layer, "default") == "DoRA on a 4-bit base"
 
     # PEFT's own 8-bit LoRA layer (what get_peft_model builds over a model loaded with load_in_8bit)
-    layer8 = peft.tuners.lora.bnb.Linear8bitLt(bnb.nn.Linear8bitLt(16, 16, has_fp16_weights=False), "default",
+    layer8 = lora_bnb.Linear8bitLt(bnb.nn.Linear8bitLt(16, 16, has_fp16_weights=False), "default",
                                                config=peft.LoraConfig(), r=4, lora_alpha=8)
     f = fuser_for(layer8, "default")
     assert f is fuser_bnb.FUSER_8BIT and "8-bit" in f.why_not(layer8, "default")
