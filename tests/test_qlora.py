@@ -378,3 +378,25 @@ def test_every_output_element_written(path, p):
         grads = torch.autograd.grad(y, (x, A, B), torch.ones_like(y))
     for name, t in zip(("y", "dx", "dA", "dB"), (y, *grads)):
         assert torch.isfinite(t).all(), name
+
+
+def test_bf16_compute_on_the_torch_path():
+    """bf16 (QLoRA's usual compute dtype) on the PyTorch path, fp32 adapters, within twice PyTorch's bf16 error."""
+    previous = fastlora.get_backend()
+    fastlora.set_backend("torch")
+    try:
+        q, qs, Wd = quantized(33, 128, "nf4", nested=True, w_dtype=torch.bfloat16)
+        x, A, B, b = make(9, 128, 33, 4, torch.bfloat16, bias=True)
+        y, seed = run_op(q, qs, x, A, B, b, 2.0, 0.1)
+        keep = keep_mask("torch", seed, (9, 128), 0.1)
+        y64, leaves64 = oracle(x, Wd, A, B, b, 2.0, keep, 0.1, torch.float64)
+        y16, leaves16 = oracle(x, Wd, A.to(torch.bfloat16), B.to(torch.bfloat16), b, 2.0, keep, 0.1, torch.bfloat16)
+        assert y.dtype == torch.bfloat16
+        assert_low_precision_close(y, y64, y16, 2e-2, "y")
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+        for name, g, g64, g16 in zip("xAB", torch.autograd.grad(y, (x, A, B), gy),
+                                     torch.autograd.grad(y64, leaves64, gy.double()),
+                                     torch.autograd.grad(y16, leaves16, gy)):
+            assert_low_precision_close(g, g64, g16, 2e-2 * max(1.0, float(g64.abs().max())), f"d{name}")
+    finally:
+        fastlora.set_backend(previous)
