@@ -53,21 +53,31 @@ def _select(bit, one, zero):
 
 
 @triton.jit
-def lookup_code(nib, code_ptr):
-    """code[nib] for a tile of 4-bit indices, as a tree of selects between the 16 table entries (loaded once as
-    scalars): no per-element gather, exactly the table's values (bitsandbytes' dDequantizeNF4 is the same tree)."""
+def load_code(code_ptr):
+    """The 16 table entries as scalars, loaded once per program (before the K loop)."""
+    return (tl.load(code_ptr + 0), tl.load(code_ptr + 1), tl.load(code_ptr + 2), tl.load(code_ptr + 3),
+            tl.load(code_ptr + 4), tl.load(code_ptr + 5), tl.load(code_ptr + 6), tl.load(code_ptr + 7),
+            tl.load(code_ptr + 8), tl.load(code_ptr + 9), tl.load(code_ptr + 10), tl.load(code_ptr + 11),
+            tl.load(code_ptr + 12), tl.load(code_ptr + 13), tl.load(code_ptr + 14), tl.load(code_ptr + 15))
+
+
+@triton.jit
+def lookup_code(nib, code):
+    """code[nib] for a tile of 4-bit indices, as a tree of selects between the 16 table entries ``code`` (a tuple
+    of scalars): no per-element gather, exactly the table's values (bitsandbytes' dDequantizeNF4 is the same
+    tree)."""
     b0 = nib & 1
     b1 = nib & 2
     b2 = nib & 4
     b3 = nib & 8
-    v0 = _select(b0, tl.load(code_ptr + 1), tl.load(code_ptr + 0))
-    v1 = _select(b0, tl.load(code_ptr + 3), tl.load(code_ptr + 2))
-    v2 = _select(b0, tl.load(code_ptr + 5), tl.load(code_ptr + 4))
-    v3 = _select(b0, tl.load(code_ptr + 7), tl.load(code_ptr + 6))
-    v4 = _select(b0, tl.load(code_ptr + 9), tl.load(code_ptr + 8))
-    v5 = _select(b0, tl.load(code_ptr + 11), tl.load(code_ptr + 10))
-    v6 = _select(b0, tl.load(code_ptr + 13), tl.load(code_ptr + 12))
-    v7 = _select(b0, tl.load(code_ptr + 15), tl.load(code_ptr + 14))
+    v0 = _select(b0, code[1], code[0])
+    v1 = _select(b0, code[3], code[2])
+    v2 = _select(b0, code[5], code[4])
+    v3 = _select(b0, code[7], code[6])
+    v4 = _select(b0, code[9], code[8])
+    v5 = _select(b0, code[11], code[10])
+    v6 = _select(b0, code[13], code[12])
+    v7 = _select(b0, code[15], code[14])
     w0 = _select(b1, v1, v0)
     w1 = _select(b1, v3, v2)
     w2 = _select(b1, v5, v4)
@@ -76,7 +86,7 @@ def lookup_code(nib, code_ptr):
 
 
 @triton.jit
-def dequant_4bit_tile(q_ptr, absmax_ptr, code_ptr, idx, ok, scale_idx, BLOCKSIZE: tl.constexpr,
+def dequant_4bit_tile(q_ptr, absmax_ptr, code, idx, ok, scale_idx, BLOCKSIZE: tl.constexpr,
                       SCALE_AXIS: tl.constexpr, W_DTYPE: tl.constexpr):
     """Values of the 4-bit elements at flat indices ``idx`` ((BK, BN) int32 or int64), 0 where not ``ok``, in W_DTYPE:
     ``code[nibble] · absmax[idx // BLOCKSIZE]`` in fp32, rounded once to W_DTYPE (bitsandbytes' rounding).
@@ -84,12 +94,12 @@ def dequant_4bit_tile(q_ptr, absmax_ptr, code_ptr, idx, ok, scale_idx, BLOCKSIZE
     ``scale_idx`` ((1, BN) / (BK, 1) flat indices) gives one scale per column / row of the tile."""
     byte = tl.load(q_ptr + (idx >> 1), mask=ok, other=0).to(tl.int32)
     shift = (1 - (idx & 1).to(tl.int32)) * 4  # element 2j: high nibble, 2j+1: low nibble
-    code = lookup_code((byte >> shift) & 0xF, code_ptr)
+    value = lookup_code((byte >> shift) & 0xF, code)
     if SCALE_AXIS == 1:  # (1, BN); no K tail: K is a multiple of the K tile here
         scale = tl.load(absmax_ptr + scale_idx // BLOCKSIZE)
     else:  # (BK, BN) or (BK, 1): rows past the reduction length are masked
         scale = tl.load(absmax_ptr + scale_idx // BLOCKSIZE, mask=ok, other=0.0)
-    return tl.where(ok, code * scale, 0.0).to(W_DTYPE)
+    return tl.where(ok, value * scale, 0.0).to(W_DTYPE)
 
 
 @triton.jit(do_not_specialize=["M", "seed", "drop_thr"])
@@ -154,6 +164,7 @@ def gemm_4bit_lora_kernel(
         r_ok = offs_r[None, :] < R
         s_ptrs = s_ptr + offs_k.to(tl.int64)[:, None] * stride_sk + offs_r.to(tl.int64)[None, :] * stride_sr
         l_acc = tl.zeros((BLOCK_M, R_BLOCK), dtype=tl.float32)
+    code = load_code(code_ptr)
     for k in range(0, K, BLOCK_K):
         k_ok = offs_k < K - k
         a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
@@ -163,7 +174,7 @@ def gemm_4bit_lora_kernel(
             scale_idx = (k + offs_k.to(q_idx.dtype))[:, None] * qstride_k + pid_n * BLOCK_N * qstride_n  # (BK, 1)
         else:
             scale_idx = q_idx
-        w = dequant_4bit_tile(q_ptr, absmax_ptr, code_ptr, q_idx, k_ok[:, None], scale_idx, BLOCKSIZE,
+        w = dequant_4bit_tile(q_ptr, absmax_ptr, code, q_idx, k_ok[:, None], scale_idx, BLOCKSIZE,
                               SCALE_AXIS, W_DTYPE)
         acc = _dot(a, w.to(cdt), acc, DOT_PRECISION)
         if FUSE_SHRINK:
