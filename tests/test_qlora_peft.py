@@ -252,12 +252,15 @@ def test_from_linear_refuses_8bit():
 def test_training_step_peak_memory_not_above_peft(dropout):
     """One forward+backward of a QLoRA layer (CPU, the profiler's allocation events): fastlora's peak is no
     higher than PEFT's on the same layer, and it saves only x and h (no dequantized W)."""
+    import importlib.util
     import os
-    import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
-    import qlora_check
     from fastlora import bench
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "qlora_check.py")
+    spec = importlib.util.spec_from_file_location("fastlora_qlora_check", path)  # no sys.path change
+    qlora_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(qlora_check)
 
     case = bench.Case(32, 256, 384, r=8, dtype="float32", dropout=dropout, device="cpu")
     layer = qlora_check.qlora_layer(case)
