@@ -20,6 +20,7 @@ setup(
     extras_require={
         "peft": ["peft>=0.13", "transformers>=4.45", "safetensors>=0.4"],
         "plot": ["matplotlib>=3.7"],
+        "qlora": ["bitsandbytes>=0.45"],
         "test": [
             "pytest>=8",
             "pytest-benchmark>=4",
@@ -29,6 +30,7 @@ setup(
             "peft>=0.13",
             "transformers>=4.45",
             "safetensors>=0.4",
+            "bitsandbytes>=0.45",
         ],
     },
 )

@@ -8,8 +8,9 @@ from . import reference
 from .backend import get_backend, set_backend
 from .dora import dora_embedding, dora_linear, dora_weight_norm
 from .functional import lora_embedding, lora_linear, lora_linear_multi
-from .layers import LoRAEmbedding, LoRALinear
+from .layers import LoRAEmbedding, LoRALinear, LoRALinear4bit
 from .peft_interop import accelerate_peft, from_pretrained, fused_layers, get_peft_model
+from .qlora import lora_linear_4bit
 
 __version__ = "0.1.0"
 
@@ -20,7 +21,9 @@ __all__ = [
     "dora_linear",
     "dora_embedding",
     "dora_weight_norm",
+    "lora_linear_4bit",
     "LoRALinear",
+    "LoRALinear4bit",
     "LoRAEmbedding",
     "get_peft_model",
     "from_pretrained",

@@ -9,8 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .functional import lora_embedding, lora_linear
+from .qlora import is_linear4bit, lora_linear_4bit, restore_canonical_layout
 
-__all__ = ["LoRALinear", "LoRAEmbedding"]
+__all__ = ["LoRALinear", "LoRAEmbedding", "LoRALinear4bit"]
 
 
 def _check_lora_args(r, lora_alpha, lora_dropout) -> None:
@@ -130,7 +131,11 @@ class LoRALinear(_LoRAModule):
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                     use_rslora: bool = False, init_lora_weights: bool | str = True) -> "LoRALinear":
-        """Wrap ``linear``, sharing its weight and bias tensors (no copy) and freezing them."""
+        """Wrap ``linear``, sharing its weight and bias tensors (no copy) and freezing them. A bitsandbytes
+        ``Linear4bit`` gives a ``LoRALinear4bit`` (QLoRA) instead."""
+        if _quantized_base(linear):  # [qlora] 4-bit bases: see the QLoRA block at the end of this file
+            return LoRALinear4bit.from_linear(linear, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                              use_rslora=use_rslora, init_lora_weights=init_lora_weights)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         _check_lora_args(r, lora_alpha, lora_dropout)
@@ -279,3 +284,124 @@ class LoRAEmbedding(_LoRAModule):
             s += f", padding_idx={self.padding_idx}"
         return (s + f", r={self.r}, lora_alpha={self.lora_alpha}" + (", use_rslora=True" if self.use_rslora else "")
                 + (", merged=True" if self.merged else ""))
+
+
+# ==============================================================================================================
+# [qlora] LoRA over a bitsandbytes 4-bit base (QLoRA). Owned by the qlora work; the math is fastlora.qlora's.
+# ==============================================================================================================
+
+def _quantized_base(linear) -> bool:
+    """True for a bitsandbytes 4-bit base (handled by LoRALinear4bit); raises for an 8-bit one, which is an
+    nn.Linear subclass too but whose weight is int8 with its own scales."""
+    if type(linear).__name__ == "Linear8bitLt" and type(linear).__module__.startswith("bitsandbytes"):
+        raise TypeError("from_linear: 8-bit bases (bitsandbytes Linear8bitLt) are not supported; use a 4-bit "
+                        "(Linear4bit) base, or PEFT's own 8-bit LoRA layer")
+    return is_linear4bit(linear)
+
+
+class LoRALinear4bit(_LoRAModule):
+    r"""QLoRA: a LoRA update over a frozen bitsandbytes ``Linear4bit`` (NF4 or FP4, any blocksize, with or without
+    double quantization): ``y = x W̃ᵀ + b + s · (dropout(x) Aᵀ) Bᵀ`` with W̃ = dequantize_4bit(W), run by
+    ``fastlora.lora_linear_4bit`` (no dequantized W kept between calls or saved for the backward).
+
+    ``base_layer`` is the Linear4bit itself (its packed weight, bias and ``compute_dtype``, shared, not copied).
+    As bitsandbytes' forward: x is cast to the base's compute dtype for the product and the output cast back to
+    x's dtype. ``lora_A`` (r, in) and ``lora_B`` (out, r) are fp32 by default (PEFT's QLoRA adapters) and
+    initialised as PEFT's (``init_lora_weights``). Merging into a 4-bit weight would re-quantize it (lossy):
+    ``merge()`` raises; ``to_linear()`` returns a dense nn.Linear with W̃ + s·B@A.
+    """
+
+    def __init__(self, base_layer: nn.Module, *, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                 use_rslora: bool = False, init_lora_weights: bool | str = True,
+                 adapter_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if not is_linear4bit(base_layer):
+            raise TypeError(f"LoRALinear4bit expects a bitsandbytes Linear4bit, got {type(base_layer).__name__}")
+        _check_lora_args(r, lora_alpha, lora_dropout)
+        _check_init(init_lora_weights)
+        if getattr(base_layer.weight, "quant_state", None) is None and getattr(base_layer, "quant_state", None) is None:
+            raise ValueError("LoRALinear4bit: the Linear4bit is not quantized yet (bitsandbytes quantizes its weight "
+                             "when the layer is moved to a device, e.g. .to('cpu') or .cuda())")
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.lora_dropout = float(lora_dropout)
+        self.use_rslora = bool(use_rslora)
+        self.merged = False
+        base_layer.weight.requires_grad_(False)
+        if base_layer.bias is not None:
+            base_layer.bias.requires_grad_(False)
+        device = base_layer.weight.device
+        self.lora_A = nn.Parameter(torch.empty((r, self.in_features), device=device, dtype=adapter_dtype))
+        self.lora_B = nn.Parameter(torch.empty((self.out_features, r), device=device, dtype=adapter_dtype))
+        LoRALinear.reset_lora_parameters(self, init_lora_weights)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, *, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, init_lora_weights: bool | str = True) -> "LoRALinear4bit":
+        """Wrap a bitsandbytes Linear4bit (shared, frozen)."""
+        return cls(linear, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
+                   init_lora_weights=init_lora_weights)
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    def reset_lora_parameters(self, init_lora_weights: bool | str = True) -> None:
+        LoRALinear.reset_lora_parameters(self, init_lora_weights)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+        base = self.base_layer
+        fix_4bit_weight_quant_state_from_module(base)
+        restore_canonical_layout(base.weight)  # undo bitsandbytes' CPU eval-mode repacking, if it happened
+        if not base.compute_type_is_set:  # as Linear4bit.forward: the first input may set the compute dtype
+            base.set_compute_type(input)
+            base.compute_type_is_set = True
+        x = input.to(base.compute_dtype) if base.compute_dtype is not None else input
+        bias = base.bias.to(x.dtype) if base.bias is not None else None
+        y = lora_linear_4bit(x, base.weight, self.lora_A, self.lora_B, bias, scaling=self.scaling,
+                             dropout_p=self.lora_dropout, training=self.training)
+        return y.to(input.dtype)
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """s · B @ A (out, in) in fp32 at least."""
+        return self._product_BA()
+
+    def merge(self) -> None:
+        raise NotImplementedError("LoRALinear4bit.merge(): merging into a 4-bit weight re-quantizes it (lossy); use "
+                                  "to_linear() for a dense nn.Linear with the update merged")
+
+    def unmerge(self) -> None:
+        raise NotImplementedError("LoRALinear4bit.unmerge(): a 4-bit base is never merged")
+
+    @torch.no_grad()
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A dense nn.Linear computing W̃ + s·B@A (and the bias), in ``dtype`` (default: the dtype the weight was
+        quantized from); this layer is unchanged."""
+        from .qlora import dequantize_weight
+
+        restore_canonical_layout(self.base_layer.weight)
+        w = dequantize_weight(self.base_layer.weight, dtype=torch.float32) + self.delta_weight().float()
+        dtype = dtype or self.base_layer.weight.quant_state.dtype
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device,
+                           dtype=dtype)
+        linear.weight.copy_(w)
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        qs = self.base_layer.weight.quant_state
+        quant = f"{qs.quant_type}, blocksize={qs.blocksize}" + (", double_quant=True" if qs.nested else "")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"{quant}, r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}"
+                + (", use_rslora=True" if self.use_rslora else ""))

@@ -1,0 +1,510 @@
+r"""QLoRA: the LoRA linear over a bitsandbytes 4-bit (NF4 / FP4) base weight, ``lora_linear_4bit``.
+
+With W̃ = dequantize_4bit(W) (N, K), the frozen base as bitsandbytes would reconstruct it, x (M, K), A (r, K),
+B (N, r), s the scaling and m the dropout keep mask (scaled by 1/(1-p), all ones without dropout)::
+
+    h = (x ⊙ m) Aᵀ                      (M, r)   saved, fp32 for half inputs
+    y = x W̃ᵀ + b + s · h Bᵀ             (M, N)
+
+Backward, given dY = ∂L/∂y (M, N)::
+
+    dh = s · dY B                       (M, r)
+    dB = s · dYᵀ h                      (N, r)
+    dA = dhᵀ (x ⊙ m)                    (r, K)
+    dx = dY W̃ + (dh A) ⊙ m              (M, K)    W̃ is dequantized AGAIN here (or read packed by the kernel)
+    db = Σ_rows dY                      (N,)      only when b requires grad
+    dW                                            never: a 4-bit weight is not differentiable (it is frozen)
+
+These are the gradients of ``fastlora.autograd`` with W replaced by the constant W̃. Saved for backward: x, h
+and the dropout seed, plus references to the packed weight and its quant_state (no memory). No dequantized W̃
+survives a call: it is either never formed (the fused kernel dequantizes tiles of W in registers) or formed in a
+transient buffer that is freed before the call returns, and formed again in the backward when dx is needed.
+
+Implementations, picked per call:
+
+* ``torch`` (CPU, and the ``torch`` backend anywhere): dequantize with bitsandbytes (its own CPU/CUDA kernels),
+  then ``fastlora.reference``'s factored math.
+* ``fused4bit`` (Triton): ``fastlora.kernels.qlora``'s GEMM reads the packed weight inside its K loop and
+  dequantizes in registers (a quarter of a bf16 weight's traffic): the small-M (decode) path.
+* ``dequant`` (Triton): dequantize into a transient buffer with bitsandbytes, then the fused kernels of
+  ``fastlora.kernels`` (``lora_forward`` / ``lora_backward``): the large-M path, where the GEMM is compute-bound.
+
+Between the two Triton paths: on CUDA the first call for a shape class (phase, bucketed M, N, K, r, dtypes,
+quantization) times both and caches the faster (``dispatch_choices()`` shows the cache); under the interpreter,
+M ≤ 64 takes ``fused4bit`` and larger M ``dequant``. ``FASTLORA_QLORA_PATH=fused4bit|dequant`` forces one.
+
+bitsandbytes is optional for fastlora as a whole; this module imports it on first use only.
+"""
+from __future__ import annotations
+
+import functools
+import numbers
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from . import backend as _backend
+from . import reference
+
+__all__ = [
+    "lora_linear_4bit",
+    "dequantize_weight",
+    "is_linear4bit",
+    "restore_canonical_layout",
+    "dispatch_choices",
+    "FUSED4BIT_DEFAULT_MAX_M",
+]
+
+# Under the interpreter (no timing possible) the fused 4-bit GEMM runs up to this many rows.
+FUSED4BIT_DEFAULT_MAX_M = 64
+_PATHS = ("fused4bit", "dequant")
+_QUANT_TYPES = ("nf4", "fp4")
+_W_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _bnb():
+    try:
+        import bitsandbytes
+        import bitsandbytes.functional  # noqa: F401
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("fastlora's 4-bit (QLoRA) path needs bitsandbytes: pip install fastlora[qlora]") from e
+    return bitsandbytes
+
+
+def is_linear4bit(module) -> bool:
+    """True for a ``bitsandbytes.nn.Linear4bit`` (checked without importing bitsandbytes)."""
+    import sys
+
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
+
+
+def restore_canonical_layout(weight) -> None:
+    """Undo bitsandbytes' CPU inference repacking of a ``Params4bit`` in place (bitsandbytes applies it on the
+    first eval-mode, no-grad CPU forward when the CPU has AVX512-BF16, and undoes it itself before saving or
+    moving to CUDA). No-op for a weight in the canonical layout."""
+    qs = getattr(weight, "quant_state", None)
+    if qs is not None and getattr(qs, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, qs)
+        if getattr(weight, "module", None) is not None:
+            weight.module.quant_state = weight.quant_state
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The packed weight
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class _Quant:
+    """What the op needs of a quant_state, checked once: W is (N, K), quantized from ``dtype``."""
+    state: object
+    N: int
+    K: int
+    blocksize: int
+    quant_type: str
+    dtype: torch.dtype
+
+    def absmax(self) -> Tensor:
+        """The per-block scales (N·K/blocksize,) fp32; with double quantization dequantized first, exactly as
+        bitsandbytes' dequantize_4bit does (a tiny vector; recomputed per call, never cached)."""
+        qs = self.state
+        if qs.nested:
+            from bitsandbytes.functional import dequantize_blockwise
+
+            absmax = dequantize_blockwise(qs.absmax, qs.state2)
+            absmax += qs.offset
+            return absmax.float().contiguous()
+        return qs.absmax.float().contiguous()
+
+    def dequantize(self, q: Tensor, dtype: torch.dtype) -> Tensor:
+        """W̃ (N, K) in ``dtype``: bitsandbytes' dequantize_4bit, then a cast (as bnb.matmul_4bit does).
+
+        On CPU with K not a multiple of the blocksize, the flat-layout dequantization below instead: bitsandbytes'
+        CPU kernel (0.50) indexes blocks per row (row·⌊K/blocksize⌋ + k//blocksize) when K is a multiple of 16
+        but not of the blocksize, which disagrees with the layout its own quantize_4bit writes and its reference
+        and CUDA implementations read (tests/test_qlora.py shows it); real models have K % blocksize == 0."""
+        if q.device.type == "cpu" and self.K % self.blocksize:
+            return _dequantize_flat(q, self.absmax(), _code(self.quant_type, q.device), self.N, self.K,
+                                    self.blocksize, self.dtype).to(dtype)
+        from bitsandbytes.functional import dequantize_4bit
+
+        w = dequantize_4bit(q.view(-1, 1), self.state)
+        return w.reshape(self.N, self.K).to(dtype)
+
+
+def _dequantize_flat(q: Tensor, absmax: Tensor, code: Tensor, N: int, K: int, blocksize: int,
+                     w_dtype: torch.dtype) -> Tensor:
+    """bitsandbytes' packed layout read in PyTorch: element i = n·K + k of W is nibble i of the byte stream (the
+    HIGH nibble of byte i//2 for even i), scaled by absmax[i // blocksize]; fp32 products rounded to w_dtype."""
+    n = N * K
+    nib = torch.stack((q >> 4, q & 0xF), dim=1).reshape(-1)[:n].int()
+    vals = code[nib]
+    vals *= absmax.repeat_interleave(blocksize)[:n]
+    return vals.to(w_dtype).reshape(N, K)
+
+
+@functools.lru_cache(maxsize=None)
+def _code(quant_type: str, device: torch.device) -> Tensor:
+    """The 16-entry code table of bitsandbytes (values in [-1, 1], index = the 4-bit nibble)."""
+    from bitsandbytes.functional import get_4bit_type
+
+    return get_4bit_type(quant_type, device=device).float().contiguous()
+
+
+def _packed_bytes(weight: Tensor) -> Tensor:
+    """The weight's storage as a flat contiguous uint8 tensor (a view: quant_storage may be another dtype), as a
+    plain Tensor (Params4bit is a subclass whose methods would re-wrap results)."""
+    w = torch.Tensor.as_subclass(weight.detach(), torch.Tensor)
+    if w.dtype != torch.uint8:
+        w = w.contiguous().view(torch.uint8)
+    return w.reshape(-1)
+
+
+def _resolve_quant(weight, quant_state) -> _Quant:
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"lora_linear_4bit: weight must be a bitsandbytes Params4bit or a packed uint8 tensor, got "
+                        f"{type(weight).__name__}")
+    qs = quant_state if quant_state is not None else getattr(weight, "quant_state", None)
+    if qs is None:
+        raise TypeError("lora_linear_4bit: weight has no quant_state: pass a bitsandbytes Params4bit that has been "
+                        "quantized (moved to a device), or the packed tensor and quant_state=")
+    for attr in ("absmax", "shape", "blocksize", "quant_type", "dtype"):
+        if not hasattr(qs, attr):
+            raise TypeError(f"lora_linear_4bit: quant_state must be a bitsandbytes QuantState, got {type(qs).__name__}")
+    if getattr(qs, "packing_format_for_cpu", False):
+        raise ValueError("lora_linear_4bit: the weight is in bitsandbytes' CPU inference layout (repacked by an "
+                         "eval-mode forward): call fastlora.qlora.restore_canonical_layout(weight) first")
+    if qs.shape is None or len(qs.shape) != 2:
+        raise ValueError(f"lora_linear_4bit: quant_state.shape must be 2-D (out_features, in_features), got {qs.shape}")
+    N, K = (int(s) for s in qs.shape)
+    if qs.quant_type not in _QUANT_TYPES:
+        raise ValueError(f"lora_linear_4bit: quant_type must be one of {_QUANT_TYPES}, got {qs.quant_type!r}")
+    bs = qs.blocksize
+    if not isinstance(bs, int) or bs < 2 or bs & (bs - 1):
+        raise ValueError(f"lora_linear_4bit: blocksize must be a power of two, got {bs!r}")
+    if qs.dtype not in _W_DTYPES:
+        raise TypeError(f"lora_linear_4bit: quant_state.dtype must be fp16, bf16 or fp32, got {qs.dtype}")
+    nbytes = weight.numel() * weight.element_size()
+    if nbytes != (N * K + 1) // 2:
+        raise ValueError(f"lora_linear_4bit: the packed weight has {nbytes} bytes but quant_state.shape {tuple(qs.shape)} "
+                         f"needs {(N * K + 1) // 2} (two 4-bit values per byte)")
+    if qs.nested and getattr(qs.state2, "blocksize", None) is None:
+        raise ValueError("lora_linear_4bit: a nested quant_state needs state2 (double quantization)")
+    return _Quant(qs, N, K, bs, qs.quant_type, qs.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation (before any kernel runs)
+# ---------------------------------------------------------------------------------------------------------
+
+def _validate(input, weight, quant: _Quant, lora_A, lora_B, bias, scaling, dropout_p) -> None:
+    named = {"input": input, "lora_A": lora_A, "lora_B": lora_B}
+    if bias is not None:
+        named["bias"] = bias
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"lora_linear_4bit: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"lora_linear_4bit: {name} must be a floating-point tensor, got dtype {t.dtype}")
+    devices = {**{n: t.device for n, t in named.items()}, "weight": weight.device,
+               "quant_state.absmax": quant.state.absmax.device}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"lora_linear_4bit: all tensors must be on one device, got {listing}")
+    if input.dim() < 1:
+        raise ValueError("lora_linear_4bit: input must have at least 1 dimension (..., in_features), got a scalar")
+    for name in ("lora_A", "lora_B"):
+        if named[name].dim() != 2:
+            raise ValueError(f"lora_linear_4bit: {name} must be 2-D, got shape {tuple(named[name].shape)}")
+    N, K = quant.N, quant.K
+    r = lora_A.shape[0]
+    if input.shape[-1] != K:
+        raise ValueError(f"lora_linear_4bit: input {tuple(input.shape)} has {input.shape[-1]} features but the 4-bit "
+                         f"weight is ({N}, {K}): in_features={K}")
+    if lora_A.shape[1] != K:
+        raise ValueError(f"lora_linear_4bit: lora_A {tuple(lora_A.shape)} must be (r, in_features={K})")
+    if r < 1:
+        raise ValueError(f"lora_linear_4bit: rank must be >= 1, got lora_A {tuple(lora_A.shape)}")
+    if lora_B.shape != (N, r):
+        raise ValueError(f"lora_linear_4bit: lora_B {tuple(lora_B.shape)} must be (out_features={N}, r={r})")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
+        raise ValueError(f"lora_linear_4bit: bias {tuple(bias.shape)} must be (out_features={N},)")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"lora_linear_4bit: dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+        raise TypeError(f"lora_linear_4bit: scaling must be a real number, got {scaling!r}")
+
+
+def _check_dtypes(input, lora_A, lora_B, bias) -> None:
+    if bias is not None and bias.dtype != input.dtype:
+        raise TypeError(f"lora_linear_4bit: bias dtype {bias.dtype} must match input dtype {input.dtype}")
+    if lora_A.dtype != lora_B.dtype:
+        raise TypeError(f"lora_linear_4bit: lora_A dtype {lora_A.dtype} and lora_B dtype {lora_B.dtype} differ")
+
+
+def _autocast(device_type: str, *tensors):
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.dtype in _W_DTYPES else t for t in tensors)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Path choice: measured on CUDA, by M under the interpreter
+# ---------------------------------------------------------------------------------------------------------
+
+class _TimedChoice:
+    """The faster of several equivalent callables, measured once per key on CUDA (warm-up, then the median of
+    three timed runs each) and cached. (fastlora.kernels has no shared dispatch helper in this branch: this is
+    the small one the 4-bit op needs.)"""
+
+    def __init__(self, reps: int = 3, sync: Callable[[], None] = torch.cuda.synchronize):
+        self.reps = reps
+        self.sync = sync  # waits for the device: the timings are of finished work
+        self.cache: dict = {}
+
+    def run(self, key, candidates: dict[str, Callable[[], object]]):
+        name = self.cache.get(key)
+        if name is not None:
+            return candidates[name]()
+        times, outs = {}, {}
+        for name, fn in candidates.items():
+            outs[name] = fn()  # warm-up: compilation, autotuning, allocator
+            self.sync()
+            samples = []
+            for _ in range(self.reps):
+                t0 = time.perf_counter()
+                fn()
+                self.sync()
+                samples.append(time.perf_counter() - t0)
+            times[name] = sorted(samples)[len(samples) // 2]
+        best = min(times, key=times.get)
+        self.cache[key] = best
+        return outs[best]
+
+
+_CHOICE = _TimedChoice()
+
+
+def dispatch_choices() -> dict:
+    """The measured choices so far: {(phase, M bucket, N, K, r, dtype, adapter dtype, quant_type, blocksize,
+    bias, dropout): "fused4bit" | "dequant"}."""
+    return dict(_CHOICE.cache)
+
+
+def _forced_path() -> Optional[str]:
+    path = os.environ.get("FASTLORA_QLORA_PATH", "auto").lower()
+    if path == "auto":
+        return None
+    if path not in _PATHS:
+        raise ValueError(f"FASTLORA_QLORA_PATH must be 'auto' or one of {_PATHS}, got {path!r}")
+    return path
+
+
+def _pick(phase: str, x: Tensor, quant: _Quant, lora_A: Tensor, has_bias: bool, p: float,
+          candidates: dict[str, Callable[[], object]]):
+    forced = _forced_path()
+    if forced is not None:
+        return candidates[forced]()
+    M = x.shape[0]
+    if x.device.type != "cuda":  # the interpreter: no timing worth the name
+        return candidates["fused4bit" if M <= FUSED4BIT_DEFAULT_MAX_M else "dequant"]()
+    m_bucket = max(16, 1 << max(0, (M - 1).bit_length()))
+    key = (phase, m_bucket, quant.N, quant.K, lora_A.shape[0], x.dtype, lora_A.dtype, quant.quant_type,
+           quant.blocksize, has_bias, p > 0.0)
+    return _CHOICE.run(key, candidates)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Forward / backward bodies
+# ---------------------------------------------------------------------------------------------------------
+
+def _draw_seed(dropout_p: float) -> int:
+    """As fastlora.autograd: from torch's default generator, so torch.manual_seed makes runs repeatable."""
+    if dropout_p > 0.0:
+        return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
+    return 0
+
+
+def _standin(x: Tensor, rows: int, cols: int) -> Tensor:
+    """A (rows, cols) tensor of x's dtype with no storage of its own: a weight argument that is never read."""
+    return x.new_zeros(()).expand(rows, cols)
+
+
+def _forward(x, q, quant: _Quant, lora_A, lora_B, bias, scaling, p, seed, save_h, use_triton):
+    """(y, h or None)."""
+    cd = x.dtype
+    if not use_triton:
+        return _forward_torch(x, q, quant, lora_A, lora_B, bias, scaling, p, seed, save_h)
+
+    from fastlora import kernels
+    from fastlora.kernels import qlora as qk
+
+    def dequant():
+        w = quant.dequantize(q, cd)
+        return kernels.lora_forward(x, w, lora_A, lora_B, bias, scaling, p, seed, save_h=save_h)
+
+    def fused4bit():
+        r = lora_A.shape[0]
+        h = None
+        if p > 0.0 or r > qk.QLORA_FUSED_MAX_R:
+            # The LoRA op with zero output features computes only h = drop(x) Aᵀ: fastlora's shrink kernel, with
+            # the Philox mask that its backward kernels regenerate.
+            h = kernels.lora_forward(x, _standin(x, 0, quant.K), lora_A, lora_B[:0], None, scaling, p, seed,
+                                     save_h=True)[1]
+        y, h = qk.qlora_gemm_forward(x, q, quant.absmax(), _code(quant.quant_type, x.device), quant.blocksize,
+                                     quant.dtype, quant.N, lora_A, lora_B, bias, scaling, h=h, save_h=save_h)
+        return y, (h if save_h else None)
+
+    return _pick("forward", x, quant, lora_A, bias is not None, p, {"fused4bit": fused4bit, "dequant": dequant})
+
+
+def _backward(grad_y, x, q, quant: _Quant, lora_A, lora_B, h, scaling, p, seed, needs, use_triton):
+    """(dx, dA, dB, dbias), None where not needed."""
+    nx, na, nb, nbias = needs
+    cd = grad_y.dtype
+    standin = _standin(x, quant.N, quant.K)
+
+    def via_dense(impl):
+        w = quant.dequantize(q, cd) if nx else standin  # dequantized again, only when dx is wanted
+        dx, _, dA, dB, dbias = impl.lora_backward(grad_y, x, w, lora_A, lora_B, h, scaling, p, seed,
+                                                  nx, False, na, nb, nbias)
+        return dx, dA, dB, dbias
+
+    if not use_triton:
+        return _backward_torch(grad_y, x, q, quant, lora_A, lora_B, h, scaling, p, seed, needs)
+
+    from fastlora import kernels
+    from fastlora.kernels import qlora as qk
+
+    def fused4bit():
+        _, _, dA, dB, dbias = kernels.lora_backward(grad_y, x, standin, lora_A, lora_B, h, scaling, p, seed,
+                                                    False, False, na, nb, nbias)
+        dx = None
+        if nx:
+            dh = torch.mm(grad_y.float(), lora_B.float()).mul_(scaling)  # (M, r) fp32: cheap at small M
+            dx = qk.qlora_gemm_dx(grad_y, q, quant.absmax(), _code(quant.quant_type, x.device), quant.blocksize,
+                                  quant.dtype, quant.K, dh, lora_A, p, seed)
+        return dx, dA, dB, dbias
+
+    return _pick("backward", x, quant, lora_A, nbias, p,
+                 {"fused4bit": fused4bit, "dequant": lambda: via_dense(kernels)})
+
+
+def _forward_torch(x, q, quant: _Quant, lora_A, lora_B, bias, scaling, p, seed, save_h):
+    """fastlora.reference's math, ordered so that the transient W̃ never coexists with the dropout temporaries:
+    h first (the reference op with zero output features), then x W̃ᵀ with W̃ freed at once, then s·h Bᵀ."""
+    cd = x.dtype
+    h = reference.lora_forward(x, _standin(x, 0, quant.K), lora_A, lora_B[:0], None, scaling, p, seed,
+                               save_h=True)[1]
+    w = quant.dequantize(q, cd)
+    y = torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
+    del w
+    y.addmm_(h.to(cd), lora_B.to(cd).t(), alpha=scaling)  # h was computed in cd: the cast back is exact
+    return y, (h if save_h else None)
+
+
+def _backward_torch(grad_y, x, q, quant: _Quant, lora_A, lora_B, h, scaling, p, seed, needs):
+    """fastlora.reference's gradients: dA, dB, db first (no W̃ needed), then dx = dY W̃ with W̃ dequantized again
+    and freed before the masked low-rank term (dh A) ⊙ m / (1-p) is added."""
+    nx, na, nb, nbias = needs
+    cd = grad_y.dtype
+    _, _, dA, dB, dbias = reference.lora_backward(grad_y, x, _standin(x, quant.N, quant.K), lora_A, lora_B, h,
+                                                  scaling, p, seed, False, False, na, nb, nbias)
+    dx = None
+    if nx:
+        w = quant.dequantize(q, cd)
+        dx = torch.mm(grad_y, w)  # (M, K)
+        del w
+        dh = torch.mm(grad_y, lora_B.to(cd)).mul_(scaling)  # (M, r)
+        if p == 0.0:
+            dx.addmm_(dh, lora_A.to(cd))
+        else:  # the reference's mask, regenerated from the seed
+            keep = reference.dropout_keep_mask(seed, x.shape, p, x.device)
+            dx.add_(torch.mm(dh, (lora_A * (1.0 / (1.0 - p))).to(cd)).masked_fill_(~keep, 0.0))
+    return dx, dA, dB, dbias
+
+
+class LoRALinear4bitFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, q, lora_A, lora_B, bias, quant, scaling, dropout_p, use_triton):
+        seed = _draw_seed(dropout_p)
+        y, h = _forward(x, q, quant, lora_A, lora_B, bias, scaling, dropout_p, seed, True, use_triton)
+        ctx.save_for_backward(x, q, lora_A, lora_B, h)  # q is the packed parameter itself: no copy
+        ctx.quant, ctx.seed, ctx.scaling, ctx.dropout_p, ctx.use_triton = quant, seed, scaling, dropout_p, use_triton
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, q, lora_A, lora_B, h = ctx.saved_tensors
+        nx, _, na, nb, nbias = ctx.needs_input_grad[:5]
+        needs = (nx, na, nb, nbias and ctx.has_bias)
+        if not any(needs):
+            return (None,) * 9
+        dx, dA, dB, dbias = _backward(grad_y.contiguous(), x, q, ctx.quant, lora_A, lora_B, h, ctx.scaling,
+                                      ctx.dropout_p, ctx.seed, needs, ctx.use_triton)
+        return dx, None, dA, dB, dbias, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The functional op
+# ---------------------------------------------------------------------------------------------------------
+
+def dequantize_weight(weight, quant_state=None, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """W̃ (out, in): bitsandbytes' dequantize_4bit of a Params4bit (or packed tensor + quant_state), in ``dtype``
+    (default: the dtype it was quantized from). For merging and exporting; the op never keeps one."""
+    _bnb()
+    quant = _resolve_quant(weight, quant_state)
+    return quant.dequantize(_packed_bytes(weight), dtype or quant.dtype)
+
+
+def lora_linear_4bit(
+    input: Tensor,
+    weight,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    quant_state=None,
+    scaling: float = 1.0,
+    dropout_p: float = 0.0,
+    training: bool = True,
+) -> Tensor:
+    r"""``input @ W̃ᵀ + bias + scaling · (dropout(input) @ lora_Aᵀ) @ lora_Bᵀ`` with W̃ = dequantize_4bit(weight).
+
+    weight: a quantized bitsandbytes ``Params4bit`` (its ``quant_state`` is used), or the packed uint8 tensor with
+    ``quant_state=`` (a bitsandbytes QuantState: NF4 or FP4, any blocksize, with or without double quantization).
+    input (..., in) is the compute dtype (fp16, bf16 or fp32): W̃ is dequantized as bitsandbytes does (to the
+    quantized dtype) and cast to it, as ``bnb.matmul_4bit``. lora_A (r, in), lora_B (out, r) (may be wider than
+    input, e.g. fp32 adapters), bias (out,) or None. Dropout acts on the LoRA branch only, when ``training`` and
+    ``dropout_p > 0``. Gradients flow to input, lora_A, lora_B (and bias if it requires grad), never to weight.
+    No dequantized copy of the weight is kept between calls or saved for the backward.
+    """
+    _bnb()
+    quant = _resolve_quant(weight, quant_state)
+    _validate(input, weight, quant, lora_A, lora_B, bias, scaling, dropout_p)
+    input, lora_A, lora_B, bias = _autocast(input.device.type, input, lora_A, lora_B, bias)
+    _check_dtypes(input, lora_A, lora_B, bias)
+
+    p = float(dropout_p) if training else 0.0
+    use_triton = _backend.use_triton(input.device, input.dtype)
+    q = _packed_bytes(weight)
+    x2d = input if input.dim() == 2 else input.reshape(-1, input.shape[-1])
+    if use_triton:
+        x2d = x2d.contiguous()
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, lora_A, lora_B, bias))
+    if needs_grad:
+        y = LoRALinear4bitFunction.apply(x2d, q, lora_A, lora_B, bias, quant, float(scaling), p, use_triton)
+    else:
+        y = _forward(x2d, q, quant, lora_A, lora_B, bias, float(scaling), p, _draw_seed(p), False, use_triton)[0]
+    return y if input.dim() == 2 else y.reshape(*input.shape[:-1], quant.N)
