@@ -31,8 +31,8 @@ def set_backend(name: str) -> None:
 
 
 def get_backend() -> str:
-    """The current choice: set_backend's last value, else ``$FASTLORA_BACKEND`` (read on first use), else
-    ``"auto"``."""
+    """The current choice: set_backend's last value, else ``$FASTLORA_BACKEND`` (read when fastlora is imported),
+    else ``"auto"``."""
     global _backend
     if _backend is None:
         _backend = _check(os.environ.get("FASTLORA_BACKEND", "auto"), "FASTLORA_BACKEND")
@@ -75,3 +75,15 @@ def use_triton(device: torch.device, dtype: torch.dtype) -> bool:
             "use backend 'torch' or 'auto' for it"
         )
     return True
+
+
+def _backend_from_env() -> str | None:
+    """``$FASTLORA_BACKEND``, resolved at import so that the first compiled call does not change a global that
+    dynamo guards on (which would recompile once). A bad value is left for get_backend to raise, naming it."""
+    try:
+        return _check(os.environ.get("FASTLORA_BACKEND", "auto"), "FASTLORA_BACKEND")
+    except ValueError:
+        return None
+
+
+_backend = _backend_from_env()

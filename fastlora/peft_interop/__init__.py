@@ -8,7 +8,6 @@ management, saving and loading are PEFT's code. peft is imported only when one o
 """
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import Optional
 
@@ -47,11 +46,8 @@ def _peft(what: str):
     return peft
 
 
-@functools.lru_cache(maxsize=None)
 def _lora_layer_class():
-    from peft.tuners.lora.layer import LoraLayer
-
-    return LoraLayer
+    return registry.peft_lora_class("LoraLayer")
 
 
 # --------------------------------------------------------------------------------------------------------------

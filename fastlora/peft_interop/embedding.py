@@ -3,7 +3,6 @@
 allocated beside the output)."""
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -17,11 +16,8 @@ from .linear import variant_name
 __all__ = ["claims", "why_not", "forward", "FUSER"]
 
 
-@functools.lru_cache(maxsize=None)
 def _peft_embedding():
-    from peft.tuners.lora.layer import Embedding
-
-    return Embedding
+    return registry.peft_lora_class("Embedding")
 
 
 def claims(layer: nn.Module, adapter: str) -> bool:

@@ -7,7 +7,6 @@ the reason it cannot run them, and the fusers registered for them (with a higher
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -19,11 +18,8 @@ from . import registry
 __all__ = ["claims", "why_not", "forward", "FUSER"]
 
 
-@functools.lru_cache(maxsize=None)
 def _peft_linear():
-    from peft.tuners.lora.layer import Linear
-
-    return Linear
+    return registry.peft_lora_class("Linear")
 
 
 def is_conv1d(module: nn.Module) -> bool:

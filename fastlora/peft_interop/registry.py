@@ -58,3 +58,19 @@ def fuser_for(layer: nn.Module, adapter: str) -> Optional[Fuser]:
         if f.claims(layer, adapter):
             return f
     return None
+
+
+_PEFT_CLASSES: dict[str, type] = {}
+
+
+def peft_lora_class(name: str) -> type:
+    """``peft.tuners.lora.layer.<name>`` (``Linear``, ``Embedding`` or ``LoraLayer``), imported on first use.
+
+    Not ``functools.lru_cache``: fused forwards call this while torch.compile traces them, and dynamo warns about
+    lru_cache-wrapped calls. The dict is filled once, with every name, so that its keys (which dynamo guards on)
+    never change after a graph has been compiled."""
+    if not _PEFT_CLASSES:
+        from peft.tuners.lora import layer
+
+        _PEFT_CLASSES.update(Linear=layer.Linear, Embedding=layer.Embedding, LoraLayer=layer.LoraLayer)
+    return _PEFT_CLASSES[name]
