@@ -72,7 +72,8 @@ def _bnb():
         import bitsandbytes
         import bitsandbytes.functional  # noqa: F401
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("fastlora's 4-bit (QLoRA) path needs bitsandbytes: pip install fastlora[qlora]") from e
+        raise ImportError("fastlora's 4-bit (QLoRA) path needs bitsandbytes: pip install bitsandbytes "
+                          '(or pip install -e ".[qlora]" in a fastlora clone)') from e
     return bitsandbytes
 
 
