@@ -12,7 +12,7 @@ import weakref
 import pytest
 import torch
 
-bnb = pytest.importorskip("bitsandbytes", reason="the 4-bit (QLoRA) path needs bitsandbytes: pip install fastlora[qlora]")
+bnb = pytest.importorskip("bitsandbytes", reason="the 4-bit (QLoRA) path needs bitsandbytes: pip install -e \".[qlora]\"")
 import bitsandbytes.functional as bnbF  # noqa: E402
 
 import fastlora  # noqa: E402

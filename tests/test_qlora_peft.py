@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-bnb = pytest.importorskip("bitsandbytes", reason="the 4-bit (QLoRA) path needs bitsandbytes: pip install fastlora[qlora]")
+bnb = pytest.importorskip("bitsandbytes", reason="the 4-bit (QLoRA) path needs bitsandbytes: pip install -e \".[qlora]\"")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 from peft.tuners.lora import bnb as lora_bnb  # noqa: E402  (PEFT's bitsandbytes LoRA layers)
