@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py importable fro
 
 import pytest  # noqa: E402
 
-from helpers import nan_poisoned_allocations  # noqa: E402
+from helpers import nan_poisoned_allocations, spy_kernel_launches  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -63,3 +63,12 @@ def triton_backend():
     fastlora.set_backend("triton")
     yield
     backend._backend = saved
+
+
+@pytest.fixture
+def kernel_spy():
+    """A ``helpers.KernelLaunches`` recording every Triton kernel launch (name, arguments, constexprs) and, under
+    the interpreter, every atomic op of this test: the proof that a kernel path ran, and how."""
+    pytest.importorskip("triton")
+    with spy_kernel_launches() as rec:
+        yield rec
