@@ -167,3 +167,29 @@ def spy_kernel_launches():
     finally:
         for cls, name, original in reversed(patched):
             setattr(cls, name, original)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A float64 oracle of the LoRA linear with an explicit keep mask, and leaf-copy forward/backward runs
+# ---------------------------------------------------------------------------------------------------------
+
+def lora_oracle(x, weight, lora_A, lora_B, bias, scaling, keep=None, p=0.0, dtype=torch.float64):
+    """x Wᵀ + b + s·((x ⊙ keep/(1-p)) Aᵀ) Bᵀ computed in ``dtype`` from the given tensors (plain torch ops)."""
+    def cast(t):
+        return None if t is None else t.to(dtype)
+
+    x, weight, lora_A, lora_B, bias = (cast(t) for t in (x, weight, lora_A, lora_B, bias))
+    xd = x if keep is None else x * keep.to(device=x.device, dtype=dtype) / (1.0 - p)
+    y = x @ weight.t() + scaling * ((xd @ lora_A.t()) @ lora_B.t())
+    return y if bias is None else y + bias
+
+
+def run_leaves(fn, tensors, trainable, grad_y, **kwargs):
+    """Forward + backward of ``fn(*leaves, **kwargs)`` on detached copies of ``tensors``; ``trainable[i]`` says
+    whether leaf i requires grad. Returns (y, [grad or None per leaf]); backward only if y requires grad."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_(bool(req))
+              for t, req in zip(tensors, trainable)]
+    y = fn(*leaves, **kwargs)
+    if y.requires_grad:
+        y.backward(grad_y)
+    return y.detach(), [None if t is None else t.grad for t in leaves]
