@@ -74,6 +74,7 @@ def test_compile_fullgraph_equals_eager(path, dropout):
     device = path
     torch.manual_seed(0)
     model = TwoLayer(dropout=dropout, device=device)
+    model.fc2.bias.requires_grad_(True)  # a trainable bias: the custom op's backward must return its gradient
     x = torch.randn(3, 5, 24, device=device, requires_grad=True)
     y_eager, g_eager = _step(model, x)
     model.zero_grad()
@@ -83,7 +84,7 @@ def test_compile_fullgraph_equals_eager(path, dropout):
     if fastlora.get_backend() == "triton" or device == "cuda":
         assert _kernel_launches() > launches  # the compiled graph ran the Triton kernels
     assert_close(y_comp, y_eager, 1e-5, 1e-5, "y")
-    assert set(g_comp) == set(g_eager) == {"fc1.lora_A", "fc1.lora_B", "fc2.lora_A", "fc2.lora_B"}
+    assert set(g_comp) == set(g_eager) == {"fc1.lora_A", "fc1.lora_B", "fc2.lora_A", "fc2.lora_B", "fc2.bias"}
     for name in g_eager:
         assert_close(g_comp[name], g_eager[name], 1e-5, 1e-5, name)
 

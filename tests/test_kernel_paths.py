@@ -127,7 +127,7 @@ def test_even_k_and_masked_k_tails(K, N, p, kernel_spy):
 def test_both_k_loops_ran_somewhere(kernel_spy):
     """Across one even and one odd problem, every kernel with a K loop ran both EVEN_K variants."""
     _check(70, 64, 41, 5, trainable=(True, False, True, True, False))
-    _check(8, 64, 41, 16, trainable=(True, False, True, True, False))  # the fused small-M GEMM with EVEN_K
+    _check(8, 128, 41, 16, trainable=(True, False, True, True, False))  # the fused small-M GEMM with EVEN_K
     _check(70, 53, 64, 5, trainable=(True, False, True, True, False))
     _check(8, 53, 41, 16, trainable=(True, False, True, True, False))
     for name in ("gemm_lora_kernel", "lora_shrink_kernel"):
