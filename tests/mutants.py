@@ -315,6 +315,12 @@ def _env(root: str) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONDONTWRITEBYTECODE"] = "1"
+    # torch.compile's on-disk caches (FX graph, AOTAutograd) key on the traced graph, not on the Python source of a
+    # custom op's backward: a cached backward from an unmutated run would hide a mutant. A fresh cache per copy.
+    env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(os.path.dirname(root), "inductor-cache")
+    env["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "0"
+    env["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "0"
+    env["TRITON_CACHE_DIR"] = os.path.join(os.path.dirname(root), "triton-cache")
     env.setdefault("FASTLORA_AUTOTUNE", "0")
     return env
 
