@@ -14,6 +14,10 @@ if not torch.cuda.is_available():
         raise RuntimeError("triton was imported before tests/conftest.py could set TRITON_INTERPRET=1")
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Deterministic-mode tests call cuBLAS under torch.use_deterministic_algorithms(True), which raises on CUDA unless
+# this is set before the first cuBLAS handle is made (harmless without CUDA).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py importable from every test file
 
 import pytest  # noqa: E402
