@@ -222,7 +222,7 @@ def test_rank_chunks_above_128(kernel_spy):
         assert launch["R"] == 150 and launch["R_BLOCK"] < 150, name
 
 
-def test_every_kernel_and_flag_ran_in_this_file(kernel_spy):
+def test_every_kernel_and_flag_value_runs(kernel_spy):
     """A compact sweep: each kernel and each value of each compile-time flag is launched at least once."""
     _check(70, 64, 41, 5, p=0.2, trainable=(True, True, True, True, True))
     _check(9, 53, 40, 4, trainable=(True, False, True, True, False))
