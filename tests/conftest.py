@@ -14,11 +14,15 @@ if not torch.cuda.is_available():
         raise RuntimeError("triton was imported before tests/conftest.py could set TRITON_INTERPRET=1")
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Deterministic-mode tests call cuBLAS under torch.use_deterministic_algorithms(True), which raises on CUDA unless
+# this is set before the first cuBLAS handle is made (harmless without CUDA).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py importable from every test file
 
 import pytest  # noqa: E402
 
-from helpers import nan_poisoned_allocations  # noqa: E402
+from helpers import nan_poisoned_allocations, spy_kernel_launches  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -63,3 +67,12 @@ def triton_backend():
     fastlora.set_backend("triton")
     yield
     backend._backend = saved
+
+
+@pytest.fixture
+def kernel_spy():
+    """A ``helpers.KernelLaunches`` recording every Triton kernel launch (name, arguments, constexprs) and, under
+    the interpreter, every atomic op of this test: the proof that a kernel path ran, and how."""
+    pytest.importorskip("triton")
+    with spy_kernel_launches() as rec:
+        yield rec

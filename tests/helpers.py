@@ -76,3 +76,120 @@ def nan_poisoned_allocations():
         for name, fn in saved.items():
             setattr(torch, name, fn)
         torch.Tensor.new_empty = saved_new_empty
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernel launch spy: which @triton.jit kernels ran, with which arguments and constexprs, and how many atomics
+# ---------------------------------------------------------------------------------------------------------
+
+class KernelLaunches:
+    """Records every launch of a @triton.jit kernel while installed (tests/conftest.py's ``kernel_spy``).
+
+    Each launch is ``(name, args)`` where ``args`` maps the kernel's parameter names to what was passed, after
+    ``triton.heuristics`` / the autotuner added theirs (``EVEN_K``, ``BLOCK_M``, ...). Under the interpreter,
+    ``atomics`` counts the atomic read-modify-write ops the kernels executed (one per tl.atomic_* call)."""
+
+    def __init__(self):
+        self.launches: list[tuple[str, dict]] = []
+        self.atomics = 0
+
+    def clear(self):
+        self.launches.clear()
+        self.atomics = 0
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.launches]
+
+    def of(self, name: str) -> list[dict]:
+        return [args for n, args in self.launches if n == name]
+
+    def values(self, name: str, key: str) -> set:
+        """The set of values ``key`` took over the launches of kernel ``name``."""
+        return {args.get(key) for args in self.of(name)}
+
+    def summary(self) -> str:
+        flags = ("EVEN_K", "HAS_DROPOUT", "LO_DROPOUT", "FUSE_SHRINK", "STORE_L", "NEED_DH", "NEED_DB", "NEED_DBIAS",
+                 "HAS_BIAS", "M", "N", "K")
+        return "; ".join(f"{n}({', '.join(f'{k}={a[k]}' for k in flags if k in a)})" for n, a in self.launches)
+
+
+@contextlib.contextmanager
+def spy_kernel_launches():
+    """Install a ``KernelLaunches`` recorder on Triton's kernel classes (the interpreter's InterpretedFunction and
+    the compiled JITFunction) and on the interpreter's atomic op; restored on exit. The library is untouched."""
+    import inspect
+
+    import triton.runtime.jit as jit
+
+    rec = KernelLaunches()
+    patched = []
+    classes = [jit.JITFunction]
+    builder = None
+    try:
+        from triton.runtime import interpreter
+
+        classes.append(interpreter.InterpretedFunction)
+        builder = interpreter.InterpreterBuilder
+    except ImportError:  # pragma: no cover - depends on the triton version
+        pass
+
+    def make_run(original):
+        def run(self, *args, **kwargs):
+            params = list(inspect.signature(self.fn).parameters)
+            bound = dict(zip(params, args))
+            bound.update({k: v for k, v in kwargs.items() if k in params})
+            rec.launches.append((self.fn.__name__, bound))
+            return original(self, *args, **kwargs)
+        return run
+
+    for cls in classes:
+        original = cls.__dict__.get("run")
+        if original is not None:
+            patched.append((cls, "run", original))
+            cls.run = make_run(original)
+    if builder is not None:
+        original_rmw = builder.create_atomic_rmw
+        original_cas = builder.create_atomic_cas
+
+        def rmw(self, *args, **kwargs):
+            rec.atomics += 1
+            return original_rmw(self, *args, **kwargs)
+
+        def cas(self, *args, **kwargs):
+            rec.atomics += 1
+            return original_cas(self, *args, **kwargs)
+
+        patched += [(builder, "create_atomic_rmw", original_rmw), (builder, "create_atomic_cas", original_cas)]
+        builder.create_atomic_rmw = rmw
+        builder.create_atomic_cas = cas
+    try:
+        yield rec
+    finally:
+        for cls, name, original in reversed(patched):
+            setattr(cls, name, original)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A float64 oracle of the LoRA linear with an explicit keep mask, and leaf-copy forward/backward runs
+# ---------------------------------------------------------------------------------------------------------
+
+def lora_oracle(x, weight, lora_A, lora_B, bias, scaling, keep=None, p=0.0, dtype=torch.float64):
+    """x Wᵀ + b + s·((x ⊙ keep/(1-p)) Aᵀ) Bᵀ computed in ``dtype`` from the given tensors (plain torch ops)."""
+    def cast(t):
+        return None if t is None else t.to(dtype)
+
+    x, weight, lora_A, lora_B, bias = (cast(t) for t in (x, weight, lora_A, lora_B, bias))
+    xd = x if keep is None else x * keep.to(device=x.device, dtype=dtype) / (1.0 - p)
+    y = x @ weight.t() + scaling * ((xd @ lora_A.t()) @ lora_B.t())
+    return y if bias is None else y + bias
+
+
+def run_leaves(fn, tensors, trainable, grad_y, **kwargs):
+    """Forward + backward of ``fn(*leaves, **kwargs)`` on detached copies of ``tensors``; ``trainable[i]`` says
+    whether leaf i requires grad. Returns (y, [grad or None per leaf]); backward only if y requires grad."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_(bool(req))
+              for t, req in zip(tensors, trainable)]
+    y = fn(*leaves, **kwargs)
+    if y.requires_grad:
+        y.backward(grad_y)
+    return y.detach(), [None if t is None else t.grad for t in leaves]

@@ -83,14 +83,24 @@ def test_low_precision_within_twice_torch_error(dtype, atol, r):
 
 
 def test_fp32_adapters_on_bf16_base_keep_dtypes():
-    # PEFT keeps adapters in fp32 on a bf16 base: the output is bf16, the adapter gradients fp32.
+    # PEFT keeps adapters in fp32 on a bf16 base: the output is bf16, the adapter gradients fp32, and the values
+    # of the output and of every gradient follow the low-precision rule (bias ~3: dropping it fails by far).
     x, W, A, B, b = make(9, 23, 13, 4, torch.bfloat16, adapter_dtype=torch.float32)
+    with torch.no_grad():
+        b.add_(3.0)
     y = fastlora.lora_linear(x, W, A, B, b, scaling=0.5)
     assert y.dtype == torch.bfloat16
-    gx, gA, gB, gb = grads_of(y, (x, W, A, B, b), torch.ones_like(y))
-    assert (gx.dtype, gA.dtype, gB.dtype, gb.dtype) == (torch.bfloat16, torch.float32, torch.float32, torch.bfloat16)
-    y64 = reference.merged_lora_linear(*detached_copies((x, W, A, B, b), torch.float64), scaling=0.5)
-    assert_close(y, y64, 0.05, 0.02, "y")
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    grads = grads_of(y, (x, W, A, B, b), gy)
+    assert [g.dtype for g in grads] == [torch.bfloat16, torch.float32, torch.float32, torch.bfloat16]
+    ref64 = detached_copies((x, W, A, B, b), torch.float64)
+    y64 = reference.merged_lora_linear(*ref64, scaling=0.5)
+    same = detached_copies((x, W, A, B, b))  # torch in bf16: the adapters cast down for the product
+    y_same = reference.peft_lora_linear(*same, scaling=0.5)
+    assert_low_precision_close(y, y64, y_same, 1e-2 * y64.abs().max().item(), "y")
+    for name, g, g_same, g64 in zip(["x", "A", "B", "bias"], grads, grads_of(y_same, same, gy),
+                                    grads_of(y64, ref64, gy.double())):
+        assert_low_precision_close(g, g64, g_same, 1e-2 * max(1.0, float(g64.abs().max())), f"d{name}")
 
 
 def test_leading_dims_and_noncontiguous_input():
@@ -238,14 +248,22 @@ def test_inference_saves_nothing():
 
 def test_autocast_cpu_bfloat16():
     x, W, A, B, b = make(9, 24, 20, 4, torch.float32)
+    with torch.no_grad():
+        b.add_(3.0)  # a dropped bias misses by ~3, far outside the tolerance
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = fastlora.lora_linear(x, W, A, B, b, scaling=2.0)
         y_lin = torch.nn.functional.linear(x, W, b)
-    assert y.dtype == y_lin.dtype == torch.bfloat16
-    y_ref = reference.merged_lora_linear(*detached_copies((x, W, A, B, b), torch.float64), scaling=2.0)
-    assert_close(y, y_ref, 0.1, 0.02, "y")
-    gx, gA, gB, gb = grads_of(y, (x, W, A, B, b), torch.ones_like(y))
-    assert gx.dtype == gA.dtype == gB.dtype == gb.dtype == torch.float32  # back through the casts
+        y_peft = reference.peft_lora_linear(x, W, A, B, b, scaling=2.0)
+    assert y.dtype == y_lin.dtype == y_peft.dtype == torch.bfloat16
+    ref64 = detached_copies((x, W, A, B, b), torch.float64)
+    y_ref = reference.merged_lora_linear(*ref64, scaling=2.0)
+    assert_low_precision_close(y, y_ref, y_peft, 1e-2 * y_ref.abs().max().item(), "y")
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    grads = grads_of(y, (x, W, A, B, b), gy)
+    assert all(g.dtype == torch.float32 for g in grads)  # back through the casts
+    for name, g, g_peft, g64 in zip(["x", "A", "B", "bias"], grads, grads_of(y_peft, (x, W, A, B, b), gy),
+                                    grads_of(y_ref, ref64, gy.double())):
+        assert_low_precision_close(g, g64, g_peft, 1e-2 * max(1.0, float(g64.abs().max())), f"d{name}")
 
 
 # ---------------------------------------------------------------------------------------------------------

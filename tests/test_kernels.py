@@ -12,6 +12,7 @@ import torch
 
 import fastlora
 from fastlora import reference
+import philox_reference
 from helpers import assert_close, assert_low_precision_close
 
 kernels = pytest.importorskip("fastlora.kernels")
@@ -72,6 +73,11 @@ def _oracle(x, weight, lora_A, lora_B, bias, scaling, keep, p, dtype=torch.float
     return f, [cast(t) for t in (x, weight, lora_A, lora_B, bias)]
 
 
+def _reference_mask(seed, shape, p, device=DEVICE):
+    """The keep mask the kernels must use, from the independent Philox reference (not the kernels' helper)."""
+    return torch.from_numpy(philox_reference.keep_mask(seed, shape, p)).to(device)
+
+
 def _seed_of_next_call():
     """The seed fastlora.autograd will draw next (from torch's default CPU generator), without consuming it."""
     state = torch.random.get_rng_state()
@@ -105,7 +111,7 @@ def test_forward_and_every_gradient(M, K, N, r, dtype, adt, bias, p, wgrad):
     assert sum(kl.launch_counts.values()) > before, "the Triton kernels did not run"
     assert y.dtype == dtype
 
-    keep = kernels.dropout_keep_mask(seed, (M, K), p, x.device) if p > 0 else None
+    keep = _reference_mask(seed, (M, K), p, x.device) if p > 0 else None
     f, ref_in = _oracle(x, weight, lora_A, lora_B, b, scaling, keep, p)
     y64, g64 = _run(f, *ref_in, grad.double(), wgrad)
     names = ["input", "weight", "lora_A", "lora_B", "bias"]
@@ -138,7 +144,7 @@ def test_backward_uses_the_forwards_dropout_mask():
     seed = _seed_of_next_call()
     y, grads = _run(fastlora.lora_linear, x, weight, lora_A, lora_B, b, grad, False, scaling=2.0, dropout_p=p)
     for s, should_match in ((seed, True), (seed + 1, False)):
-        keep = kernels.dropout_keep_mask(s, (M, K), p, x.device)
+        keep = _reference_mask(s, (M, K), p, x.device)
         f, ref_in = _oracle(x, weight, lora_A, lora_B, b, 2.0, keep, p)
         y64, g64 = _run(f, *ref_in, grad.double(), False)
         matches = all(torch.allclose(a.double(), e, atol=1e-4, rtol=1e-4)
@@ -199,7 +205,7 @@ def test_non_contiguous_inputs_at_kernel_level():
     assert not x.is_contiguous() and not grad_y.is_contiguous()
 
     y, h = kernels.lora_forward(x, weight, lora_A, lora_B, bias, 1.5, p, seed)
-    keep = kernels.dropout_keep_mask(seed, (M, K), p, DEVICE)
+    keep = _reference_mask(seed, (M, K), p)
     xd = x * keep / (1 - p)
     assert_close(h, xd @ lora_A.t(), 1e-5, 1e-5, "h")
     assert_close(y, reference.unfused_lora_linear(x, weight, lora_A, lora_B, bias, 1.5, keep, p), 1e-5, 1e-5, "y")
@@ -223,19 +229,31 @@ def test_gradients_not_asked_for_are_none():
         assert [o is not None for o in out] == needs
 
 
-def test_deterministic_mode_reads_dy_without_atomics():
-    x, weight, lora_A, lora_B, b, grad = _make(40, 24, 22, 3, torch.float32)
-    y, h = kernels.lora_forward(x, weight, lora_A, lora_B, b, 1.0, 0.0, 0)
-    fused = kernels.lora_backward(grad, x, weight, lora_A, lora_B, h, 1.0, 0.0, 0, True, False, True, True, True)
+def test_deterministic_mode_reads_dy_without_atomics(kernel_spy):
+    """Deterministic mode with s = 2 and dropout: dB and dbias from cuBLAS / torch.sum (no atomics ran), and every
+    gradient equals the float64 math with the reference mask (not just the default mode's kernels)."""
+    M, K, N, r, s, p, seed = 40, 24, 22, 3, 2.0, 0.3, 31
+    x, weight, lora_A, lora_B, b, grad = _make(M, K, N, r, torch.float32)
+    y, h = kernels.lora_forward(x, weight, lora_A, lora_B, b, s, p, seed)
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
+    kernel_spy.clear()
     try:
-        det = kernels.lora_backward(grad, x, weight, lora_A, lora_B, h, 1.0, 0.0, 0, True, False, True, True, True)
+        det = kernels.lora_backward(grad, x, weight, lora_A, lora_B, h, s, p, seed, True, False, True, True, True)
     finally:
         torch.use_deterministic_algorithms(was)
-    for name, a, e in zip(["dx", "dW", "dA", "dB", "dbias"], fused, det):
+    assert all(not a.get("NEED_DB") and not a.get("NEED_DBIAS") for a in kernel_spy.of("lora_grad_dy_kernel"))
+    if not HAS_CUDA:
+        assert kernel_spy.atomics == 0
+    keep = _reference_mask(seed, (M, K), p).double()
+    x64, w64, a64, b64, g64 = (t.double() for t in (x, weight, lora_A, lora_B, grad))
+    xd = x64 * keep / (1 - p)
+    dh = s * g64 @ b64
+    expected = [g64 @ w64 + (dh @ a64) * keep / (1 - p), None, dh.t() @ xd, s * g64.t() @ (xd @ a64.t()), g64.sum(0)]
+    for name, a, e in zip(["dx", "dW", "dA", "dB", "dbias"], det, expected):
+        assert (a is None) == (e is None), name
         if e is not None:
-            assert_close(a, e, 1e-5, 1e-5, name)
+            assert_close(a, e, 1e-5 * max(1.0, e.abs().max().item()), 1e-5, name)
 
 
 @pytest.mark.parametrize("M", [7, 100])
@@ -338,7 +356,7 @@ def test_gpu_large_shapes(M, K, N, r, dtype, p, autotune, base, monkeypatch):
     x, weight, lora_A, lora_B, b, grad = _make(M, K, N, r, dtype, torch.float32, bias=not autotune)
     seed = _seed_of_next_call()
     y, grads = _run(fastlora.lora_linear, x, weight, lora_A, lora_B, b, grad, False, scaling=2.0, dropout_p=p)
-    keep = kernels.dropout_keep_mask(seed, (M, K), p, x.device) if p > 0 else None
+    keep = _reference_mask(seed, (M, K), p, x.device) if p > 0 else None
     f, ref_in = _oracle(x, weight, lora_A, lora_B, b, 2.0, keep, p)
     y64, g64 = _run(f, *ref_in, grad.double(), False)
     f_same, ref_same = _oracle(x, weight, lora_A, lora_B, b, 2.0, keep, p, dtype=dtype)
@@ -370,7 +388,9 @@ def test_gpu_int64_offsets(monkeypatch):
                                              True, False, True, True, False)
     # check the last rows, whose element offsets are past 2³¹, against the torch math on those rows
     tail = slice(M - 5, M)
-    keep = kernels.dropout_keep_mask(seed, (M, K), p, "cuda")[tail]
+    words = philox_reference.words(seed, torch.arange(M - 5, M)[:, None].numpy(), torch.arange(K)[None, :].numpy())
+    keep = torch.from_numpy(words >= philox_reference.threshold(p)).cuda()
+    assert torch.equal(keep, kernels.dropout_keep_mask(seed, (M, K), p, "cuda")[tail])
     xd = x[tail].float() * keep / (1 - p)
     assert_close(h[tail], xd @ lora_A.t(), 5e-2, 2e-2, "h tail")
     y_ref = x[tail].float() @ weight.float().t() + (xd @ lora_A.t()) @ lora_B.t()
@@ -393,13 +413,19 @@ def test_nan_poisoning_helper_poisons_only_inside_the_block():
     assert torch.empty is not None and not getattr(torch.empty, "__name__", "") == "poisoned"
 
 
-@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[2]], ids=["fp32-p0.3", "fp16-fp32adapters-p0.2", "smallM"])
-def test_cublas_base_gemm_composition(case, monkeypatch):
+CUBLAS_CASES = [CASES[1], CASES[3], (100, 40, 24, 16, torch.float32, None, False, 0.0, True)]
+
+
+@pytest.mark.parametrize("case", CUBLAS_CASES, ids=["fp32-p0.3", "fp16-fp32adapters-p0.2", "largeM-p0"])
+def test_cublas_base_gemm_composition(case, monkeypatch, kernel_spy):
     """FASTLORA_BASE_GEMM=cublas: the Triton kernels write bias + low-rank (masked in dX) terms and torch.addmm_
-    adds the big GEMM onto them; same results, the same kernels still launch."""
+    adds the big GEMM onto them; same results. Every case here is above the fused small-M path (M > 64 or
+    dropout), and the spy shows the Triton GEMM ran with an empty K loop, so the composition really ran."""
     monkeypatch.setenv("FASTLORA_BASE_GEMM", "cublas")
     assert kl.base_gemm() == "cublas"
     test_forward_and_every_gradient(*case)
+    gemm = kernel_spy.of("gemm_lora_kernel")
+    assert len(gemm) == 2 and all(a["K"] == 0 and not a["FUSE_SHRINK"] for a in gemm), kernel_spy.summary()
 
 
 def test_base_gemm_setting_is_validated(monkeypatch):

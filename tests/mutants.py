@@ -1,0 +1,462 @@
+"""Mutation check of the test suite: put one small, realistic bug into a COPY of the repository, run the tests
+that should notice it, and report whether they did (caught) or not (survived).
+
+    python tests/mutants.py                 # every mutant, one at a time, then the score
+    python tests/mutants.py --list          # the mutants and the tests each runs
+    python tests/mutants.py --only NAME[,NAME...]   # a few (names or name prefixes)
+    python tests/mutants.py -j 2            # two mutants at a time (each in its own copy)
+
+Each mutant is (file, exact original snippet, replacement, pytest selection). The snippet must occur exactly once
+in the file (tests/test_mutants_apply.py checks that in CI, so the list cannot rot silently when the code moves).
+The real files are never edited: every mutant gets a fresh temporary copy of the repository, with
+``fastlora/kernels`` linked to the copy's ``kernels/`` so ``import fastlora.kernels`` resolves inside the copy,
+not to the editable install. Before the mutants run, the unmutated copy must pass every selection (the baseline),
+otherwise a "caught" would mean nothing. Exit status 0 when every mutant was caught.
+
+Run it before landing a change to the kernels or the math: a mutant that survives is a bug the suite would miss.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str  # relative to the repository root
+    original: str  # must occur exactly once in the file
+    replacement: str
+    tests: tuple  # pytest node ids / files, relative to the repository root
+    k: str | None = None  # optional pytest -k expression
+    why: str = ""
+
+
+LL = "kernels/lora_linear.py"
+DROP = "kernels/dropout.py"
+REF = "fastlora/reference.py"
+AG = "fastlora/autograd.py"
+PEFT = "fastlora/peft_interop/__init__.py"
+
+PATHS = "tests/test_kernel_paths.py"
+PHILOX = "tests/test_dropout_philox.py"
+COMBOS = "tests/test_trainable_combinations.py"
+KTESTS = "tests/test_kernels.py"
+FUNC = "tests/test_functional.py"
+PEFT_TESTS = "tests/test_peft_interop.py"
+
+MUTANTS = [
+    # --- the five bugs issue 16 found surviving -------------------------------------------------------------
+    Mutant("dA_mask_relative_row", LL,
+           "keep = philox_keep(seed, drop_thr, offs_m, pid_k * BLOCK_K, BLOCK_M, BLOCK_K, N_ROUNDS)",
+           "keep = philox_keep(seed, drop_thr, offs_m - m_start, pid_k * BLOCK_K, BLOCK_M, BLOCK_K, N_ROUNDS)",
+           (f"{PATHS}::test_split_dA_with_dropout_at_large_M",),
+           why="dA keys its mask by the row within its split: wrong whenever M > 256 with dropout"),
+    Mutant("deterministic_dB_without_scaling", LL,
+           "dB = torch.mm(grad_y.t(), h.to(cdt)).mul_(scaling).to(lora_B.dtype)",
+           "dB = torch.mm(grad_y.t(), h.to(cdt)).to(lora_B.dtype)",
+           (PATHS, f"{KTESTS}::test_deterministic_mode_reads_dy_without_atomics"), k="deterministic",
+           why="deterministic mode's dB misses s"),
+    Mutant("deterministic_mode_ignored", LL,
+           "deterministic = torch.are_deterministic_algorithms_enabled()",
+           "deterministic = False",
+           (PATHS, f"{KTESTS}::test_deterministic_mode_reads_dy_without_atomics"), k="deterministic",
+           why="atomics still used under torch.use_deterministic_algorithms"),
+    Mutant("philox_word_reused_across_quad", DROP,
+           "words = tl.reshape(tl.join(tl.join(w0, w1), tl.join(w2, w3)), (BLOCK_ROWS, BLOCK_COLS))",
+           "words = tl.reshape(tl.join(tl.join(w0, w0), tl.join(w0, w0)), (BLOCK_ROWS, BLOCK_COLS))",
+           (PHILOX,), why="one 32-bit word for the four columns of a quad"),
+    Mutant("autograd_A_B_needs_swapped", AG,
+           "nx, nw, na, nb, nbias = ctx.needs_input_grad[:5]",
+           "nx, nw, nb, na, nbias = ctx.needs_input_grad[:5]",
+           (COMBOS,), k="trainable_combination and torch",
+           why="with A frozen, B never gets a gradient"),
+    # --- dropout mask -----------------------------------------------------------------------------------------
+    Mutant("philox_row_not_in_counter", DROP,
+           "c1 = rows[:, None].to(tl.uint32) + zero",
+           "c1 = zero",
+           (PHILOX,), why="every row gets the same mask"),
+    # the same two bugs against the statistics alone: independence checks that fail every time, not by chance
+    Mutant("philox_word_reused_statistics_only", DROP,
+           "words = tl.reshape(tl.join(tl.join(w0, w1), tl.join(w2, w3)), (BLOCK_ROWS, BLOCK_COLS))",
+           "words = tl.reshape(tl.join(tl.join(w0, w0), tl.join(w0, w0)), (BLOCK_ROWS, BLOCK_COLS))",
+           (PHILOX,), k="independent", why="as above, caught by the neighbour statistics alone"),
+    Mutant("philox_row_not_in_counter_statistics_only", DROP,
+           "c1 = rows[:, None].to(tl.uint32) + zero",
+           "c1 = zero",
+           (PHILOX,), k="independent", why="as above, caught by the neighbour statistics alone"),
+    Mutant("philox_column_tile_offset_lost", DROP,
+           "quads = col_start // 4 + tl.arange(0, BLOCK_COLS // 4)",
+           "quads = tl.arange(0, BLOCK_COLS // 4)",
+           (PHILOX,), why="every column tile repeats the first tile's mask"),
+    Mutant("philox_threshold_exclusive", DROP,
+           "return words >= thr.to(tl.uint32)",
+           "return words > thr.to(tl.uint32)",
+           (f"{PHILOX}::test_threshold_boundary_is_inclusive",), why="off-by-one at the threshold"),
+    Mutant("philox_rounds_changed", DROP,
+           "PHILOX_ROUNDS = 7",
+           "PHILOX_ROUNDS = 6",
+           (PHILOX,), why="fewer rounds than documented"),
+    Mutant("dropout_threshold_scale", DROP,
+           "return min(int(round(float(p) * 2.0**32)), 2**32 - 1)",
+           "return min(int(round(float(p) * 2.0**31)), 2**32 - 1)",
+           (PHILOX,), why="drops with probability p/2"),
+    # --- kernels ----------------------------------------------------------------------------------------------
+    Mutant("shrink_mask_ignores_k_tile", LL,
+           "keep = philox_keep(seed, drop_thr, offs_m, k, BLOCK_M, BLOCK_K, N_ROUNDS)",
+           "keep = philox_keep(seed, drop_thr, offs_m, 0, BLOCK_M, BLOCK_K, N_ROUNDS)",
+           (PATHS,), k="even_k", why="the forward mask repeats every K tile"),
+    Mutant("shrink_dropout_unscaled", LL,
+           "keep = philox_keep(seed, drop_thr, offs_m, k, BLOCK_M, BLOCK_K, N_ROUNDS)\n"
+           "            x = tl.where(keep, x.to(tl.float32) * inv_keep, 0.0).to(cdt)",
+           "keep = philox_keep(seed, drop_thr, offs_m, k, BLOCK_M, BLOCK_K, N_ROUNDS)\n"
+           "            x = tl.where(keep, x, 0.0)",
+           (PATHS,), k="even_k", why="h misses 1/(1-p)"),
+    Mutant("dx_epilogue_dropout_unscaled", LL,
+           "acc = tl.where(keep, acc * inv_keep, 0.0)",
+           "acc = tl.where(keep, acc, 0.0)",
+           (PATHS,), k="even_k", why="dX's low-rank term misses 1/(1-p)"),
+    Mutant("dx_epilogue_mask_wrong_tile", LL,
+           "keep = philox_keep(seed, drop_thr, offs_m, pid_n * BLOCK_N, BLOCK_M, BLOCK_N, N_ROUNDS)",
+           "keep = philox_keep(seed, drop_thr, offs_m, pid_m * BLOCK_N, BLOCK_M, BLOCK_N, N_ROUNDS)",
+           (PATHS,), k="even_k", why="dX's mask keyed by the row tile instead of the column tile"),
+    Mutant("bias_dropped_on_fused_small_M_path", LL,
+           "    if HAS_BIAS:\n        acc += tl.load(bias_ptr + cols)",
+           "    if HAS_BIAS and not FUSE_SHRINK:\n        acc += tl.load(bias_ptr + cols)",
+           (PATHS,), k="fused_small_M", why="small-M forward without its bias"),
+    Mutant("even_k_heuristic_too_loose", LL,
+           'return args["K"] % args["BLOCK_K"] == 0',
+           'return args["K"] % 16 == 0',
+           (PATHS,), k="even_k", why="unmasked K loop when K is a multiple of 16 but not of BLOCK_K"),
+    Mutant("dy_dh_without_scaling", LL,
+           "tl.store(dh_ptrs, dh * scaling, mask=m_ok[:, None] & r_ok[None, :])",
+           "tl.store(dh_ptrs, dh, mask=m_ok[:, None] & r_ok[None, :])",
+           (PATHS,), k="fused_small_M", why="dh (hence dx, dA) misses s"),
+    Mutant("dbias_added_per_rank_chunk", LL,
+           "            if pid_r == 0:\n                tl.atomic_add(dbias_ptr",
+           "            if True:\n                tl.atomic_add(dbias_ptr",
+           (f"{PATHS}::test_rank_chunks_above_128",), why="dbias counted once per rank chunk (r > 128)"),
+    Mutant("dA_first_split_only", LL,
+           "return part[0] if splits == 1 else part.sum(0)",
+           "return part[0]",
+           (PATHS,), k="split_dA", why="dA keeps only the first row split"),
+    Mutant("dA_splits_overlap", LL,
+           "m_end = tl.minimum(m_start + rows_per_split, M)",
+           "m_end = M",
+           (PATHS,), k="split_dA", why="each split runs to the end: rows counted several times"),
+    Mutant("fused_small_M_with_dropout", LL,
+           "fuse = M <= FUSED_SHRINK_MAX_M and p == 0.0 and r <= FUSED_SHRINK_MAX_R and N > 0",
+           "fuse = M <= FUSED_SHRINK_MAX_M and r <= FUSED_SHRINK_MAX_R and N > 0",
+           (PATHS,), k="small_M", why="the fused shrink ignores dropout"),
+    Mutant("fused_small_M_h_not_stored", LL,
+           "STORE_L=fuse and save_h",
+           "STORE_L=False",
+           (PATHS,), k="fused_small_M", why="training on the small-M path saves an unwritten h"),
+    Mutant("cublas_forward_gemm_twice", LL,
+           "M, N, 0 if cublas else K, r,",
+           "M, N, K, r,",
+           (PATHS,), k="cublas", why="the Triton GEMM and cuBLAS both add x@Wᵀ"),
+    Mutant("cublas_forward_gemm_missing", LL,
+           "        if cublas:\n            y.addmm_(x, weight.t())",
+           "        if False:\n            y.addmm_(x, weight.t())",
+           (PATHS,), k="cublas", why="the cuBLAS composition forgets x@Wᵀ"),
+    Mutant("cublas_dx_gemm_missing", LL,
+           "            if cublas:\n                dx.addmm_(grad_y, weight)",
+           "            if False:\n                dx.addmm_(grad_y, weight)",
+           (PATHS,), k="cublas", why="the cuBLAS composition forgets dY@W"),
+    Mutant("dy_fused_dB_without_scaling", LL,
+           "h = (h.to(tl.float32) * scaling).to(cdt)",
+           "h = h.to(cdt)",
+           (COMBOS,), k="trainable_combination and triton", why="the dY pass's dB (atomics) misses s"),
+    Mutant("fused_small_M_epilogue_without_scaling", LL,
+           "acc = _dot((l_acc * scaling).to(cdt), u.to(cdt), acc, DOT_PRECISION)",
+           "acc = _dot(l_acc.to(cdt), u.to(cdt), acc, DOT_PRECISION)",
+           (PATHS,), k="fused_small_M", why="small-M forward misses s"),
+    Mutant("dh_skipped_when_only_A_trains", LL,
+           "need_dh = needs_input or needs_A",
+           "need_dh = needs_input",
+           (COMBOS,), k="trainable_combination and triton", why="dA with a frozen input has no dh"),
+    Mutant("dropout_inverse_keep_wrong", LL,
+           "return dropout_threshold(p), 1.0 / (1.0 - p)",
+           "return dropout_threshold(p), 1.0 - p",
+           (PATHS,), k="even_k", why="kept elements multiplied by (1-p) instead of divided"),
+    Mutant("gemm_group_swizzle_last_group", LL,
+           "group_size_m = min(num_pid_m - first_pid_m, GROUP_M)",
+           "group_size_m = GROUP_M",
+           (PATHS,), k="even_k", why="the last, short group of row tiles maps programs to the wrong tiles"),
+    Mutant("dB_accumulator_not_zeroed", LL,
+           "db = torch.zeros((N, r), dtype=torch.float32, device=dev) if need_db else None",
+           "db = torch.empty((N, r), dtype=torch.float32, device=dev) if need_db else None",
+           (PATHS,), k="default_mode", why="atomics add into uninitialized memory (caught by the NaN poisoning)"),
+    # --- reference math (the CPU fallback) ----------------------------------------------------------------------
+    Mutant("reference_dA_dropout_unscaled", REF,
+           "dA = torch.mm(dh.t(), torch.where(keep, x, 0.0)).mul_(inv_keep)",
+           "dA = torch.mm(dh.t(), torch.where(keep, x, 0.0))",
+           (COMBOS,), k="torch", why="fallback dA misses 1/(1-p)"),
+    Mutant("reference_forward_dropout_unscaled", REF,
+           "h = torch.mm(torch.where(keep, x, 0.0), (lora_A / (1.0 - dropout_p)).to(cd).t())",
+           "h = torch.mm(torch.where(keep, x, 0.0), lora_A.to(cd).t())",
+           (COMBOS,), k="torch", why="fallback forward misses 1/(1-p)"),
+    Mutant("functional_dropout_in_eval", "fastlora/functional.py",
+           "p = float(dropout_p) if training else 0.0",
+           "p = float(dropout_p)",
+           (f"{FUNC}::test_dropout_only_in_training_and_new_mask_each_call",), why="dropout applied with training=False"),
+    Mutant("reference_mask_keeps_with_probability_p", REF,
+           "keep = torch.rand(shape, device=device, generator=gen) >= p",
+           "keep = torch.rand(shape, device=device, generator=gen) < p",
+           (f"{FUNC}::test_dropout_matches_oracle_with_the_regenerated_mask",),
+           why="the fallback keeps with probability p instead of 1-p"),
+    Mutant("reference_dB_without_scaling", REF,
+           "dB = torch.mm(h.to(cd).t(), grad_y).mul_(scaling).t().to(lora_B.dtype)",
+           "dB = torch.mm(h.to(cd).t(), grad_y).t().to(lora_B.dtype)",
+           (COMBOS,), k="torch", why="fallback dB misses s"),
+    Mutant("reference_forward_without_scaling", REF,
+           "y.addmm_(h, B.t(), alpha=scaling)",
+           "y.addmm_(h, B.t())",
+           (COMBOS,), k="torch", why="fallback forward misses s"),
+    Mutant("reference_dx_mask_inverted", REF,
+           ".masked_fill_(~keep, 0.0)",
+           ".masked_fill_(keep, 0.0)",
+           (COMBOS,), k="torch", why="fallback dx uses the dropped elements"),
+    Mutant("reference_bias_dropped", REF,
+           "y = torch.addmm(bias, x, weight.t())",
+           "y = torch.mm(x, weight.t())",
+           (COMBOS,), k="autocast or half_base", why="fallback forward without bias"),
+    Mutant("reference_bias_dropped_layer_autocast", REF,
+           "y = torch.addmm(bias, x, weight.t())",
+           "y = torch.mm(x, weight.t())",
+           ("tests/test_compile_dist.py",), k="autocast",
+           why="as above, against the LoRALinear autocast test (its bias was once within 1.06x of the tolerance)"),
+    Mutant("reference_bias_dropped_functional_low_precision", REF,
+           "y = torch.addmm(bias, x, weight.t())",
+           "y = torch.mm(x, weight.t())",
+           (FUNC,), k="bf16_base or autocast_cpu", why="as above, against the functional bf16 / autocast tests"),
+    Mutant("reference_backward_mask_other_seed", REF,
+           "if dropout_p > 0.0 and (needs_input or needs_A):\n        keep = dropout_keep_mask(seed, x.shape",
+           "if dropout_p > 0.0 and (needs_input or needs_A):\n        keep = dropout_keep_mask(seed + 1, x.shape",
+           (COMBOS,), k="torch", why="the backward regenerates a different mask"),
+    # --- autograd ---------------------------------------------------------------------------------------------
+    Mutant("autograd_new_seed_in_backward", AG,
+           "grads = _backward(grad_y, x, weight, lora_A, lora_B, h, ctx.seed, ctx.scaling, ctx.dropout_p,",
+           "grads = _backward(grad_y, x, weight, lora_A, lora_B, h, _draw_seed(ctx.dropout_p), ctx.scaling, "
+           "ctx.dropout_p,",
+           (COMBOS,), k="trainable_combination", why="eager backward draws a fresh mask"),
+    Mutant("autograd_backward_scaling_one", AG,
+           "ctx.seed, ctx.scaling, ctx.dropout_p, ctx.use_triton = seed, scaling, dropout_p, use_triton",
+           "ctx.seed, ctx.scaling, ctx.dropout_p, ctx.use_triton = seed, 1.0, dropout_p, use_triton",
+           (COMBOS,), k="trainable_combination and torch", why="eager backward with s = 1"),
+    Mutant("autograd_frozen_bias_grad_computed", AG,
+           "return [nx, nw, na, nb, nbias and ctx.has_bias]",
+           "return [nx, nw, na, nb, ctx.has_bias]",
+           (f"{FUNC}::test_weight_gradient_only_when_asked",), why="dbias computed for a frozen bias"),
+    Mutant("compiled_path_bias_grad_dropped", AG,
+           "ctx.has_bias = bias is not None\n\n\ndef _custom_op_backward",
+           "ctx.has_bias = False\n\n\ndef _custom_op_backward",
+           ("tests/test_compile_dist.py",), k="compile_fullgraph_equals_eager and cpu-auto",
+           why="under torch.compile a trainable bias gets no gradient"),
+    Mutant("autograd_constant_seed", AG,
+           "return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))",
+           "return 12345",
+           (f"{FUNC}::test_dropout_only_in_training_and_new_mask_each_call",),
+           why="every call draws the same dropout mask"),
+    Mutant("layer_dropout_in_eval", "fastlora/layers.py",
+           "dropout_p=self.lora_dropout, training=self.training)",
+           "dropout_p=self.lora_dropout, training=True)",
+           ("tests/test_layers.py::test_eval_disables_dropout",), why="LoRALinear drops in eval mode"),
+    # --- the PEFT router --------------------------------------------------------------------------------------
+    Mutant("peft_router_ignores_scaling", PEFT,
+           "scaling=module.scaling[name], dropout_p=p, training=training)",
+           "scaling=1.0, dropout_p=p, training=training)",
+           (f"{PEFT_TESTS}::test_outputs_and_gradients_equal_peft",), why="PEFT's lora_alpha/r ignored"),
+    Mutant("peft_router_ignores_dropout", PEFT,
+           "return float(dropout.p)",
+           "return 0.0",
+           (f"{PEFT_TESTS}::test_dropout_uses_peft_p_and_fastlora_mask",), why="PEFT's lora_dropout ignored"),
+    Mutant("peft_router_dropout_in_eval", PEFT,
+           "scaling=module.scaling[name], dropout_p=p, training=training)",
+           "scaling=module.scaling[name], dropout_p=p, training=True)",
+           (f"{PEFT_TESTS}::test_dropout_uses_peft_p_and_fastlora_mask",), why="dropout stays on in eval"),
+    Mutant("peft_router_fuses_disabled_adapters", PEFT,
+           "if args or kwargs or module.disable_adapters or module.merged:",
+           "if args or kwargs or module.merged:",
+           (f"{PEFT_TESTS}::test_defers_to_peft_when_disabled_merged_or_switched",),
+           why="disable_adapter() still adds the LoRA term"),
+    Mutant("peft_router_fuses_merged_adapters", PEFT,
+           "if args or kwargs or module.disable_adapters or module.merged:",
+           "if args or kwargs or module.disable_adapters:",
+           (f"{PEFT_TESTS}::test_defers_to_peft_when_disabled_merged_or_switched",),
+           why="a merged adapter is added twice"),
+    Mutant("peft_router_fuses_first_of_several_adapters", PEFT,
+           "if len(active) != 1:\n        return None",
+           "if not active:\n        return None",
+           ("tests/test_peft_router_values.py::test_two_active_adapters_after_acceleration",),
+           why="with two active adapters only the first is applied"),
+    Mutant("peft_router_drops_base_bias", PEFT,
+           "module.lora_B[name].weight, base.bias,",
+           "module.lora_B[name].weight, None,",
+           (f"{PEFT_TESTS}::test_outputs_and_gradients_equal_peft",), why="the base layer's bias is lost"),
+]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------------------
+
+_IGNORE = shutil.ignore_patterns(".git", ".venv", "venv", "__pycache__", "*.egg-info", ".pytest_cache", ".benchmarks",
+                                 "*.png", "build", "dist")
+
+
+def _copy_repo(dest: str) -> None:
+    shutil.copytree(ROOT, dest, ignore=_IGNORE, symlinks=True)
+    link = os.path.join(dest, "fastlora", "kernels")
+    if not os.path.exists(link):  # `import fastlora.kernels` must find the copy's kernels/, not the installed one
+        os.symlink(os.path.join("..", "kernels"), link)
+
+
+def _apply(root: str, mutant: Mutant) -> None:
+    path = os.path.join(root, mutant.file)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    count = text.count(mutant.original)
+    if count != 1:
+        raise RuntimeError(f"{mutant.name}: the original snippet occurs {count} times in {mutant.file}")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text.replace(mutant.original, mutant.replacement))
+
+
+def _env(root: str) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    # torch.compile's on-disk caches (FX graph, AOTAutograd) key on the traced graph, not on the Python source of a
+    # custom op's backward: a cached backward from an unmutated run would hide a mutant. A fresh cache per copy.
+    env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(os.path.dirname(root), "inductor-cache")
+    env["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "0"
+    env["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "0"
+    env["TRITON_CACHE_DIR"] = os.path.join(os.path.dirname(root), "triton-cache")
+    env.setdefault("FASTLORA_AUTOTUNE", "0")
+    return env
+
+
+def _pytest(root: str, tests, k, timeout: float):
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-W", "ignore", *tests]
+    if k:
+        cmd += ["-k", k]
+    try:
+        proc = subprocess.run(cmd, cwd=root, env=_env(root), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", ""
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def _check_isolation(root: str) -> None:
+    code = ("import fastlora, fastlora.kernels, fastlora.kernels.dropout as d; "
+            "print(fastlora.__file__); print(d.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=_env(root), capture_output=True, text=True)
+    files = out.stdout.split()
+    real_root = os.path.realpath(root)
+    if out.returncode or len(files) != 2 or not all(os.path.realpath(f).startswith(real_root) for f in files):
+        raise RuntimeError(f"the copy in {root} does not import its own fastlora / kernels:\n{out.stdout}{out.stderr}")
+
+
+def run_mutant(mutant: Mutant, timeout: float) -> tuple[str, float, str]:
+    """('caught' | 'survived' | 'error', seconds, last lines of pytest's output)."""
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix=f"fastlora-mutant-{mutant.name}-") as tmp:
+        root = os.path.join(tmp, "repo")
+        _copy_repo(root)
+        _apply(root, mutant)
+        rc, out = _pytest(root, mutant.tests, mutant.k, timeout)
+    tail = "\n".join(out.strip().splitlines()[-3:])
+    if rc == "timeout":
+        verdict = "caught"  # a hang is noticed, if slowly
+        tail = f"timed out after {timeout:.0f} s"
+    elif rc == 0:
+        verdict = "survived"
+    elif rc in (1, 2) or (isinstance(rc, int) and rc < 0):  # failures, collection errors (e.g. import), crash
+        verdict = "caught"
+    else:  # 3 internal error, 4 usage error (a node id that does not exist), 5 no tests collected
+        verdict = "error"
+    return verdict, time.monotonic() - start, tail
+
+
+def baseline(mutants, timeout: float) -> None:
+    """The unmutated copy passes each distinct selection: otherwise 'caught' would mean nothing."""
+    with tempfile.TemporaryDirectory(prefix="fastlora-mutant-baseline-") as tmp:
+        root = os.path.join(tmp, "repo")
+        _copy_repo(root)
+        _check_isolation(root)
+        seen = set()
+        for m in mutants:
+            key = (m.tests, m.k)
+            if key in seen:
+                continue
+            seen.add(key)
+            rc, out = _pytest(root, m.tests, m.k, timeout)
+            if rc != 0:
+                raise SystemExit(f"baseline failed for {' '.join(m.tests)} -k {m.k!r} (rc {rc}):\n{out[-3000:]}")
+            print(f"baseline ok: {' '.join(m.tests)}" + (f" -k {m.k!r}" if m.k else ""), flush=True)
+
+
+def _select(names: str | None):
+    if not names:
+        return list(MUTANTS)
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    chosen = [m for m in MUTANTS if any(m.name == w or m.name.startswith(w) for w in wanted)]
+    if not chosen:
+        raise SystemExit(f"no mutant matches {names!r}; see --list")
+    return chosen
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--only", help="comma-separated mutant names (or prefixes)")
+    parser.add_argument("-j", "--jobs", type=int, default=1, help="mutants run at a time (default 1)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per pytest run (default 600)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated baseline run")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show pytest's last lines for every mutant")
+    args = parser.parse_args(argv)
+    chosen = _select(args.only)
+    if args.list:
+        for m in chosen:
+            sel = " ".join(m.tests) + (f" -k '{m.k}'" if m.k else "")
+            print(f"{m.name:40s} {m.file:34s} {m.why}\n{'':40s} tests: {sel}")
+        print(f"{len(chosen)} mutants")
+        return 0
+    if not args.no_baseline:
+        baseline(chosen, args.timeout)
+    results = {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = {pool.submit(run_mutant, m, args.timeout): m for m in chosen}
+        for fut in concurrent.futures.as_completed(futures):
+            m = futures[fut]
+            try:
+                verdict, secs, tail = fut.result()
+            except Exception as e:  # noqa: BLE001 - report and go on
+                verdict, secs, tail = "error", 0.0, repr(e)
+            results[m.name] = (verdict, secs)
+            print(f"{verdict.upper():9s} {m.name:40s} {secs:6.1f} s", flush=True)
+            if args.verbose or verdict != "caught":
+                print("    " + tail.replace("\n", "\n    "), flush=True)
+    caught = sum(v == "caught" for v, _ in results.values())
+    print("\n| mutant | file | result | seconds |\n|---|---|---|---|")
+    for m in chosen:
+        v, s = results[m.name]
+        print(f"| {m.name} | {m.file} | {v} | {s:.0f} |")
+    print(f"\nmutation score: {caught}/{len(chosen)} caught "
+          f"({100.0 * caught / max(1, len(chosen)):.0f}%)")
+    return 0 if caught == len(chosen) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
