@@ -46,6 +46,7 @@ DROP = "kernels/dropout.py"
 REF = "fastlora/reference.py"
 AG = "fastlora/autograd.py"
 PEFT = "fastlora/peft_interop/__init__.py"
+PEFT_LINEAR = "fastlora/peft_interop/linear.py"
 
 PATHS = "tests/test_kernel_paths.py"
 PHILOX = "tests/test_dropout_philox.py"
@@ -269,41 +270,43 @@ MUTANTS = [
            (f"{FUNC}::test_dropout_only_in_training_and_new_mask_each_call",),
            why="every call draws the same dropout mask"),
     Mutant("layer_dropout_in_eval", "fastlora/layers.py",
-           "dropout_p=self.lora_dropout, training=self.training)",
-           "dropout_p=self.lora_dropout, training=True)",
+           "return lora_linear(input, self.weight, self.lora_A, self.lora_B, self.bias, scaling=self.scaling,\n"
+           "                           dropout_p=self.lora_dropout, training=self.training)",
+           "return lora_linear(input, self.weight, self.lora_A, self.lora_B, self.bias, scaling=self.scaling,\n"
+           "                           dropout_p=self.lora_dropout, training=True)",
            ("tests/test_layers.py::test_eval_disables_dropout",), why="LoRALinear drops in eval mode"),
-    # --- the PEFT router --------------------------------------------------------------------------------------
-    Mutant("peft_router_ignores_scaling", PEFT,
-           "scaling=module.scaling[name], dropout_p=p, training=training)",
-           "scaling=1.0, dropout_p=p, training=training)",
-           (f"{PEFT_TESTS}::test_outputs_and_gradients_equal_peft",), why="PEFT's lora_alpha/r ignored"),
-    Mutant("peft_router_ignores_dropout", PEFT,
+    # --- the PEFT router and its linear fuser --------------------------------------------------------------------
+    Mutant("peft_router_ignores_scaling", PEFT_LINEAR,
+           "ss.append(layer.scaling[a])",
+           "ss.append(1.0)",
+           (f"{PEFT_TESTS}::test_outputs_and_every_gradient_equal_peft",), why="PEFT's lora_alpha/r ignored"),
+    Mutant("peft_router_ignores_dropout", PEFT_LINEAR,
            "return float(dropout.p)",
            "return 0.0",
-           (f"{PEFT_TESTS}::test_dropout_uses_peft_p_and_fastlora_mask",), why="PEFT's lora_dropout ignored"),
-    Mutant("peft_router_dropout_in_eval", PEFT,
-           "scaling=module.scaling[name], dropout_p=p, training=training)",
-           "scaling=module.scaling[name], dropout_p=p, training=True)",
-           (f"{PEFT_TESTS}::test_dropout_uses_peft_p_and_fastlora_mask",), why="dropout stays on in eval"),
+           (f"{PEFT_TESTS}::test_dropout_uses_each_adapters_p_and_its_own_mask",), why="PEFT's lora_dropout ignored"),
+    Mutant("peft_router_dropout_in_eval", PEFT_LINEAR,
+           "ps.append(dropout_p(dropout) if dropout.training else 0.0)",
+           "ps.append(dropout_p(dropout))",
+           (f"{PEFT_TESTS}::test_dropout_uses_each_adapters_p_and_its_own_mask",), why="dropout stays on in eval"),
     Mutant("peft_router_fuses_disabled_adapters", PEFT,
-           "if args or kwargs or module.disable_adapters or module.merged:",
-           "if args or kwargs or module.merged:",
-           (f"{PEFT_TESTS}::test_defers_to_peft_when_disabled_merged_or_switched",),
+           "if layer.disable_adapters:\n        return _DISABLED",
+           "if False:\n        return _DISABLED",
+           ("tests/test_peft_features.py::test_adapter_management_follows_peft_and_later_adapters_are_fused",),
            why="disable_adapter() still adds the LoRA term"),
     Mutant("peft_router_fuses_merged_adapters", PEFT,
-           "if args or kwargs or module.disable_adapters or module.merged:",
-           "if args or kwargs or module.disable_adapters:",
-           (f"{PEFT_TESTS}::test_defers_to_peft_when_disabled_merged_or_switched",),
+           "if layer.merged:\n        return _MERGED",
+           "if False:\n        return _MERGED",
+           ("tests/test_peft_features.py::test_adapter_management_follows_peft_and_later_adapters_are_fused",),
            why="a merged adapter is added twice"),
-    Mutant("peft_router_fuses_first_of_several_adapters", PEFT,
-           "if len(active) != 1:\n        return None",
-           "if not active:\n        return None",
+    Mutant("peft_router_fuses_first_of_several_adapters", PEFT_LINEAR,
+           "for a in adapters:\n        dropout = layer.lora_dropout[a]",
+           "for a in adapters[:1]:\n        dropout = layer.lora_dropout[a]",
            ("tests/test_peft_router_values.py::test_two_active_adapters_after_acceleration",),
            why="with two active adapters only the first is applied"),
-    Mutant("peft_router_drops_base_bias", PEFT,
-           "module.lora_B[name].weight, base.bias,",
-           "module.lora_B[name].weight, None,",
-           (f"{PEFT_TESTS}::test_outputs_and_gradients_equal_peft",), why="the base layer's bias is lost"),
+    Mutant("peft_router_drops_base_bias", PEFT_LINEAR,
+           "bias = base.bias\n    for a in adapters:",
+           "bias = None\n    for a in adapters:",
+           (f"{PEFT_TESTS}::test_outputs_and_every_gradient_equal_peft",), why="the base layer's bias is lost"),
 ]
 
 
