@@ -53,12 +53,12 @@ FULL_GRID = dict(
     bias=[False, True],
     tf32=[False, True],  # fp32 only: TF32 tensor cores or exact IEEE products
 )
-# CI's slice: every M class, the largest rank (and the one that crashed, 128), fp32 adapters, dropout, bias and
-# one odd shape, with one half dtype; a few minutes of builds become about a minute.
+# CI's slice: every M class (decode, the small-M path, large), the largest rank and the one that crashed (128),
+# fp32 adapters, dropout and bias on bf16; per launch, the two most demanding configs by the resource model.
 CI_GRID = dict(
     M=[1, 64, 2048],
-    KN=[(4096, 4096), (1000, 1537)],
-    r=[16, 128, 256],
+    KN=[(4096, 4096)],
+    r=[128, 256],
     dtype=["bf16"],
     adapters=["fp32"],
     dropout=[0.0, 0.1],
@@ -138,12 +138,23 @@ def _do_not_specialize(jit):
     return out
 
 
-def build_specs(launch):
-    """The builds one recorded launch may need: every config the prune hook keeps, and the fixed config."""
+_MODELS = {"gemm_lora": kl.gemm_resources, "lora_shrink": kl.shrink_resources, "lora_grad_dy": kl.dy_resources,
+           "lora_grad_a": kl.grad_a_resources}
+
+
+def build_specs(launch, pick="all"):
+    """The builds one recorded launch may need: every config the prune hook keeps (``pick="extremes"``: only
+    the ones with the most shared memory and the most live registers by the resource model), and the fixed
+    config."""
     name, tuned, fixed_cfgs, m_bucket, args, kwargs = launch
     jit, heuristics = _jit_of(tuned)
     nargs = dict(zip(jit.arg_names, args))
     kept = tuned.early_config_prune(tuned.configs, nargs, **kwargs) if tuned.early_config_prune else tuned.configs
+    if pick == "extremes" and len(kept) > 2:
+        model = _MODELS[name]
+        res = {id(c): model(c, {**nargs, **kwargs}) for c in kept}
+        kept = list({id(c): c for c in (max(kept, key=lambda c: res[id(c)][0]),
+                                         max(kept, key=lambda c: res[id(c)][1]))}.values())
     configs = [(c.kwargs, c.num_warps, c.num_stages, "tuned") for c in kept]
     kind = "small" if m_bucket <= kl.FUSED_SHRINK_MAX_M else "large"
     fixed = dict(fixed_cfgs[kind])
@@ -225,13 +236,13 @@ def _compile_index(i):
     return i, compile_spec(_SPECS[i])
 
 
-def collect(grid):
+def collect(grid, pick="all"):
     """Every unique build of the grid, each with the problems that need it (the first one kept)."""
     specs, seen = [], {}
     for pb in problems(grid):
         for base in ("triton", "cublas"):
             for launch in run_problem(pb, base):
-                for spec in build_specs(launch):
+                for spec in build_specs(launch, pick):
                     if spec["key"] not in seen:
                         seen[spec["key"]] = spec
                         spec["problem"] = dict(pb, base=base)
@@ -257,10 +268,14 @@ def main(argv=None):
     ap.add_argument("--smem-limit", type=int, default=SM90_SMEM_LIMIT)
     ap.add_argument("--json", help="write every build's figures here")
     ap.add_argument("--limit", type=int, default=0, help="build only the first N (a quick look)")
+    ap.add_argument("--pick", choices=("all", "extremes"), default=None,
+                    help="all kept configs (the full grid's default) or, per launch, the two most demanding by "
+                         "the resource model (the ci grid's default)")
     args = ap.parse_args(argv)
     grid = FULL_GRID if args.grid == "full" else CI_GRID
     t0 = time.time()
-    specs = collect(grid)
+    pick = args.pick or ("all" if args.grid == "full" else "extremes")
+    specs = collect(grid, pick)
     if args.limit:
         specs = specs[:args.limit]
     print(f"triton {triton.__version__}: {len(specs)} unique sm_90 builds over the {args.grid} grid "
@@ -273,8 +288,10 @@ def main(argv=None):
     results = [None] * len(specs)
     if args.jobs > 1:
         with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
-            for i, res in pool.imap_unordered(_compile_index, range(len(specs))):
+            for done, (i, res) in enumerate(pool.imap_unordered(_compile_index, range(len(specs))), 1):
                 results[i] = res
+                if done % 50 == 0:
+                    print(f"  {done}/{len(specs)} built ({time.time() - t0:.0f}s)", flush=True)
     else:
         for i in range(len(specs)):
             results[i] = compile_spec(specs[i])

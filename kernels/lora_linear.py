@@ -667,8 +667,10 @@ def _r_block(r: int, cap: int = R_CHUNK_MAX) -> int:
 
 
 def _epilogue_r_block(r: int) -> int:
-    """Rank chunk of the GEMM epilogue: small, so the (R_BLOCK, BLOCK_N) operand tile stays in registers."""
-    return 16 if r <= 16 else 32
+    """Rank chunk of the GEMM's low-rank prologue: 16, the smallest tl.dot step, so the (BM, 16) and (16, BN)
+    operand tiles beside the (BM, BN) accumulator cost 16·(BM + BN) / threads registers: the widest tiles
+    (128×256, 8 warps) fit without spilling. A larger rank loops over chunks: the same MMA work."""
+    return 16
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -767,7 +769,7 @@ def _shrink(x, lora_A, h, p, seed, mb):
     thr, inv_keep = _dropout_args(p)
     _launch(
         "lora_shrink", _shrink_tuned, _shrink_fixed, _SHRINK_FIXED,
-        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(r, _r_block(r))), mb,
+        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), 1), mb,
         x, lora_A, h, M, K, r,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), h.stride(0), h.stride(1),
         int(seed), thr, inv_keep, mb,
