@@ -769,7 +769,7 @@ def _shrink(x, lora_A, h, p, seed, mb):
     thr, inv_keep = _dropout_args(p)
     _launch(
         "lora_shrink", _shrink_tuned, _shrink_fixed, _SHRINK_FIXED,
-        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), 1), mb,
+        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(r, _r_block(r))), mb,
         x, lora_A, h, M, K, r,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), h.stride(0), h.stride(1),
         int(seed), thr, inv_keep, mb,
