@@ -205,8 +205,29 @@ def _cuobjdump():
     return _CUOBJDUMP
 
 
+@contextlib.contextmanager
+def _fresh_build():
+    """An empty Triton cache (so ptxas runs) whose ptxas log is printed, captured here."""
+    import io
+
+    saved = {k: os.environ.get(k) for k in ("TRITON_CACHE_DIR", "TRITON_DUMP_PTXAS_LOG")}
+    buf = io.StringIO()
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ.update(TRITON_CACHE_DIR=cache, TRITON_DUMP_PTXAS_LOG="1")
+        try:
+            with contextlib.redirect_stdout(buf):
+                yield buf
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
 def compile_spec(spec):
-    """Compile one spec for sm_90; returns shared bytes, registers, stack and local (spill) bytes."""
+    """Compile one spec for sm_90 with Triton's own ptxas flags; returns shared bytes and, from ptxas's log,
+    registers, stack frame and spill bytes (``cuobjdump -res-usage`` of the cubin where the log is silent)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -215,18 +236,28 @@ def compile_spec(spec):
              for n in spec["attrs"]}
     t0 = time.time()
     try:
-        k = triton.compile(ASTSource(jit, spec["signature"], spec["consts"], attrs),
-                           target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": spec["warps"], "num_stages": spec["stages"]})
+        with _fresh_build() as log:
+            k = triton.compile(ASTSource(jit, spec["signature"], spec["consts"], attrs),
+                               target=GPUTarget("cuda", 90, 32),
+                               options={"num_warps": spec["warps"], "num_stages": spec["stages"]})
     except Exception as exc:  # noqa: BLE001 - reported as a failed build
         return dict(error=f"{type(exc).__name__}: {str(exc)[:300]}", seconds=time.time() - t0)
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"])
-        f.flush()
-        out = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True).stdout
-    usage = {m.group(1): int(m.group(2)) for m in re.finditer(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out)}
-    return dict(shared=int(k.metadata.shared), regs=usage.get("REG", -1), stack=usage.get("STACK", 0),
-                local=usage.get("LOCAL", 0), seconds=time.time() - t0)
+    text = log.getvalue()
+    res = dict(shared=int(k.metadata.shared), seconds=time.time() - t0)
+    m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    r = re.search(r"Used (\d+) registers", text)
+    if m and r:
+        res.update(regs=int(r.group(1)), stack=int(m.group(1)), spill_stores=int(m.group(2)),
+                   spill_loads=int(m.group(3)))
+    else:
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"])
+            f.flush()
+            out = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True).stdout
+        usage = {m.group(1): int(m.group(2)) for m in re.finditer(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out)}
+        res.update(regs=usage.get("REG", -1), stack=usage.get("STACK", 0), spill_stores=usage.get("LOCAL", 0),
+                   spill_loads=usage.get("LOCAL", 0))
+    return res
 
 
 _SPECS: list = []
@@ -303,8 +334,9 @@ def main(argv=None):
         else:
             if res["shared"] > args.smem_limit:
                 problems_.append(f"shared {res['shared'] / 1024:.1f} KB > {args.smem_limit / 1024:.0f} KB")
-            if res["local"] > 0 or res["stack"] > 0:
-                problems_.append(f"spills: local {res['local']} B, stack {res['stack']} B")
+            if res["spill_stores"] > 0 or res["spill_loads"] > 0:
+                problems_.append(f"spills: {res['spill_stores']} B stored, {res['spill_loads']} B loaded "
+                                 f"(stack frame {res['stack']} B)")
         if problems_:
             bad.append((spec, res, problems_))
     worst = max((r.get("regs", 0) for r in results), default=0)

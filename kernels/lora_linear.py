@@ -499,11 +499,21 @@ def _fits_m(c, m: int) -> bool:
     return c.kwargs["BLOCK_M"] <= max(16, m) and c.fastlora_small_m == (m <= FUSED_SHRINK_MAX_M)
 
 
+def _autotune_top_k() -> int:
+    """``FASTLORA_AUTOTUNE_TOP_K=k`` (> 0) benchmarks only the first k configs that fit (the lists are in order of
+    expectation): a bounded first run, e.g. in gpu_check.sh. 0 (the default): all of them."""
+    try:
+        return max(0, int(os.environ.get("FASTLORA_AUTOTUNE_TOP_K", "0")))
+    except ValueError:
+        raise ValueError("FASTLORA_AUTOTUNE_TOP_K must be an integer") from None
+
+
 def _prune(configs, args, model, fits_m):
     keep = [c for c in configs if fits_m(c) and _fits(model(c, args))]
     if not keep:  # nothing fits M and the resources: the least overflowing of those that fit M, else of all
         keep = _fallback([c for c in configs if fits_m(c)] or configs, model, args)
-    return keep
+    top = _autotune_top_k()
+    return keep[:top] if top else keep
 
 
 def _prune_gemm(configs, named_args, **kwargs):

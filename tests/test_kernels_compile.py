@@ -116,6 +116,91 @@ def check_rank_kernels():
            ["stride_dhr", "stride_xk", "stride_ok"], ["K", "stride_xm", "stride_dhm", "stride_or", "stride_os"])
 
 
+def test_every_kept_config_of_the_ci_grid_builds_within_sm90_limits():
+    """benchmarks/offline_build.py's CI slice: every M class (1, 64, 2048), r = 128 and 256, fp32 adapters on
+    bf16, dropout 0 / 0.1, bias, forward, inference and backward with both base-GEMM compositions; per launch the
+    configs the pruning keeps that need the most shared memory and registers, and the fixed ones. Each must
+    fit in 227 KB of shared memory and spill nothing."""
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "offline_build.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, script, "--grid", "ci", "--jobs", "2"], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, f"offline builds failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    assert "0 failing" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The resource model itself (pure Python): what the pruning keeps fits, and the fallback is the model's
+# ---------------------------------------------------------------------------------------------------------
+
+def _meta(dtype):
+    return torch.empty(1, dtype=dtype, device="meta")
+
+
+def test_finding_1_the_decode_shrink_config_that_crashed_is_priced_right_and_never_kept():
+    """M <= 16, r = 128, fp32 adapters on bf16: the old fallback (16×256, 4 stages) needs 408 KB of shared
+    memory (measured in an sm_90 build); the model prices it the same and the pruning no longer keeps it."""
+    from fastlora.kernels import lora_linear as kl
+
+    old = next(c for c in kl._SHRINK_CONFIGS if c.kwargs == {"BLOCK_M": 16, "BLOCK_K": 256})
+    args = dict(M_BUCKET=16, R_BLOCK=128, x_ptr=_meta(torch.bfloat16), a_ptr=_meta(torch.float32),
+                HAS_DROPOUT=False)
+    smem, _ = kl.shrink_resources(old, args)
+    assert smem == 3 * (16 * 256 * 2 + 256 * 128 * 4) == 408 * 1024
+    kept = kl._prune_rank(kl._SHRINK_CONFIGS, args)
+    assert old not in kept and kept
+    assert all(kl.shrink_resources(c, args)[0] <= kl.SMEM_LIMIT for c in kept)
+
+
+def test_fallback_is_chosen_by_the_resource_model_not_by_one_field():
+    from fastlora.kernels import lora_linear as kl
+
+    args = dict(M_BUCKET=4096, R_BLOCK=128, x_ptr=_meta(torch.float32), a_ptr=_meta(torch.float32),
+                HAS_DROPOUT=True)
+    too_big = [kl._cfg(4, 6, BLOCK_M=16, BLOCK_K=512), kl._cfg(8, 5, BLOCK_M=64, BLOCK_K=128)]
+    assert not any(kl._fits(kl.shrink_resources(c, args)) for c in too_big)
+    (chosen,) = kl._prune_rank(too_big, args)
+    # the smallest BLOCK_M (the old rule) overflows most; the model picks the other and shortens its pipeline
+    assert chosen.kwargs == {"BLOCK_M": 64, "BLOCK_K": 128} and chosen.num_stages < 5
+    assert kl._fits(kl.shrink_resources(chosen, args))
+
+
+@pytest.mark.parametrize("kind", ["gemm", "shrink", "dy", "grad_a"])
+def test_pruning_keeps_only_configs_that_fit_the_model(kind):
+    """Over M classes, ranks, dtypes (half / fp32 adapters), dropout and the small-M path."""
+    from fastlora.kernels import lora_linear as kl
+
+    configs, prune, model = {
+        "gemm": (kl._GEMM_CONFIGS, kl._prune_gemm, kl.gemm_resources),
+        "shrink": (kl._SHRINK_CONFIGS, kl._prune_rank, kl.shrink_resources),
+        "dy": (kl._DY_CONFIGS, kl._prune_rank, kl.dy_resources),
+        "grad_a": (kl._GRAD_A_CONFIGS, kl._prune_rank, kl.grad_a_resources),
+    }[kind]
+    for m in (16, 64, 2048, 8192):
+        for dt in (torch.float16, torch.float32):
+            for adt in (dt, torch.float32):
+                for rb in (16, 64, 128):
+                    for drop in (False, True):
+                        x, a = _meta(dt), _meta(adt)
+                        if kind == "gemm":
+                            fused = m <= 64 and not drop and rb <= 64
+                            args = dict(M_BUCKET=m, K=4096, a_ptr=x, s_ptr=a, u_ptr=a, R_BLOCK=rb if fused else 16,
+                                        FUSE_SHRINK=fused, LO_DROPOUT=drop)
+                        elif kind == "dy":
+                            args = dict(M_BUCKET=m, dy_ptr=x, b_ptr=a, h_ptr=_meta(torch.float32), R_BLOCK=rb,
+                                        NEED_DB=True)
+                        elif kind == "grad_a":
+                            args = dict(M_BUCKET=m, dh_ptr=_meta(torch.float32), x_ptr=x, R_BLOCK=rb,
+                                        HAS_DROPOUT=drop)
+                        else:
+                            args = dict(M_BUCKET=m, x_ptr=x, a_ptr=a, R_BLOCK=rb, HAS_DROPOUT=drop)
+                        kept = prune(configs, args)
+                        assert kept, (kind, args)
+                        for c in kept:
+                            smem, regs = model(c, args)
+                            assert smem <= kl._SMEM_BUDGET and regs <= kl._REG_BUDGET, (kind, c, args)
+
+
 if __name__ == "__main__":
     import importlib.util
 
