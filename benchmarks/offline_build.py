@@ -156,8 +156,7 @@ def build_specs(launch, pick="all"):
         kept = list({id(c): c for c in (max(kept, key=lambda c: res[id(c)][0]),
                                          max(kept, key=lambda c: res[id(c)][1]))}.values())
     configs = [(c.kwargs, c.num_warps, c.num_stages, "tuned") for c in kept]
-    kind = "small" if m_bucket <= kl.FUSED_SHRINK_MAX_M else "large"
-    fixed = dict(fixed_cfgs[kind])
+    fixed = kl.fixed_config(tuned, fixed_cfgs, m_bucket, args, kwargs)  # what FASTLORA_AUTOTUNE=0 launches
     warps, stages = fixed.pop("num_warps"), fixed.pop("num_stages")
     configs.append((fixed, warps, stages, "fixed"))
     dns = _do_not_specialize(jit)
@@ -191,7 +190,7 @@ def build_specs(launch, pick="all"):
         key = (jit.__name__, tuple(sorted(signature.items())), tuple(sorted(kconsts.items())),
                tuple(sorted(attrs)), warps, stages)
         specs.append(dict(key=key, kernel=name, jit=jit, signature=signature, consts=kconsts, attrs=sorted(attrs),
-                          warps=warps, stages=stages, origin=origin))
+                          warps=warps, stages=stages, origin=origin, nargs=nargs))
     return specs
 
 
@@ -299,6 +298,10 @@ def main(argv=None):
     ap.add_argument("--smem-limit", type=int, default=SM90_SMEM_LIMIT)
     ap.add_argument("--json", help="write every build's figures here")
     ap.add_argument("--limit", type=int, default=0, help="build only the first N (a quick look)")
+    ap.add_argument("--sample", type=int, default=0, help="build a seeded random sample of N of them")
+    ap.add_argument("--worst", type=int, default=0,
+                    help="build the N most demanding by the resource model (with --sample: both sets)")
+    ap.add_argument("--shard", default="", help="i/n: build every n-th spec starting at i (split over machines)")
     ap.add_argument("--pick", choices=("all", "extremes"), default=None,
                     help="all kept configs (the full grid's default) or, per launch, the two most demanding by "
                          "the resource model (the ci grid's default)")
@@ -309,6 +312,21 @@ def main(argv=None):
     specs = collect(grid, pick)
     if args.limit:
         specs = specs[:args.limit]
+    if args.sample or args.worst:
+        import random
+
+        def demand(spec):
+            cfg = triton.Config({k: spec["consts"][k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in spec["consts"]},
+                                num_warps=spec["warps"], num_stages=spec["stages"])
+            return kl._overflow(_MODELS[spec["kernel"]](cfg, {**spec["nargs"], **spec["consts"]}))
+
+        chosen = sorted(specs, key=demand, reverse=True)[:args.worst] if args.worst else []
+        rest = [s for s in specs if s not in chosen]
+        chosen += random.Random(0).sample(rest, min(args.sample, len(rest)))
+        specs = chosen
+    if args.shard:
+        i, n = (int(v) for v in args.shard.split("/"))
+        specs = specs[i::n]
     print(f"triton {triton.__version__}: {len(specs)} unique sm_90 builds over the {args.grid} grid "
           f"(collected in {time.time() - t0:.1f}s)", flush=True)
     if args.list:

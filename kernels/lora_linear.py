@@ -334,7 +334,7 @@ _GEMM_CONFIGS = [
     _cfg(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
     # small M (decode / inference): bound by reading W, so narrow N tiles give enough programs
     _cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, small_m=True),
-    _cfg(4, 4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, small_m=True),
+    _cfg(4, 4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, small_m=True),  # 16×32×256: dX spills (sm_90)
     _cfg(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, small_m=True),
     _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, small_m=True),
     _cfg(4, 3, BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, small_m=True),
@@ -350,16 +350,16 @@ _GEMM_FIXED = {
 # The shrink is a memory-bound pass over x: short row tiles give enough programs to fill the device.
 _SHRINK_CONFIGS = [
     _cfg(4, 4, BLOCK_M=16, BLOCK_K=256),
-    _cfg(4, 3, BLOCK_M=16, BLOCK_K=64),  # large ranks with fp32 adapters at M <= 16: a short (BK, R) tile
+    _cfg(8, 3, BLOCK_M=16, BLOCK_K=64),  # large ranks with fp32 adapters at M <= 16: a short (BK, R) tile
     _cfg(4, 4, BLOCK_M=32, BLOCK_K=128),
     _cfg(4, 4, BLOCK_M=32, BLOCK_K=64),
     _cfg(4, 4, BLOCK_M=64, BLOCK_K=64),
     _cfg(8, 3, BLOCK_M=64, BLOCK_K=128),
 ]
-_SHRINK_FIXED = {
+_SHRINK_FIXED = {  # fit every rank chunk (R_BLOCK <= 128) and adapter dtype (offline_build.py checks them)
     "interpret": dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=2),
-    "small": dict(BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=4),
-    "large": dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=4),
+    "small": dict(BLOCK_M=16, BLOCK_K=64, num_warps=8, num_stages=3),
+    "large": dict(BLOCK_M=32, BLOCK_K=64, num_warps=8, num_stages=3),
 }
 
 # dY pass: taller row tiles mean fewer fp32 atomics into dB (M/BLOCK_M · N · r of them), shorter ones more
@@ -453,6 +453,10 @@ def shrink_resources(c, args):
     smem = _pipeline_smem(c, bm * bk * ex + bk * rb * ea)
     # acc (BM, R); x (BM, BK) converted (and masked) in registers; Aᵀ (BK, R) converted from the adapters' dtype
     live = bm * rb + bm * bk * (2 if args.get("HAS_DROPOUT") else 1) + (bk * rb if ea != ex else 0)
+    if rb >= 128 and bm < 64 and bk >= 64 and c.num_warps < 8:
+        # measured (sm_90, triton 3.9): 16×64 and 32×64 row tiles at R = 128 spill 8-24 B with 4 warps at 80-168
+        # registers, where 8 warps do not; ptxas's choice, not a count this model can see
+        live = (_REG_BUDGET + 1) * _threads(c)
     return smem, _regs_per_thread(live, c)
 
 
@@ -656,10 +660,23 @@ def _launch(name, tuned, fixed_fn, fixed_cfgs, grid, m_bucket, *args, **kwargs):
     if _autotune_enabled():
         tuned[grid](*args, **kwargs)
     else:
-        kind = "interpret" if _interpreted() else ("small" if m_bucket <= FUSED_SHRINK_MAX_M else "large")
-        meta = dict(fixed_cfgs[kind])
+        meta = fixed_config(tuned, fixed_cfgs, m_bucket, args, kwargs)
         g = grid(meta) if callable(grid) else grid
         fixed_fn[g](*args, **kwargs, **meta)
+
+
+def fixed_config(tuned, fixed_cfgs, m_bucket, args, kwargs) -> dict:
+    """The config used without autotuning: the interpreter's tiny one, else this M class's, passed through the
+    same prune hook (resource model) as the tuned ones: where it does not fit this problem (fp32 adapters at a
+    large rank, say), the hook's fallback replaces it."""
+    if _interpreted():
+        return dict(fixed_cfgs["interpret"])
+    small = m_bucket <= FUSED_SHRINK_MAX_M
+    meta = dict(fixed_cfgs["small" if small else "large"])
+    warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
+    cfg = _cfg(warps, stages, small_m=small, **meta)
+    (cfg,) = tuned.early_config_prune([cfg], dict(zip(tuned.arg_names, args)), **kwargs)[:1]
+    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 # ---------------------------------------------------------------------------------------------------------
