@@ -35,6 +35,7 @@ import collections
 import contextlib
 import functools
 import os
+import warnings
 
 import torch
 import triton
@@ -593,7 +594,9 @@ def base_gemm() -> str:
 
 def _cuda_timer(name, fn):
     """Median milliseconds of ``fn`` on the current CUDA stream (CUDA events, L2 flushed between runs)."""
-    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=10, rep=40, return_mode="median")
 
 
 class GemmDispatch:
@@ -626,7 +629,16 @@ class GemmDispatch:
         if not self._can_time(device):
             return "triton"
         timer = self.timer or _cuda_timer
-        times = {name: float(timer(name, fn)) for name, fn in candidates.items()}
+        times, errors = {}, {}
+        for name, fn in candidates.items():
+            try:
+                times[name] = float(timer(name, fn))
+            except Exception as exc:  # noqa: BLE001 - a candidate that cannot run loses; all failing: raise
+                times[name], errors[name] = float("inf"), exc
+        if len(errors) == len(candidates):
+            raise next(iter(errors.values()))
+        for name, exc in errors.items():
+            warnings.warn(f"fastlora: the {name!r} composition failed on {key} and is not used: {exc!r}")
         choice = min(times, key=times.get)
         self.choices[key], self.timings[key] = choice, times
         return choice

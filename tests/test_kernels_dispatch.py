@@ -144,3 +144,17 @@ def test_dy_pass_splits_columns_when_row_tiles_cannot_fill_the_device(monkeypatc
         programs = -(-M // (16 if M <= 64 else 64)) * -(-r // kl._r_block(r)) * splits
         assert programs >= min(132, N // kl._DY_COL_ALIGN) and cols % kl._DY_COL_ALIGN == 0 and splits * cols >= N > (splits - 1) * cols
     assert kl._dy_splits(16384, 4096, 16, cpu) == (1, 4096)  # 256 row tiles of 64 fill it: no partial sums
+
+
+def test_a_candidate_that_fails_loses_and_all_failing_raises(dispatch):
+    """A composition that raises while timed (OutOfResources on some card, say) is not chosen; the outputs come
+    from the other. If every candidate fails, the error surfaces."""
+    d = dispatch({"triton": 1.0, "cublas": 2.0})
+
+    def broken():
+        raise RuntimeError("out of resources")
+
+    with pytest.warns(UserWarning, match="triton"):
+        assert d.choose(("p",), {"triton": broken, "cublas": lambda: None}, torch.device("cpu")) == "cublas"
+    with pytest.raises(RuntimeError, match="out of resources"):
+        d.choose(("q",), {"triton": broken, "cublas": broken}, torch.device("cpu"))
