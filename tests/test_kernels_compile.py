@@ -54,7 +54,7 @@ GEMM_VARIANTS = {
     # name: (dtype, flags, tile, warps, stages, operand layout)
     "forward": ("bf16", dict(HAS_BIAS=True, LO_DROPOUT=False, FUSE_SHRINK=False, STORE_L=False, R_BLOCK=16),
                 (128, 256, 64), 8, 3, "fwd"),
-    "dx_masked": ("bf16", dict(HAS_BIAS=False, LO_DROPOUT=True, FUSE_SHRINK=False, STORE_L=False, R_BLOCK=32),
+    "dx_masked": ("bf16", dict(HAS_BIAS=False, LO_DROPOUT=True, FUSE_SHRINK=False, STORE_L=False, R_BLOCK=16),
                   (128, 128, 64), 8, 3, "dx"),
     "small_m_fused": ("fp16", dict(HAS_BIAS=True, LO_DROPOUT=False, FUSE_SHRINK=True, STORE_L=True, R_BLOCK=64),
                       (16, 64, 128), 4, 4, "fwd"),
@@ -121,6 +121,10 @@ def test_every_kept_config_of_the_ci_grid_builds_within_sm90_limits():
     bf16, dropout 0 / 0.1, bias, forward, inference and backward with both base-GEMM compositions; per launch the
     configs the pruning keeps that need the most shared memory and registers, and the fixed ones. Each must
     fit in 227 KB of shared memory and spill nothing."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton.backends.compiler") is None:
+        pytest.skip("this Triton cannot compile offline")
     script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "offline_build.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, script, "--grid", "ci", "--jobs", "2"], env=env, capture_output=True,
