@@ -424,13 +424,18 @@ def _regs_per_thread(elements: int, c) -> int:
     return elements // _threads(c)
 
 
-def _pipeline_smem(c, tile_bytes: int) -> int:
-    """Shared memory of the K loop's software pipeline: num_stages - 1 buffers of the loop's operand tiles."""
-    return max(1, c.num_stages - 1) * tile_bytes
+def _pipeline_smem(c, tile_bytes: int, wgmma: bool = False) -> int:
+    """Shared memory of a K loop's software pipeline (measured on sm_90 builds, triton 3.6 and 3.9): num_stages
+    buffers of the loop's operand tiles where the dot runs on Hopper's wgmma (BLOCK_M >= 64, operands read from
+    shared memory), num_stages - 1 where it runs on mma (operands in registers)."""
+    return (c.num_stages if wgmma else max(1, c.num_stages - 1)) * tile_bytes
 
 
 def gemm_resources(c, args):
-    """(shared bytes, live fp32 values per thread) of ``gemm_lora_kernel`` under config ``c``."""
+    """(shared bytes, live fp32 values per thread) of ``gemm_lora_kernel`` under config ``c``.
+
+    Shared memory matches sm_90 builds to the byte at the calibration points of
+    tests/test_kernels_compile.py; the register count is an estimate whose budget was calibrated on them."""
     bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
     rb = args.get("R_BLOCK", 16)
     ea = _esize(args, "a_ptr", 2)
@@ -439,7 +444,7 @@ def gemm_resources(c, args):
     tiles = (bm * bk + bk * bn) * ea
     if fused:
         tiles += bk * rb * _esize(args, "s_ptr", ea)
-    smem = _pipeline_smem(c, tiles)
+    smem = _pipeline_smem(c, tiles, wgmma=bm >= 64)
     acc = bm * bn
     if fused:  # h's accumulator lives through the loop; the epilogue adds Bᵀ (R, BN)
         live = acc + bm * rb + rb * bn
@@ -451,9 +456,14 @@ def gemm_resources(c, args):
 def shrink_resources(c, args):
     bm, bk, rb = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], args.get("R_BLOCK", 16)
     ex, ea = _esize(args, "x_ptr", 2), _esize(args, "a_ptr", 2)
-    smem = _pipeline_smem(c, bm * bk * ex + bk * rb * ea)
+    drop = bool(args.get("HAS_DROPOUT"))
+    smem = max(1, c.num_stages - 1) * (bm * bk * ex + bk * rb * ea)
+    if bm >= 64:  # wgmma reads both operands, converted (and masked) in registers, from one more buffer
+        smem += (bm * bk + bk * rb) * ex
+    elif drop:  # the masked x tile goes back through shared memory
+        smem += bm * bk * ex
     # acc (BM, R); x (BM, BK) converted (and masked) in registers; Aᵀ (BK, R) converted from the adapters' dtype
-    live = bm * rb + bm * bk * (2 if args.get("HAS_DROPOUT") else 1) + (bk * rb if ea != ex else 0)
+    live = bm * rb + bm * bk * (2 if drop else 1) + (bk * rb if ea != ex else 0)
     if rb >= 128 and bm < 64 and bk >= 64 and c.num_warps < 8:
         # measured (sm_90, triton 3.9): 16×64 and 32×64 row tiles at R = 128 spill 8-24 B with 4 warps at 80-168
         # registers, where 8 warps do not; ptxas's choice, not a count this model can see
@@ -464,7 +474,8 @@ def shrink_resources(c, args):
 def dy_resources(c, args):
     bm, bn, rb = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], args.get("R_BLOCK", 16)
     edy, eb = _esize(args, "dy_ptr", 2), _esize(args, "b_ptr", 2)
-    smem = _pipeline_smem(c, bm * bn * edy + bn * rb * eb)
+    # pipeline of dY (BM, BN) and B (BN, R) tiles, and the fp32 dB part (BN, R) re-laid out for its atomics
+    smem = max(1, c.num_stages - 1) * (bm * bn * edy + bn * rb * eb) + bn * rb * 4
     # dh (BM, R) fp32 accumulator and h (BM, R) through the loop; the dB part (BN, R) fp32; dY (BM, BN)
     live = 2 * bm * rb + (bn * rb if args.get("NEED_DB", True) else 0) + bm * bn + (bn * rb if eb != edy else 0)
     return smem, _regs_per_thread(live, c)
@@ -473,7 +484,8 @@ def dy_resources(c, args):
 def grad_a_resources(c, args):
     bm, bk, rb = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], args.get("R_BLOCK", 16)
     ex = _esize(args, "x_ptr", 2)
-    smem = _pipeline_smem(c, bm * rb * 4 + bm * bk * ex)  # dh is fp32
+    # pipeline of dh (BM, R) fp32 and x (BM, BK) tiles, and the (masked) x operand of the dot
+    smem = max(1, c.num_stages - 1) * (bm * rb * 4 + bm * bk * ex) + bm * bk * ex
     live = rb * bk + bm * rb + bm * bk * (2 if args.get("HAS_DROPOUT") else 1)
     return smem, _regs_per_thread(live, c)
 

@@ -169,6 +169,44 @@ def test_fallback_is_chosen_by_the_resource_model_not_by_one_field():
     assert kl._fits(kl.shrink_resources(chosen, args))
 
 
+# Shared memory of sm_90 builds (triton 3.9 and 3.6 agree), by benchmarks/offline_build.py: (kernel, config
+# (BM, BN or None, BK or None, warps, stages), R_BLOCK, input dtype, adapter dtype, flags) -> bytes
+SMEM_MEASURED = [
+    ("shrink", (16, None, 256, 4, 4), 128, torch.bfloat16, torch.float32, {}, 417792),  # finding 1: the crash
+    ("shrink", (16, None, 64, 8, 3), 128, torch.bfloat16, torch.float32, {}, 69632),
+    ("shrink", (16, None, 64, 8, 3), 128, torch.bfloat16, torch.float32, {"HAS_DROPOUT": True}, 71680),
+    ("shrink", (64, None, 128, 8, 3), 128, torch.bfloat16, torch.float32, {}, 212992),
+    ("shrink", (64, None, 64, 4, 4), 128, torch.bfloat16, torch.float32, {}, 147456),
+    ("gemm", (16, 64, 128, 4, 4), 16, torch.bfloat16, torch.float32, {"FUSE_SHRINK": True}, 86016),  # finding 2
+    ("gemm", (16, 32, 256, 4, 4), 16, torch.bfloat16, torch.float32, {"FUSE_SHRINK": True}, 122880),
+    ("gemm", (128, 128, 64, 4, 4), 16, torch.bfloat16, torch.float32, {}, 131072),
+    ("gemm", (256, 128, 64, 8, 4), 16, torch.bfloat16, torch.float32, {}, 196608),
+    ("gemm", (32, 128, 128, 4, 3), 16, torch.bfloat16, torch.float32, {}, 81920),
+    ("gemm", (128, 128, 32, 8, 3), 16, torch.bfloat16, torch.float32, {"LO_DROPOUT": True}, 49152),
+    ("dy", (64, 64, None, 8, 3), 128, torch.bfloat16, torch.float32, {"NEED_DB": True}, 114688),
+    ("grad_a", (64, None, 64, 4, 3), 128, torch.bfloat16, torch.float32, {}, 90112),
+]
+
+
+@pytest.mark.parametrize("case", SMEM_MEASURED, ids=lambda c: f"{c[0]}-{c[1]}-R{c[2]}-{c[6]}")
+def test_resource_model_prices_shared_memory_as_measured_builds(case):
+    """The model's shared memory is never below a measured sm_90 build and at most 8 KB above it."""
+    from fastlora.kernels import lora_linear as kl
+
+    kind, (bm, bn, bk, warps, stages), rb, dt, adt, flags, measured = case
+    tile = {"BLOCK_M": bm, **({"BLOCK_N": bn} if bn else {}), **({"BLOCK_K": bk} if bk else {})}
+    c = kl._cfg(warps, stages, **tile)
+    x, a = _meta(dt), _meta(adt)
+    args = dict(R_BLOCK=rb, **flags)
+    args.update({"gemm": dict(a_ptr=x, s_ptr=a, u_ptr=a), "shrink": dict(x_ptr=x, a_ptr=a),
+                 "dy": dict(dy_ptr=x, b_ptr=a, h_ptr=_meta(torch.float32)),
+                 "grad_a": dict(dh_ptr=_meta(torch.float32), x_ptr=x)}[kind])
+    model = {"gemm": kl.gemm_resources, "shrink": kl.shrink_resources, "dy": kl.dy_resources,
+             "grad_a": kl.grad_a_resources}[kind]
+    smem, _ = model(c, args)
+    assert measured <= smem <= measured + 8 * 1024, (smem, measured)
+
+
 @pytest.mark.parametrize("kind", ["gemm", "shrink", "dy", "grad_a"])
 def test_pruning_keeps_only_configs_that_fit_the_model(kind):
     """Over M classes, ranks, dtypes (half / fp32 adapters), dropout and the small-M path."""
