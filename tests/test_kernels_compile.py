@@ -243,6 +243,20 @@ def test_pruning_keeps_only_configs_that_fit_the_model(kind):
                             assert smem <= kl._SMEM_BUDGET and regs <= kl._REG_BUDGET, (kind, c, args)
 
 
+def test_autotune_top_k_bounds_the_first_run(monkeypatch):
+    """FASTLORA_AUTOTUNE_TOP_K=k (gpu_check.sh's bounded first run) keeps the first k configs that fit."""
+    from fastlora.kernels import lora_linear as kl
+
+    args = dict(M_BUCKET=4096, K=4096, a_ptr=_meta(torch.bfloat16), R_BLOCK=16, LO_DROPOUT=False)
+    full = kl._prune_gemm(kl._GEMM_CONFIGS, args)
+    assert len(full) > 2
+    monkeypatch.setenv("FASTLORA_AUTOTUNE_TOP_K", "2")
+    assert kl._prune_gemm(kl._GEMM_CONFIGS, args) == full[:2]
+    monkeypatch.setenv("FASTLORA_AUTOTUNE_TOP_K", "many")
+    with pytest.raises(ValueError, match="FASTLORA_AUTOTUNE_TOP_K"):
+        kl._prune_gemm(kl._GEMM_CONFIGS, args)
+
+
 if __name__ == "__main__":
     import importlib.util
 
