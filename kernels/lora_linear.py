@@ -333,6 +333,7 @@ _GEMM_CONFIGS = [
     _cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
     _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
     _cfg(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+    _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),  # what fits odd K and exact fp32 (FMA) products
     # small M (decode / inference): bound by reading W, so narrow N tiles give enough programs
     _cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, small_m=True),
     _cfg(4, 4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, small_m=True),  # 16×32×256: dX spills (sm_90)
@@ -350,11 +351,12 @@ _GEMM_FIXED = {
 
 # The shrink is a memory-bound pass over x: short row tiles give enough programs to fill the device.
 _SHRINK_CONFIGS = [
-    _cfg(4, 4, BLOCK_M=16, BLOCK_K=256),
+    # 8 warps: sm_90 builds with 4 warps spill at R = 128 and at odd K even at 80-128 registers (offline_build.py)
+    _cfg(8, 4, BLOCK_M=16, BLOCK_K=256),
     _cfg(8, 3, BLOCK_M=16, BLOCK_K=64),  # large ranks with fp32 adapters at M <= 16: a short (BK, R) tile
-    _cfg(4, 4, BLOCK_M=32, BLOCK_K=128),
-    _cfg(4, 4, BLOCK_M=32, BLOCK_K=64),
-    _cfg(4, 4, BLOCK_M=64, BLOCK_K=64),
+    _cfg(8, 4, BLOCK_M=32, BLOCK_K=128),
+    _cfg(8, 3, BLOCK_M=32, BLOCK_K=64),
+    _cfg(8, 4, BLOCK_M=64, BLOCK_K=64),
     _cfg(8, 3, BLOCK_M=64, BLOCK_K=128),
 ]
 _SHRINK_FIXED = {  # fit every rank chunk (R_BLOCK <= 128) and adapter dtype (offline_build.py checks them)
@@ -424,6 +426,17 @@ def _regs_per_thread(elements: int, c) -> int:
     return elements // _threads(c)
 
 
+def _operands_in_registers(args, loop_dim: str, esize: int) -> float:
+    """Weight (fp32 registers per operand element) of operand tiles that pass through registers: where the loop
+    dimension or a stride is not a multiple of 16 (no 16-byte vector loads: masked scalar loads, measured to
+    spill at the widest tiles, offline sm_90 builds with K = 1000, N = 1537), and for exact fp32 products
+    (IEEE: FMA dots, not tensor cores). 0 where the tiles stream through shared memory."""
+    unaligned = any(isinstance(v, int) and not isinstance(v, bool) and v % 16 != 0
+                    for k, v in args.items() if (k == loop_dim or (k.startswith("stride_") and v != 1)))
+    fma = esize == 4 and args.get("DOT_PRECISION", "ieee") == "ieee" and loop_dim in args
+    return 1.5 * esize / 2 if unaligned else (esize / 2 if fma else 0.0)
+
+
 def _pipeline_smem(c, tile_bytes: int, wgmma: bool = False) -> int:
     """Shared memory of a K loop's software pipeline (measured on sm_90 builds, triton 3.6 and 3.9): num_stages
     buffers of the loop's operand tiles where the dot runs on Hopper's wgmma (BLOCK_M >= 64, operands read from
@@ -450,6 +463,7 @@ def gemm_resources(c, args):
         live = acc + bm * rb + rb * bn
     else:  # the prologue holds L (BM, R), U (R, BN) and, with the dX mask, Philox words for the (BM, BN) tile
         live = acc + bm * rb + rb * bn + (acc if args.get("LO_DROPOUT") else 0)
+    live += _operands_in_registers(args, "K", ea) * (bm * bk + bk * bn)
     return smem, _regs_per_thread(live, c)
 
 
@@ -464,6 +478,7 @@ def shrink_resources(c, args):
         smem += bm * bk * ex
     # acc (BM, R); x (BM, BK) converted (and masked) in registers; Aᵀ (BK, R) converted from the adapters' dtype
     live = bm * rb + bm * bk * (2 if drop else 1) + (bk * rb if ea != ex else 0)
+    live += _operands_in_registers(args, "K", ex) * bm * bk + _operands_in_registers(args, "K", ea) * bk * rb
     if rb >= 128 and bm < 64 and bk >= 64 and c.num_warps < 8:
         # measured (sm_90, triton 3.9): 16×64 and 32×64 row tiles at R = 128 spill 8-24 B with 4 warps at 80-168
         # registers, where 8 warps do not; ptxas's choice, not a count this model can see
@@ -478,6 +493,7 @@ def dy_resources(c, args):
     smem = max(1, c.num_stages - 1) * (bm * bn * edy + bn * rb * eb) + bn * rb * 4
     # dh (BM, R) fp32 accumulator and h (BM, R) through the loop; the dB part (BN, R) fp32; dY (BM, BN)
     live = 2 * bm * rb + (bn * rb if args.get("NEED_DB", True) else 0) + bm * bn + (bn * rb if eb != edy else 0)
+    live += _operands_in_registers(args, "N", edy) * bm * bn + _operands_in_registers(args, "N", eb) * bn * rb
     return smem, _regs_per_thread(live, c)
 
 
@@ -699,7 +715,11 @@ def fixed_config(tuned, fixed_cfgs, m_bucket, args, kwargs) -> dict:
     meta = dict(fixed_cfgs["small" if small else "large"])
     warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
     cfg = _cfg(warps, stages, small_m=small, **meta)
-    (cfg,) = tuned.early_config_prune([cfg], dict(zip(tuned.arg_names, args)), **kwargs)[:1]
+    nargs = dict(zip(tuned.arg_names, args))
+    kept = tuned.early_config_prune([cfg], nargs, **kwargs)
+    if kept[0] is not cfg:  # it does not fit as is: the first of the tuned list that the pruning keeps
+        kept = tuned.early_config_prune(tuned.configs, nargs, **kwargs)
+    cfg = kept[0]
     return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
