@@ -22,6 +22,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-benchmark>=4",
+            "hypothesis>=6",
             "numpy",
             "peft>=0.13",
             "transformers>=4.45",
