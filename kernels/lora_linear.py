@@ -48,8 +48,9 @@ __all__ = ["lora_forward", "lora_backward", "launch_counts", "base_gemm", "gemm_
 
 # The small-M path (shrink folded into the GEMM) is used up to this many rows, without dropout.
 FUSED_SHRINK_MAX_M = 64
-# Largest rank kept in registers by the fused shrink; above it the separate shrink kernel runs.
-FUSED_SHRINK_MAX_R = 64
+# Largest rank kept in registers by the fused shrink; above it the separate shrink kernel runs (sm_90 builds of
+# the fused path at R_BLOCK = 64 spill ~1 KB at 16×64×128, offline_build.py).
+FUSED_SHRINK_MAX_R = 32
 # Rank chunk of the shrink / dY / dA kernels: larger ranks run as several programs over r.
 R_CHUNK_MAX = 128
 # Strides up to this bound keep every in-loop pointer step (BLOCK <= 256 times a stride) within int32; an
@@ -333,13 +334,14 @@ _GEMM_CONFIGS = [
     _cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
     _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
     _cfg(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-    _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),  # what fits odd K and exact fp32 (FMA) products
+    _cfg(8, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),  # what fits odd K and fp32 (FMA / TF32) operands
     # small M (decode / inference): bound by reading W, so narrow N tiles give enough programs
     _cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, small_m=True),
     _cfg(4, 4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, small_m=True),  # 16×32×256: dX spills (sm_90)
     _cfg(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, small_m=True),
     _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, small_m=True),
     _cfg(4, 3, BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, small_m=True),
+    _cfg(4, 3, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, small_m=True),  # fp32 and odd K at small M
 ]
 # Fixed configs, used without autotuning: tiny tiles for the interpreter (its cost grows with the tile), and one
 # generally good tile for each M class on a GPU with FASTLORA_AUTOTUNE=0.
@@ -373,6 +375,7 @@ _DY_CONFIGS = [
     _cfg(4, 3, BLOCK_M=64, BLOCK_N=128),
     _cfg(8, 3, BLOCK_M=128, BLOCK_N=64),
     _cfg(8, 3, BLOCK_M=128, BLOCK_N=128),
+    _cfg(8, 3, BLOCK_M=32, BLOCK_N=64),  # fp32 and odd N at large ranks
     _cfg(4, 4, BLOCK_M=32, BLOCK_N=128, small_m=True),
     _cfg(4, 4, BLOCK_M=16, BLOCK_N=128, small_m=True),
     _cfg(8, 4, BLOCK_M=16, BLOCK_N=64, small_m=True),
@@ -430,11 +433,12 @@ def _operands_in_registers(args, loop_dim: str, esize: int) -> float:
     """Weight (fp32 registers per operand element) of operand tiles that pass through registers: where the loop
     dimension or a stride is not a multiple of 16 (no 16-byte vector loads: masked scalar loads, measured to
     spill at the widest tiles, offline sm_90 builds with K = 1000, N = 1537), and for exact fp32 products
-    (IEEE: FMA dots, not tensor cores). 0 where the tiles stream through shared memory."""
+    (IEEE: FMA dots, not tensor cores) and TF32 (operands converted in registers): fp32 128×128 and 64×128 tiles
+    spilled in both. 0 where the tiles stream through shared memory."""
     unaligned = any(isinstance(v, int) and not isinstance(v, bool) and v % 16 != 0
                     for k, v in args.items() if (k == loop_dim or (k.startswith("stride_") and v != 1)))
-    fma = esize == 4 and args.get("DOT_PRECISION", "ieee") == "ieee" and loop_dim in args
-    return 1.5 * esize / 2 if unaligned else (esize / 2 if fma else 0.0)
+    fp32 = esize == 4 and loop_dim in args  # IEEE: FMA dots; TF32: each operand converted in registers
+    return 1.5 * esize / 2 if (unaligned or fp32) else 0.0
 
 
 def _pipeline_smem(c, tile_bytes: int, wgmma: bool = False) -> int:
@@ -463,7 +467,7 @@ def gemm_resources(c, args):
         live = acc + bm * rb + rb * bn
     else:  # the prologue holds L (BM, R), U (R, BN) and, with the dX mask, Philox words for the (BM, BN) tile
         live = acc + bm * rb + rb * bn + (acc if args.get("LO_DROPOUT") else 0)
-    live += _operands_in_registers(args, "K", ea) * (bm * bk + bk * bn)
+    live += _operands_in_registers(args, "K", ea) * (bm * bk + bk * bn + (bk * rb if fused else 0))
     return smem, _regs_per_thread(live, c)
 
 

@@ -221,11 +221,11 @@ def test_pruning_keeps_only_configs_that_fit_the_model(kind):
     for m in (16, 64, 2048, 8192):
         for dt in (torch.float16, torch.float32):
             for adt in (dt, torch.float32):
-                for rb in (16, 64, 128):
+                for rb in (16, 32, 64, 128):
                     for drop in (False, True):
                         x, a = _meta(dt), _meta(adt)
                         if kind == "gemm":
-                            fused = m <= 64 and not drop and rb <= 64
+                            fused = m <= 64 and not drop and rb <= kl.FUSED_SHRINK_MAX_R
                             args = dict(M_BUCKET=m, K=4096, a_ptr=x, s_ptr=a, u_ptr=a, R_BLOCK=rb if fused else 16,
                                         FUSE_SHRINK=fused, LO_DROPOUT=drop)
                         elif kind == "dy":
