@@ -3,27 +3,31 @@ r"""Triton kernels for the fused LoRA linear ``y = x Wᵀ + b + s·(drop(x) Aᵀ
 Shapes: x (M, K), W (N, K), A (r, K), B (N, r), b (N,), h = drop(x) Aᵀ (M, r). The math is derived in
 ``fastlora.autograd``; this file holds the kernels and their launch helpers only.
 
-Forward (M > 64, or dropout on, or r > 64)
+Forward (M > 64, or dropout on, or r > 32)
   1. ``lora_shrink_kernel``     h = drop(x) Aᵀ            one pass over x, fp32 accumulate, mask from Philox
   2. ``gemm_lora_kernel``       y = x Wᵀ + b + s·h Bᵀ      one GEMM over K; b + s·h Bᵀ is the accumulator's
                                                             initial value, so y is stored once, rounded once
-Forward (M <= 64, no dropout, r <= 64: the small-M / inference path)
+Forward (M <= 64, no dropout, r <= 32: the small-M / inference path)
   1. ``gemm_lora_kernel`` with FUSE_SHRINK: h is accumulated in the same K loop from the x tiles the GEMM has
      already loaded, so x is read once and there is a single launch. The cost, r/BLOCK_N extra MMA work per
      program, is negligible where the GEMM is bound by reading W (small M), and too high for large M, where
      a separate memory-bound shrink pass (a few % of the GEMM) is cheaper; with dropout it would also
      regenerate the mask once per N tile.
 Backward
-  1. ``lora_grad_dy_kernel``    dh = s·dY B  and  dB = s·dYᵀ h  (and db = Σ dY) from ONE pass over dY; dh rows
-                                are complete per program, dB/db are reduced across row tiles with fp32 atomics
-                                (under torch.use_deterministic_algorithms: dB and db come from cuBLAS / torch.sum)
+  1. ``lora_grad_dy_kernel``    dh = s·dY B  and  dB = s·dYᵀ h  (and db = Σ dY) from ONE pass over dY, split
+                                over row tiles and, where those cannot fill the device, column ranges (partial
+                                dh per range, summed deterministically); dB/db are reduced across row tiles
+                                with fp32 atomics (under torch.use_deterministic_algorithms: cuBLAS / torch.sum)
   2. ``gemm_lora_kernel``       dX = dY W + drop'(dh A)    one GEMM over N; the masked low-rank term (mask
                                 regenerated from the seed) is the accumulator's initial value
   3. ``lora_grad_a_kernel``     dA = dhᵀ drop(x)           split over rows for parallelism, deterministic sum
   4. dW = dYᵀ x via cuBLAS (torch.mm), only when W requires grad (frozen in LoRA): nothing to fuse into it.
 
-``FASTLORA_BASE_GEMM=cublas`` swaps the two large GEMMs for cuBLAS (``base_gemm``); ``FASTLORA_AUTOTUNE=0``
-(and the interpreter) use one fixed config per M class instead of autotuning.
+The two large GEMMs run as the fused Triton kernel or as cuBLAS on top of a Triton pass for the bias and low-rank
+terms: ``gemm_dispatch`` times both per problem on first use (``FASTLORA_BASE_GEMM=auto``, the default) or
+follows ``FASTLORA_BASE_GEMM=triton|cublas``. Configs are pruned by a resource model (shared memory, registers)
+checked against offline sm_90 builds (benchmarks/offline_build.py); ``FASTLORA_AUTOTUNE=0`` (and the
+interpreter) use one fixed config per M class instead of autotuning.
 
 Conventions: explicit strides (non-contiguous inputs need no copy), masked loads/stores, int64 row offsets,
 fp32 accumulation, any rank r >= 1 padded to a power of two >= 16 with masks, fp32 inputs with
