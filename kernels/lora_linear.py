@@ -390,16 +390,16 @@ _DY_FIXED = {
     "large": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),
 }
 
-_GRAD_A_CONFIGS = [
-    _cfg(4, 3, BLOCK_M=64, BLOCK_K=64),
-    _cfg(4, 3, BLOCK_M=128, BLOCK_K=64),
-    _cfg(4, 4, BLOCK_M=64, BLOCK_K=32),
+_GRAD_A_CONFIGS = [  # 8 warps: 4-warp builds spilled with dropout even at 80 registers (sm_90, offline_build.py)
+    _cfg(8, 3, BLOCK_M=64, BLOCK_K=64),
+    _cfg(8, 3, BLOCK_M=128, BLOCK_K=64),
+    _cfg(8, 4, BLOCK_M=64, BLOCK_K=32),
     _cfg(8, 3, BLOCK_M=128, BLOCK_K=128),
 ]
 _GRAD_A_FIXED = {
     "interpret": dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=2),
-    "small": dict(BLOCK_M=64, BLOCK_K=32, num_warps=4, num_stages=3),
-    "large": dict(BLOCK_M=64, BLOCK_K=32, num_warps=4, num_stages=3),
+    "small": dict(BLOCK_M=64, BLOCK_K=32, num_warps=8, num_stages=3),
+    "large": dict(BLOCK_M=64, BLOCK_K=32, num_warps=8, num_stages=3),
 }
 
 
@@ -415,7 +415,7 @@ SMEM_LIMIT = 227 * 1024  # H100 / H200 (sm_90): the opt-in maximum of shared mem
 _SMEM_BUDGET = SMEM_LIMIT - 16 * 1024
 # fp32 values per thread that a config's live tiles may take: sm_90 allows 255 registers per thread and
 # addresses, masks and loop state take the rest (calibrated on offline builds: above it, ptxas spills)
-_REG_BUDGET = 168
+_REG_BUDGET = 160
 
 _DEFAULT_ESIZE = {"a": 2, "b": 2, "s": 2, "u": 2, "l": 4}
 
@@ -511,6 +511,7 @@ def grad_a_resources(c, args):
     # pipeline of dh (BM, R) fp32 and x (BM, BK) tiles, and the (masked) x operand of the dot
     smem = max(1, c.num_stages - 1) * (bm * rb * 4 + bm * bk * ex) + bm * bk * ex
     live = rb * bk + bm * rb + bm * bk * (2 if args.get("HAS_DROPOUT") else 1)
+    live += _operands_in_registers(args, "K", ex) * (bm * bk + bm * rb)
     return smem, _regs_per_thread(live, c)
 
 
@@ -745,6 +746,12 @@ def _r_block(r: int, cap: int = R_CHUNK_MAX) -> int:
     return min(max(16, triton.next_power_of_2(r)), cap)
 
 
+def _rank_chunk(r: int, dtype: torch.dtype) -> int:
+    """Rank chunk of the shrink / dY / dA kernels: up to 128, 64 for fp32 inputs (fp32 operand tiles pass through
+    registers: R = 128 spilled in sm_90 builds)."""
+    return _r_block(r, 64 if dtype == torch.float32 else R_CHUNK_MAX)
+
+
 def _epilogue_r_block(r: int) -> int:
     """Rank chunk of the GEMM's low-rank prologue: 16, the smallest tl.dot step, so the (BM, 16) and (16, BN)
     operand tiles beside the (BM, BN) accumulator cost 16·(BM + BN) / threads registers: the widest tiles
@@ -848,11 +855,12 @@ def _shrink(x, lora_A, h, p, seed, mb):
     thr, inv_keep = _dropout_args(p)
     _launch(
         "lora_shrink", _shrink_tuned, _shrink_fixed, _SHRINK_FIXED,
-        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(r, _r_block(r))), mb,
+        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(r, _rank_chunk(r, x.dtype))), mb,
         x, lora_A, h, M, K, r,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), h.stride(0), h.stride(1),
         int(seed), thr, inv_keep, mb,
-        HAS_DROPOUT=p > 0.0, R_BLOCK=_r_block(r), DOT_PRECISION=_dot_precision(x.dtype), N_ROUNDS=PHILOX_ROUNDS,
+        HAS_DROPOUT=p > 0.0, R_BLOCK=_rank_chunk(r, x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
+        N_ROUNDS=PHILOX_ROUNDS,
     )
 
 
@@ -903,11 +911,11 @@ def _forward_cublas(x, weight, lora_A, lora_B, bias, y, h, scaling, p, seed, mb)
 _DY_COL_ALIGN = 128
 
 
-def _dy_splits(M, N, r, device):
+def _dy_splits(M, N, r, device, dtype=torch.bfloat16):
     """Column splits of the dY pass: enough programs for ~2 waves of the device when row tiles are too few
     (decode, M = 2048 with 64-row tiles on 132 SMs), one split when the row tiles alone fill it."""
     sms = _sm_count(device)
-    programs = triton.cdiv(M, 16 if M <= FUSED_SHRINK_MAX_M else 64) * triton.cdiv(r, _r_block(r))
+    programs = triton.cdiv(M, 16 if M <= FUSED_SHRINK_MAX_M else 64) * triton.cdiv(r, _rank_chunk(r, dtype))
     align = 8 if _interpreted() else _DY_COL_ALIGN
     if programs >= sms or N <= align:
         return 1, N
@@ -921,8 +929,8 @@ def _grad_dy(grad_y, lora_B, h, scaling, need_dh, need_db, need_dbias, prec, mb)
     M, N = grad_y.shape
     r = lora_B.shape[1]
     dev = grad_y.device
-    rb = _r_block(r)
-    splits, cols = _dy_splits(M, N, r, dev)
+    rb = _rank_chunk(r, grad_y.dtype)
+    splits, cols = _dy_splits(M, N, r, dev, grad_y.dtype)
     # dh: (splits, M, r) partial sums, one per column range, added below; written in place when not split
     dh_part = torch.empty((splits, M, r), dtype=torch.float32, device=dev) if need_dh else None
     db = torch.zeros((N, r), dtype=torch.float32, device=dev) if need_db else None  # atomics accumulate into it
@@ -954,7 +962,7 @@ def _grad_a(dh, x, p, seed, prec, mb):
     """dA (r, K) fp32 = dhᵀ @ drop(x), rows split over enough programs to fill the device."""
     M, K = x.shape
     r = dh.shape[1]
-    rb = _r_block(r)
+    rb = _rank_chunk(r, x.dtype)
     thr, inv_keep = _dropout_args(p)
     nominal_bk = 64
     programs = triton.cdiv(K, nominal_bk) * triton.cdiv(r, rb)
