@@ -345,7 +345,7 @@ _GEMM_CONFIGS = [
     _cfg(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, small_m=True),
     _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, small_m=True),
     _cfg(4, 3, BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, small_m=True),
-    _cfg(4, 3, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, small_m=True),  # fp32 and odd K at small M
+    _cfg(8, 3, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, small_m=True),  # fp32 and odd K at small M
 ]
 # Fixed configs, used without autotuning: tiny tiles for the interpreter (its cost grows with the tile), and one
 # generally good tile for each M class on a GPU with FASTLORA_AUTOTUNE=0.
@@ -395,6 +395,8 @@ _GRAD_A_CONFIGS = [  # 8 warps: 4-warp builds spilled with dropout even at 80 re
     _cfg(8, 3, BLOCK_M=128, BLOCK_K=64),
     _cfg(8, 4, BLOCK_M=64, BLOCK_K=32),
     _cfg(8, 3, BLOCK_M=128, BLOCK_K=128),
+    _cfg(8, 3, BLOCK_M=32, BLOCK_K=32),  # exact fp32 (FMA dots)
+    _cfg(8, 3, BLOCK_M=16, BLOCK_K=32),
 ]
 _GRAD_A_FIXED = {
     "interpret": dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=2),
@@ -441,7 +443,9 @@ def _operands_in_registers(args, loop_dim: str, esize: int) -> float:
     spilled in both. 0 where the tiles stream through shared memory."""
     unaligned = any(isinstance(v, int) and not isinstance(v, bool) and v % 16 != 0
                     for k, v in args.items() if (k == loop_dim or (k.startswith("stride_") and v != 1)))
-    fp32 = esize == 4 and loop_dim in args  # IEEE: FMA dots; TF32: each operand converted in registers
+    if esize == 4 and loop_dim in args and args.get("DOT_PRECISION", "ieee") == "ieee":
+        return 6.0  # FMA dots: every thread holds the operand rows and columns of its accumulator slice
+    fp32 = esize == 4 and loop_dim in args  # TF32: each operand converted in registers
     return 1.5 * esize / 2 if (unaligned or fp32) else 0.0
 
 
