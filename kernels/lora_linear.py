@@ -446,8 +446,9 @@ def _operands_in_registers(args, loop_dim: str, esize: int) -> float:
                     for k, v in args.items() if (k == loop_dim or (k.startswith("stride_") and v != 1)))
     if esize == 4 and loop_dim in args and args.get("DOT_PRECISION", "ieee") == "ieee":
         return 6.0  # FMA dots: every thread holds the operand rows and columns of its accumulator slice
-    fp32 = esize == 4 and loop_dim in args  # TF32: each operand converted in registers
-    return 1.5 * esize / 2 if (unaligned or fp32) else 0.0
+    if esize == 4 and loop_dim in args:
+        return 4.0  # TF32: each operand converted in registers (16×32×128 spilled on 4 warps at weight 3)
+    return 1.5 * esize / 2 if unaligned else 0.0
 
 
 def _pipeline_smem(c, tile_bytes: int, wgmma: bool = False) -> int:
