@@ -492,7 +492,8 @@ def shrink_resources(c, args):
         smem += bm * bk * ex
     # acc (BM, R); x (BM, BK) converted (and masked) in registers; Aᵀ (BK, R) converted from the adapters' dtype
     live = bm * rb + bm * bk * (2 if drop else 1) + (bk * rb if ea != ex else 0)
-    live += _operands_in_registers(args, "K", ex) * bm * bk + _operands_in_registers(args, "K", ea) * bk * rb
+    # the dot runs in x's dtype (the adapters are converted to it, counted above)
+    live += _operands_in_registers(args, "K", ex) * (bm * bk + bk * rb)
     if rb >= 128 and bm < 64 and bk >= 64 and c.num_warps < 8:
         # measured (sm_90, triton 3.9): 16×64 and 32×64 row tiles at R = 128 spill 8-24 B with 4 warps at 80-168
         # registers, where 8 warps do not; ptxas's choice, not a count this model can see
@@ -509,7 +510,7 @@ def dy_resources(c, args):
     # dB, its transpose (128×128 at R = 64 spilled at 255 registers without this term)
     need_db = args.get("NEED_DB", True)
     live = 2 * bm * rb + (bn * rb if need_db else 0) + bm * bn * (2 if need_db else 1) + (bn * rb if eb != edy else 0)
-    live += _operands_in_registers(args, "N", edy) * bm * bn + _operands_in_registers(args, "N", eb) * bn * rb
+    live += _operands_in_registers(args, "N", edy) * (bm * bn + bn * rb)  # the dots run in dY's dtype
     return smem, _regs_per_thread(live, c)
 
 

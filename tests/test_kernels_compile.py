@@ -154,6 +154,11 @@ def test_finding_1_the_decode_shrink_config_that_crashed_is_priced_right_and_nev
     kept = kl._prune_rank(kl._SHRINK_CONFIGS, args)
     assert old not in kept and kept
     assert all(kl.shrink_resources(c, args)[0] <= kl.SMEM_LIMIT for c in kept)
+    # as the launch sees it (bf16 dot, aligned K): the 8-warp 16×64 config that builds in 68 KB without spills
+    # is kept on its merits, not as a fallback
+    launch = dict(args, K=4096, stride_xm=4096, stride_ar=4096, DOT_PRECISION="ieee")
+    assert any(c.kwargs == {"BLOCK_M": 16, "BLOCK_K": 64} and kl._fits(kl.shrink_resources(c, launch))
+               for c in kl._prune_rank(kl._SHRINK_CONFIGS, launch))
 
 
 def test_fallback_is_chosen_by_the_resource_model_not_by_one_field():
