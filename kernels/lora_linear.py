@@ -377,11 +377,10 @@ _DY_CONFIGS = [
     _cfg(4, 3, BLOCK_M=64, BLOCK_N=64),
     _cfg(8, 3, BLOCK_M=64, BLOCK_N=64),
     _cfg(4, 3, BLOCK_M=64, BLOCK_N=128),
-    _cfg(8, 3, BLOCK_M=128, BLOCK_N=64),
-    _cfg(8, 3, BLOCK_M=128, BLOCK_N=128),
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=64),  # 128×128 (8 warps) spilled at every rank in sm_90 builds: dropped
     _cfg(8, 3, BLOCK_M=32, BLOCK_N=64),  # fp32 and odd N at large ranks
     _cfg(8, 3, BLOCK_M=16, BLOCK_N=32),  # exact fp32 (FMA dots)
-    _cfg(4, 4, BLOCK_M=32, BLOCK_N=128, small_m=True),
+    _cfg(8, 4, BLOCK_M=32, BLOCK_N=128, small_m=True),  # 4 warps spilled at R = 64
     _cfg(4, 4, BLOCK_M=16, BLOCK_N=128, small_m=True),
     _cfg(8, 4, BLOCK_M=16, BLOCK_N=64, small_m=True),
 ]
