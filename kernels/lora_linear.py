@@ -450,6 +450,12 @@ def _operands_in_registers(args, loop_dim: str, esize: int) -> float:
     return 1.5 * esize / 2 if unaligned else 0.0
 
 
+def _fma_32_row_spill(args, esize: int, bm: int) -> bool:
+    """Measured (sm_90, triton 3.9): exact-fp32 (FMA) dots on 32-row tiles spill 4 B at 64-80 registers in the
+    shrink and dY kernels (ptxas's choice, not a count the model sees); 16- and 64-row tiles do not."""
+    return bm == 32 and esize == 4 and args.get("DOT_PRECISION", "ieee") == "ieee"
+
+
 def _pipeline_smem(c, tile_bytes: int, wgmma: bool = False) -> int:
     """Shared memory of a K loop's software pipeline (measured on sm_90 builds, triton 3.6 and 3.9): num_stages
     buffers of the loop's operand tiles where the dot runs on Hopper's wgmma (BLOCK_M >= 64, operands read from
@@ -493,7 +499,7 @@ def shrink_resources(c, args):
     live = bm * rb + bm * bk * (2 if drop else 1) + (bk * rb if ea != ex else 0)
     # the dot runs in x's dtype (the adapters are converted to it, counted above)
     live += _operands_in_registers(args, "K", ex) * (bm * bk + bk * rb)
-    if rb >= 128 and bm < 64 and bk >= 64 and c.num_warps < 8:
+    if (rb >= 128 and bm < 64 and bk >= 64 and c.num_warps < 8) or _fma_32_row_spill(args, ex, bm):
         # measured (sm_90, triton 3.9): 16×64 and 32×64 row tiles at R = 128 spill 8-24 B with 4 warps at 80-168
         # registers, where 8 warps do not; ptxas's choice, not a count this model can see
         live = (_REG_BUDGET + 1) * _threads(c)
@@ -510,6 +516,8 @@ def dy_resources(c, args):
     need_db = args.get("NEED_DB", True)
     live = 2 * bm * rb + (bn * rb if need_db else 0) + bm * bn * (2 if need_db else 1) + (bn * rb if eb != edy else 0)
     live += _operands_in_registers(args, "N", edy) * (bm * bn + bn * rb)  # the dots run in dY's dtype
+    if _fma_32_row_spill(args, edy, bm):
+        live = (_REG_BUDGET + 1) * _threads(c)
     return smem, _regs_per_thread(live, c)
 
 
