@@ -435,19 +435,22 @@ def _regs_per_thread(elements: int, c) -> int:
     return elements // _threads(c)
 
 
-def _operands_in_registers(args, loop_dim: str, esize: int) -> float:
-    """Weight (fp32 registers per operand element) of operand tiles that pass through registers: where the loop
-    dimension or a stride is not a multiple of 16 (no 16-byte vector loads: masked scalar loads, measured to
-    spill at the widest tiles, offline sm_90 builds with K = 1000, N = 1537), and for exact fp32 products
-    (IEEE: FMA dots, not tensor cores) and TF32 (operands converted in registers): fp32 128×128 and 64×128 tiles
-    spilled in both. 0 where the tiles stream through shared memory."""
-    unaligned = any(isinstance(v, int) and not isinstance(v, bool) and v % 16 != 0
-                    for k, v in args.items() if (k == loop_dim or (k.startswith("stride_") and v != 1)))
-    if esize == 4 and loop_dim in args and args.get("DOT_PRECISION", "ieee") == "ieee":
-        return 6.0  # FMA dots: every thread holds the operand rows and columns of its accumulator slice
+def _unaligned(args, loop_dim: str) -> bool:
+    """The loop dimension or a stride is not a multiple of 16: no 16-byte vector loads (masked scalar loads)."""
+    return any(isinstance(v, int) and not isinstance(v, bool) and v % 16 != 0
+               for k, v in args.items() if (k == loop_dim or (k.startswith("stride_") and v != 1)))
+
+
+def _operands_in_registers(args, loop_dim: str, esize: int, storage_esize: int | None = None) -> float:
+    """Weight (fp32 registers per operand element) of operand tiles that pass through registers, for a dot in a
+    dtype of ``esize`` bytes on an operand stored in ``storage_esize`` bytes: exact fp32 products (IEEE: FMA
+    dots, not tensor cores; 128×128 tiles spilled up to 48 KB) and TF32 (operands converted in registers;
+    16×32×128 spilled on 4 warps at weight 3), and unaligned problems (odd K = 1000, N = 1537 in the sampled
+    sm_90 builds: 256×128, 32×128×128 fused and the R = 128 shrink spilled at 255 registers). 0 where the
+    tiles stream through shared memory."""
     if esize == 4 and loop_dim in args:
-        return 4.0  # TF32: each operand converted in registers (16×32×128 spilled on 4 warps at weight 3)
-    return 1.5 * esize / 2 if unaligned else 0.0
+        return 6.0 if args.get("DOT_PRECISION", "ieee") == "ieee" else 4.0
+    return 1.5 * (storage_esize or esize) / 2 if _unaligned(args, loop_dim) else 0.0
 
 
 def _fma_32_row_spill(args, esize: int, bm: int) -> bool:
@@ -482,7 +485,12 @@ def gemm_resources(c, args):
         live = acc + bm * rb + rb * bn
     else:  # the prologue holds L (BM, R), U (R, BN) and, with the dX mask, Philox words for the (BM, BN) tile
         live = acc + bm * rb + rb * bn + (acc if args.get("LO_DROPOUT") else 0)
-    live += _operands_in_registers(args, "K", ea) * (bm * bk + bk * bn + (bk * rb if fused else 0))
+    live += _operands_in_registers(args, "K", ea) * (bm * bk + bk * bn)
+    if fused:
+        live += _operands_in_registers(args, "K", ea, _esize(args, "s_ptr", ea)) * bk * rb
+        if c.num_warps < 8 and _unaligned(args, "K"):
+            # measured: the fused path at odd K spills 4-192 B on 4 warps (16×32×128 at 168 registers)
+            live = (_REG_BUDGET + 1) * _threads(c)
     return smem, _regs_per_thread(live, c)
 
 
@@ -497,8 +505,8 @@ def shrink_resources(c, args):
         smem += bm * bk * ex
     # acc (BM, R); x (BM, BK) converted (and masked) in registers; Aᵀ (BK, R) converted from the adapters' dtype
     live = bm * rb + bm * bk * (2 if drop else 1) + (bk * rb if ea != ex else 0)
-    # the dot runs in x's dtype (the adapters are converted to it, counted above)
-    live += _operands_in_registers(args, "K", ex) * (bm * bk + bk * rb)
+    # the dot runs in x's dtype; the adapters are converted to it (counted above), loaded in their own
+    live += _operands_in_registers(args, "K", ex) * bm * bk + _operands_in_registers(args, "K", ex, ea) * bk * rb
     if (rb >= 128 and bm < 64 and bk >= 64 and c.num_warps < 8) or _fma_32_row_spill(args, ex, bm):
         # measured (sm_90, triton 3.9): 16×64 and 32×64 row tiles at R = 128 spill 8-24 B with 4 warps at 80-168
         # registers, where 8 warps do not; ptxas's choice, not a count this model can see
@@ -515,7 +523,7 @@ def dy_resources(c, args):
     # dB, its transpose (128×128 at R = 64 spilled at 255 registers without this term)
     need_db = args.get("NEED_DB", True)
     live = 2 * bm * rb + (bn * rb if need_db else 0) + bm * bn * (2 if need_db else 1) + (bn * rb if eb != edy else 0)
-    live += _operands_in_registers(args, "N", edy) * (bm * bn + bn * rb)  # the dots run in dY's dtype
+    live += _operands_in_registers(args, "N", edy) * bm * bn + _operands_in_registers(args, "N", edy, eb) * bn * rb
     if _fma_32_row_spill(args, edy, bm):
         live = (_REG_BUDGET + 1) * _threads(c)
     return smem, _regs_per_thread(live, c)
