@@ -519,10 +519,12 @@ def dy_resources(c, args):
     edy, eb = _esize(args, "dy_ptr", 2), _esize(args, "b_ptr", 2)
     # pipeline of dY (BM, BN) and B (BN, R) tiles, and the fp32 dB part (BN, R) re-laid out for its atomics
     smem = max(1, c.num_stages - 1) * (bm * bn * edy + bn * rb * eb) + bn * rb * 4
-    # dh (BM, R) fp32 accumulator and h (BM, R) through the loop; the dB part (BN, R) fp32; dY (BM, BN) and, for
-    # dB, its transpose (128×128 at R = 64 spilled at 255 registers without this term)
+    # dh (BM, R) fp32 accumulator and h (BM, R) through the loop; dY (BM, BN) and, for dB, its transpose
+    # (128×128 at R = 64 spilled at 255 registers without it), and the dB part twice: once from the dot, once in
+    # the atomics' layout (32×128 at R = 128 spilled)
     need_db = args.get("NEED_DB", True)
-    live = 2 * bm * rb + (bn * rb if need_db else 0) + bm * bn * (2 if need_db else 1) + (bn * rb if eb != edy else 0)
+    live = (2 * bm * rb + (2 * bn * rb if need_db else 0) + bm * bn * (2 if need_db else 1)
+            + (bn * rb if eb != edy else 0))
     live += _operands_in_registers(args, "N", edy) * bm * bn + _operands_in_registers(args, "N", edy, eb) * bn * rb
     if _fma_32_row_spill(args, edy, bm):
         live = (_REG_BUDGET + 1) * _threads(c)
