@@ -316,8 +316,8 @@ def main(argv=None):
         import random
 
         def demand(spec):
-            cfg = triton.Config({k: spec["consts"][k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in spec["consts"]},
-                                num_warps=spec["warps"], num_stages=spec["stages"])
+            tile = {k: spec["consts"][k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in spec["consts"]}
+            cfg = triton.Config(tile, num_warps=spec["warps"], num_stages=spec["stages"])
             return kl._overflow(_MODELS[spec["kernel"]](cfg, {**spec["nargs"], **spec["consts"]}))
 
         chosen = sorted(specs, key=demand, reverse=True)[:args.worst] if args.worst else []

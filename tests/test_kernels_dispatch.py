@@ -142,7 +142,8 @@ def test_dy_pass_splits_columns_when_row_tiles_cannot_fill_the_device(monkeypatc
     for M, N, r in ((1, 4096, 16), (16, 4096, 16), (2048, 4096, 16), (2048, 8192, 256)):
         splits, cols = kl._dy_splits(M, N, r, cpu)
         programs = -(-M // (16 if M <= 64 else 64)) * -(-r // kl._r_block(r)) * splits
-        assert programs >= min(132, N // kl._DY_COL_ALIGN) and cols % kl._DY_COL_ALIGN == 0 and splits * cols >= N > (splits - 1) * cols
+        assert programs >= min(132, N // kl._DY_COL_ALIGN) and cols % kl._DY_COL_ALIGN == 0
+        assert splits * cols >= N > (splits - 1) * cols
     assert kl._dy_splits(16384, 4096, 16, cpu) == (1, 4096)  # 256 row tiles of 64 fill it: no partial sums
 
 
