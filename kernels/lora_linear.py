@@ -418,6 +418,9 @@ _SMEM_BUDGET = SMEM_LIMIT - 16 * 1024
 # fp32 values per thread that a config's live tiles may take: sm_90 allows 255 registers per thread and
 # addresses, masks and loop state take the rest (calibrated on offline builds: above it, ptxas spills)
 _REG_BUDGET = 160
+# What a config that offline builds showed to spill counts as: far over the budget, so that a fallback (the least
+# overflowing config) never picks it
+_MEASURED_SPILL = 2 * _REG_BUDGET
 
 _DEFAULT_ESIZE = {"a": 2, "b": 2, "s": 2, "u": 2, "l": 4}
 
@@ -491,7 +494,7 @@ def gemm_resources(c, args):
         live += _operands_in_registers(args, "K", ea, _esize(args, "s_ptr", ea)) * bk * rb
         if c.num_warps < 8 and _unaligned(args, "K"):
             # measured: the fused path at odd K spills 4-192 B on 4 warps (16×32×128 at 168 registers)
-            live = (_REG_BUDGET + 1) * _threads(c)
+            live = _MEASURED_SPILL * _threads(c)
     return smem, _regs_per_thread(live, c)
 
 
@@ -511,7 +514,7 @@ def shrink_resources(c, args):
     if (rb >= 128 and bm < 64 and bk >= 64 and c.num_warps < 8) or _fma_32_row_spill(args, ex, bm):
         # measured (sm_90, triton 3.9): 16×64 and 32×64 row tiles at R = 128 spill 8-24 B with 4 warps at 80-168
         # registers, where 8 warps do not; ptxas's choice, not a count this model can see
-        live = (_REG_BUDGET + 1) * _threads(c)
+        live = _MEASURED_SPILL * _threads(c)
     return smem, _regs_per_thread(live, c)
 
 
@@ -528,7 +531,7 @@ def dy_resources(c, args):
             + (bn * rb if eb != edy else 0))
     live += _operands_in_registers(args, "N", edy) * bm * bn + _operands_in_registers(args, "N", edy, eb) * bn * rb
     if _fma_32_row_spill(args, edy, bm):
-        live = (_REG_BUDGET + 1) * _threads(c)
+        live = _MEASURED_SPILL * _threads(c)
     return smem, _regs_per_thread(live, c)
 
 
