@@ -26,6 +26,7 @@ setup(
             "pytest-benchmark>=4",
             "matplotlib>=3.7",  # the bench plot is tested too
             "triton>=3.0; platform_system == 'Linux'",
+            "hypothesis>=6",
             "numpy",
             "peft>=0.13",
             "transformers>=4.45",

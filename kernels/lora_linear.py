@@ -3,27 +3,31 @@ r"""Triton kernels for the fused LoRA linear ``y = x Wᵀ + b + s·(drop(x) Aᵀ
 Shapes: x (M, K), W (N, K), A (r, K), B (N, r), b (N,), h = drop(x) Aᵀ (M, r). The math is derived in
 ``fastlora.autograd``; this file holds the kernels and their launch helpers only.
 
-Forward (M > 64, or dropout on, or r > 64)
+Forward (M > 64, or dropout on, or r > 32)
   1. ``lora_shrink_kernel``     h = drop(x) Aᵀ            one pass over x, fp32 accumulate, mask from Philox
   2. ``gemm_lora_kernel``       y = x Wᵀ + b + s·h Bᵀ      one GEMM over K; b + s·h Bᵀ is the accumulator's
                                                             initial value, so y is stored once, rounded once
-Forward (M <= 64, no dropout, r <= 64: the small-M / inference path)
+Forward (M <= 64, no dropout, r <= 32: the small-M / inference path)
   1. ``gemm_lora_kernel`` with FUSE_SHRINK: h is accumulated in the same K loop from the x tiles the GEMM has
      already loaded, so x is read once and there is a single launch. The cost, r/BLOCK_N extra MMA work per
      program, is negligible where the GEMM is bound by reading W (small M), and too high for large M, where
      a separate memory-bound shrink pass (a few % of the GEMM) is cheaper; with dropout it would also
      regenerate the mask once per N tile.
 Backward
-  1. ``lora_grad_dy_kernel``    dh = s·dY B  and  dB = s·dYᵀ h  (and db = Σ dY) from ONE pass over dY; dh rows
-                                are complete per program, dB/db are reduced across row tiles with fp32 atomics
-                                (under torch.use_deterministic_algorithms: dB and db come from cuBLAS / torch.sum)
+  1. ``lora_grad_dy_kernel``    dh = s·dY B  and  dB = s·dYᵀ h  (and db = Σ dY) from ONE pass over dY, split
+                                over row tiles and, where those cannot fill the device, column ranges (partial
+                                dh per range, summed deterministically); dB/db are reduced across row tiles
+                                with fp32 atomics (under torch.use_deterministic_algorithms: cuBLAS / torch.sum)
   2. ``gemm_lora_kernel``       dX = dY W + drop'(dh A)    one GEMM over N; the masked low-rank term (mask
                                 regenerated from the seed) is the accumulator's initial value
   3. ``lora_grad_a_kernel``     dA = dhᵀ drop(x)           split over rows for parallelism, deterministic sum
   4. dW = dYᵀ x via cuBLAS (torch.mm), only when W requires grad (frozen in LoRA): nothing to fuse into it.
 
-``FASTLORA_BASE_GEMM=cublas`` swaps the two large GEMMs for cuBLAS (``base_gemm``); ``FASTLORA_AUTOTUNE=0``
-(and the interpreter) use one fixed config per M class instead of autotuning.
+The two large GEMMs run as the fused Triton kernel or as cuBLAS on top of a Triton pass for the bias and low-rank
+terms: ``gemm_dispatch`` times both per problem on first use (``FASTLORA_BASE_GEMM=auto``, the default) or
+follows ``FASTLORA_BASE_GEMM=triton|cublas``. Configs are pruned by a resource model (shared memory, registers)
+checked against offline sm_90 builds (benchmarks/offline_build.py); ``FASTLORA_AUTOTUNE=0`` (and the
+interpreter) use one fixed config per M class instead of autotuning.
 
 Conventions: explicit strides (non-contiguous inputs need no copy), masked loads/stores, int64 row offsets,
 fp32 accumulation, any rank r >= 1 padded to a power of two >= 16 with masks, fp32 inputs with
@@ -35,6 +39,7 @@ import collections
 import contextlib
 import functools
 import os
+import warnings
 
 import torch
 import triton
@@ -42,12 +47,14 @@ import triton.language as tl
 
 from .dropout import PHILOX_ROUNDS, dropout_threshold, philox_keep
 
-__all__ = ["lora_forward", "lora_backward", "launch_counts", "base_gemm", "FUSED_SHRINK_MAX_M"]
+__all__ = ["lora_forward", "lora_backward", "launch_counts", "base_gemm", "gemm_dispatch", "GemmDispatch",
+           "FUSED_SHRINK_MAX_M"]
 
 # The small-M path (shrink folded into the GEMM) is used up to this many rows, without dropout.
 FUSED_SHRINK_MAX_M = 64
-# Largest rank kept in registers by the fused shrink; above it the separate shrink kernel runs.
-FUSED_SHRINK_MAX_R = 64
+# Largest rank kept in registers by the fused shrink; above it the separate shrink kernel runs (sm_90 builds of
+# the fused path at R_BLOCK = 64 spill ~1 KB at 16×64×128, offline_build.py).
+FUSED_SHRINK_MAX_R = 32
 # Rank chunk of the shrink / dY / dA kernels: larger ranks run as several programs over r.
 R_CHUNK_MAX = 128
 # Strides up to this bound keep every in-loop pointer step (BLOCK <= 256 times a stride) within int32; an
@@ -205,24 +212,32 @@ def gemm_lora_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "cols_per_split"])
 def lora_grad_dy_kernel(
     dy_ptr, b_ptr, h_ptr, dh_ptr, db_ptr, dbias_ptr,
-    M, N, R,
+    M, N, R, cols_per_split,
     stride_dym, stride_dyn, stride_bn, stride_br, stride_hm, stride_hr,
-    stride_dhm, stride_dhr, stride_dbn, stride_dbr,
+    stride_dhs, stride_dhm, stride_dhr, stride_dbn, stride_dbr,
     scaling,
     M_BUCKET,  # autotune key only
     NEED_DH: tl.constexpr, NEED_DB: tl.constexpr, NEED_DBIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One pass over dY (M, N): dh = s·dY B (M, R) stored per row tile; dB += s·dY_tileᵀ h_tile (N, R) and
-    dbias += Σ_rows dY_tile (N,) reduced across row tiles with fp32 atomics. Grid (row tiles, rank chunks)."""
+    """One pass over dY (M, N), split over row tiles, column ranges and rank chunks (grid in that order).
+
+    Program (i, j, c) reads dY[rows i, columns of split j] once and produces
+      dh_part[j, rows i, chunk c] = s·dY[rows, cols] B[cols, chunk]   (M, R) partial per column split, stored;
+      dB[cols, chunk] += s·dY[rows, cols]ᵀ h[rows, chunk]           fp32 atomics across row tiles;
+      dbias[cols] += Σ_rows dY[rows, cols]                            fp32 atomics across row tiles.
+    The column splits let small M fill the device; the launch helper sums dh_part over j (deterministically)."""
     pid_m = tl.program_id(0)
-    pid_r = tl.program_id(1)
+    pid_s = tl.program_id(1)
+    pid_r = tl.program_id(2)
     cdt = dy_ptr.dtype.element_ty
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
+    n_start = pid_s * cols_per_split
+    n_end = tl.minimum(n_start + cols_per_split, N)
+    offs_n = n_start + tl.arange(0, BLOCK_N)
     offs_r = pid_r * R_BLOCK + tl.arange(0, R_BLOCK)
     m_ok = offs_m < M
     r_ok = offs_r < R
@@ -234,8 +249,8 @@ def lora_grad_dy_kernel(
                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)
         h = (h.to(tl.float32) * scaling).to(cdt)
     dh = tl.zeros((BLOCK_M, R_BLOCK), dtype=tl.float32)
-    for n in range(0, N, BLOCK_N):
-        n_ok = offs_n < N - n
+    for n in range(n_start, n_end, BLOCK_N):
+        n_ok = offs_n < n_end - (n - n_start)
         # rows past M load as zeros: they must not add to dB / dbias
         dy = tl.load(dy_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
         if NEED_DH:
@@ -246,12 +261,14 @@ def lora_grad_dy_kernel(
             tl.atomic_add(db_ptrs, part, mask=n_ok[:, None] & r_ok[None, :], sem="relaxed")
         if NEED_DBIAS:
             if pid_r == 0:
-                tl.atomic_add(dbias_ptr + n + offs_n, tl.sum(dy.to(tl.float32), axis=0), mask=n_ok, sem="relaxed")
+                tl.atomic_add(dbias_ptr + offs_n + (n - n_start), tl.sum(dy.to(tl.float32), axis=0), mask=n_ok,
+                              sem="relaxed")
         dy_ptrs += BLOCK_N * stride_dyn
         b_ptrs += BLOCK_N * stride_bn
         db_ptrs += BLOCK_N * stride_dbn
     if NEED_DH:
-        dh_ptrs = dh_ptr + offs_m.to(tl.int64)[:, None] * stride_dhm + offs_r.to(tl.int64)[None, :] * stride_dhr
+        dh_ptrs = (dh_ptr + pid_s.to(tl.int64) * stride_dhs + offs_m.to(tl.int64)[:, None] * stride_dhm
+                   + offs_r.to(tl.int64)[None, :] * stride_dhr)
         tl.store(dh_ptrs, dh * scaling, mask=m_ok[:, None] & r_ok[None, :])
 
 
@@ -321,12 +338,14 @@ _GEMM_CONFIGS = [
     _cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
     _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
     _cfg(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+    _cfg(8, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),  # what fits odd K and fp32 (FMA / TF32) operands
     # small M (decode / inference): bound by reading W, so narrow N tiles give enough programs
     _cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, small_m=True),
-    _cfg(4, 4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, small_m=True),
+    _cfg(4, 4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, small_m=True),  # 16×32×256: dX spills (sm_90)
     _cfg(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, small_m=True),
     _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, small_m=True),
     _cfg(4, 3, BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, small_m=True),
+    _cfg(8, 3, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, small_m=True),  # fp32 and odd K at small M
 ]
 # Fixed configs, used without autotuning: tiny tiles for the interpreter (its cost grows with the tile), and one
 # generally good tile for each M class on a GPU with FASTLORA_AUTOTUNE=0.
@@ -338,16 +357,18 @@ _GEMM_FIXED = {
 
 # The shrink is a memory-bound pass over x: short row tiles give enough programs to fill the device.
 _SHRINK_CONFIGS = [
-    _cfg(4, 4, BLOCK_M=16, BLOCK_K=256),
-    _cfg(4, 4, BLOCK_M=32, BLOCK_K=128),
-    _cfg(4, 4, BLOCK_M=32, BLOCK_K=64),
-    _cfg(4, 4, BLOCK_M=64, BLOCK_K=64),
+    # 8 warps: sm_90 builds with 4 warps spill at R = 128 and at odd K even at 80-128 registers (offline_build.py)
+    _cfg(8, 4, BLOCK_M=16, BLOCK_K=256),
+    _cfg(8, 3, BLOCK_M=16, BLOCK_K=64),  # large ranks with fp32 adapters at M <= 16: a short (BK, R) tile
+    _cfg(8, 4, BLOCK_M=32, BLOCK_K=128),
+    _cfg(8, 3, BLOCK_M=32, BLOCK_K=64),
+    _cfg(8, 4, BLOCK_M=64, BLOCK_K=64),
     _cfg(8, 3, BLOCK_M=64, BLOCK_K=128),
 ]
-_SHRINK_FIXED = {
+_SHRINK_FIXED = {  # fit every rank chunk (R_BLOCK <= 128) and adapter dtype (offline_build.py checks them)
     "interpret": dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=2),
-    "small": dict(BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=4),
-    "large": dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=4),
+    "small": dict(BLOCK_M=16, BLOCK_K=64, num_warps=8, num_stages=3),
+    "large": dict(BLOCK_M=32, BLOCK_K=64, num_warps=8, num_stages=3),
 }
 
 # dY pass: taller row tiles mean fewer fp32 atomics into dB (M/BLOCK_M · N · r of them), shorter ones more
@@ -356,9 +377,10 @@ _DY_CONFIGS = [
     _cfg(4, 3, BLOCK_M=64, BLOCK_N=64),
     _cfg(8, 3, BLOCK_M=64, BLOCK_N=64),
     _cfg(4, 3, BLOCK_M=64, BLOCK_N=128),
-    _cfg(8, 3, BLOCK_M=128, BLOCK_N=64),
-    _cfg(8, 3, BLOCK_M=128, BLOCK_N=128),
-    _cfg(4, 4, BLOCK_M=32, BLOCK_N=128, small_m=True),
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=64),  # 128×128 (8 warps) spilled at every rank in sm_90 builds: dropped
+    _cfg(8, 3, BLOCK_M=32, BLOCK_N=64),  # fp32 and odd N at large ranks
+    _cfg(8, 3, BLOCK_M=16, BLOCK_N=32),  # exact fp32 (FMA dots)
+    _cfg(8, 4, BLOCK_M=32, BLOCK_N=128, small_m=True),  # 4 warps spilled at R = 64
     _cfg(4, 4, BLOCK_M=16, BLOCK_N=128, small_m=True),
     _cfg(8, 4, BLOCK_M=16, BLOCK_N=64, small_m=True),
 ]
@@ -368,20 +390,179 @@ _DY_FIXED = {
     "large": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),
 }
 
-_GRAD_A_CONFIGS = [
-    _cfg(4, 3, BLOCK_M=64, BLOCK_K=64),
-    _cfg(4, 3, BLOCK_M=128, BLOCK_K=64),
-    _cfg(4, 4, BLOCK_M=64, BLOCK_K=32),
+_GRAD_A_CONFIGS = [  # 8 warps: 4-warp builds spilled with dropout even at 80 registers (sm_90, offline_build.py)
+    _cfg(8, 3, BLOCK_M=64, BLOCK_K=64),
+    _cfg(8, 3, BLOCK_M=128, BLOCK_K=64),
+    _cfg(8, 4, BLOCK_M=64, BLOCK_K=32),
     _cfg(8, 3, BLOCK_M=128, BLOCK_K=128),
+    _cfg(8, 3, BLOCK_M=32, BLOCK_K=32),  # exact fp32 (FMA dots)
+    _cfg(8, 3, BLOCK_M=16, BLOCK_K=32),
 ]
 _GRAD_A_FIXED = {
     "interpret": dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=2),
-    "small": dict(BLOCK_M=64, BLOCK_K=32, num_warps=4, num_stages=3),
-    "large": dict(BLOCK_M=64, BLOCK_K=32, num_warps=4, num_stages=3),
+    "small": dict(BLOCK_M=64, BLOCK_K=32, num_warps=8, num_stages=3),
+    "large": dict(BLOCK_M=64, BLOCK_K=32, num_warps=8, num_stages=3),
 }
 
 
-_SMEM_BUDGET = 200 * 1024  # bytes of shared memory a config may plan for (H100: 227 KB per block)
+# ---------------------------------------------------------------------------------------------------------
+# Resource model: what a config needs in shared memory and registers, from the tiles it holds. The pruning
+# keeps what fits and the fallback (when nothing fits) is the config that overflows least by the same model;
+# benchmarks/offline_build.py builds every config kept over the declared grid for sm_90 and checks the model
+# against the cubins (shared memory, registers, spills).
+# ---------------------------------------------------------------------------------------------------------
+
+SMEM_LIMIT = 227 * 1024  # H100 / H200 (sm_90): the opt-in maximum of shared memory per block
+# Planned pipeline buffers may use this much; the rest is the compiler's: layout-conversion scratch, barriers
+_SMEM_BUDGET = SMEM_LIMIT - 16 * 1024
+# fp32 values per thread that a config's live tiles may take: sm_90 allows 255 registers per thread and
+# addresses, masks and loop state take the rest (calibrated on offline builds: above it, ptxas spills)
+_REG_BUDGET = 160
+# What a config that offline builds showed to spill counts as: far over the budget, so that a fallback (the least
+# overflowing config) never picks it
+_MEASURED_SPILL = 2 * _REG_BUDGET
+
+_DEFAULT_ESIZE = {"a": 2, "b": 2, "s": 2, "u": 2, "l": 4}
+
+
+def _esize(args, name, default):
+    t = args.get(name)
+    return t.element_size() if hasattr(t, "element_size") else default
+
+
+def _threads(c) -> int:
+    return 32 * c.num_warps
+
+
+def _regs_per_thread(elements: int, c) -> int:
+    return elements // _threads(c)
+
+
+def _unaligned(args, loop_dim: str) -> bool:
+    """The loop dimension or a stride is not a multiple of 16: no 16-byte vector loads (masked scalar loads)."""
+    return any(isinstance(v, int) and not isinstance(v, bool) and v % 16 != 0
+               for k, v in args.items() if (k == loop_dim or (k.startswith("stride_") and v != 1)))
+
+
+def _operands_in_registers(args, loop_dim: str, esize: int, storage_esize: int | None = None) -> float:
+    """Weight (fp32 registers per operand element) of operand tiles that pass through registers, for a dot in a
+    dtype of ``esize`` bytes on an operand stored in ``storage_esize`` bytes: exact fp32 products (IEEE: FMA
+    dots, not tensor cores; 128×128 tiles spilled up to 48 KB) and TF32 (operands converted in registers;
+    16×32×128 spilled on 4 warps at weight 3), and unaligned problems (odd K = 1000, N = 1537 in the sampled
+    sm_90 builds: 256×128, 32×128×128 fused and the R = 128 shrink spilled at 255 registers). 0 where the
+    tiles stream through shared memory."""
+    if esize == 4 and loop_dim in args:
+        return 6.0 if args.get("DOT_PRECISION", "ieee") == "ieee" else 4.0
+    return 1.5 * (storage_esize or esize) / 2 if _unaligned(args, loop_dim) else 0.0
+
+
+def _fma_32_row_spill(args, esize: int, bm: int) -> bool:
+    """Measured (sm_90, triton 3.9 and 3.6): fp32 dots (FMA, and TF32 with dropout) on 32-row tiles spill 4-16 B
+    at 64-80 registers in the shrink and dY kernels (ptxas's choice, not a count the model sees); 16- and
+    64-row tiles do not."""
+    return bm == 32 and esize == 4
+
+
+def _pipeline_smem(c, tile_bytes: int, wgmma: bool = False) -> int:
+    """Shared memory of a K loop's software pipeline (measured on sm_90 builds, triton 3.6 and 3.9): num_stages
+    buffers of the loop's operand tiles where the dot runs on Hopper's wgmma (BLOCK_M >= 64, operands read from
+    shared memory), num_stages - 1 where it runs on mma (operands in registers)."""
+    return (c.num_stages if wgmma else max(1, c.num_stages - 1)) * tile_bytes
+
+
+def gemm_resources(c, args):
+    """(shared bytes, live fp32 values per thread) of ``gemm_lora_kernel`` under config ``c``.
+
+    Shared memory matches sm_90 builds to the byte at the calibration points of
+    tests/test_kernels_compile.py; the register count is an estimate whose budget was calibrated on them."""
+    bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+    rb = args.get("R_BLOCK", 16)
+    ea = _esize(args, "a_ptr", 2)
+    fused = bool(args.get("FUSE_SHRINK", False))
+    # per stage: a (BM, BK) and b (BK, BN) in the input dtype; the fused shrink adds Aᵀ (BK, R) in the adapters'
+    tiles = (bm * bk + bk * bn) * ea
+    if fused:
+        tiles += bk * rb * _esize(args, "s_ptr", ea)
+    smem = _pipeline_smem(c, tiles, wgmma=bm >= 64)
+    acc = bm * bn
+    if fused:  # h's accumulator lives through the loop; the epilogue adds Bᵀ (R, BN)
+        live = acc + bm * rb + rb * bn
+    else:  # the prologue holds L (BM, R), U (R, BN) and, with the dX mask, Philox words for the (BM, BN) tile
+        live = acc + bm * rb + rb * bn + (acc if args.get("LO_DROPOUT") else 0)
+    live += _operands_in_registers(args, "K", ea) * (bm * bk + bk * bn)
+    if fused:
+        live += _operands_in_registers(args, "K", ea, _esize(args, "s_ptr", ea)) * bk * rb
+        if c.num_warps < 8 and _unaligned(args, "K"):
+            # measured: the fused path at odd K spills 4-192 B on 4 warps (16×32×128 at 168 registers)
+            live = _MEASURED_SPILL * _threads(c)
+    return smem, _regs_per_thread(live, c)
+
+
+def shrink_resources(c, args):
+    bm, bk, rb = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], args.get("R_BLOCK", 16)
+    ex, ea = _esize(args, "x_ptr", 2), _esize(args, "a_ptr", 2)
+    drop = bool(args.get("HAS_DROPOUT"))
+    smem = max(1, c.num_stages - 1) * (bm * bk * ex + bk * rb * ea)
+    if bm >= 64:  # wgmma reads both operands, converted (and masked) in registers, from one more buffer
+        smem += (bm * bk + bk * rb) * ex
+    elif drop:  # the masked x tile goes back through shared memory
+        smem += bm * bk * ex
+    # acc (BM, R); x (BM, BK) converted (and masked) in registers; Aᵀ (BK, R) converted from the adapters' dtype
+    live = bm * rb + bm * bk * (2 if drop else 1) + (bk * rb if ea != ex else 0)
+    # the dot runs in x's dtype; the adapters are converted to it (counted above), loaded in their own
+    live += _operands_in_registers(args, "K", ex) * bm * bk + _operands_in_registers(args, "K", ex, ea) * bk * rb
+    if (rb >= 128 and bm < 64 and bk >= 64 and c.num_warps < 8) or _fma_32_row_spill(args, ex, bm):
+        # measured (sm_90, triton 3.9): 16×64 and 32×64 row tiles at R = 128 spill 8-24 B with 4 warps at 80-168
+        # registers, where 8 warps do not; ptxas's choice, not a count this model can see
+        live = _MEASURED_SPILL * _threads(c)
+    return smem, _regs_per_thread(live, c)
+
+
+def dy_resources(c, args):
+    bm, bn, rb = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], args.get("R_BLOCK", 16)
+    edy, eb = _esize(args, "dy_ptr", 2), _esize(args, "b_ptr", 2)
+    # pipeline of dY (BM, BN) and B (BN, R) tiles, and the fp32 dB part (BN, R) re-laid out for its atomics
+    smem = max(1, c.num_stages - 1) * (bm * bn * edy + bn * rb * eb) + bn * rb * 4
+    # dh (BM, R) fp32 accumulator and h (BM, R) through the loop; dY (BM, BN) and, for dB, its transpose
+    # (128×128 at R = 64 spilled at 255 registers without it), and the dB part twice: once from the dot, once in
+    # the atomics' layout (32×128 at R = 128 spilled)
+    need_db = args.get("NEED_DB", True)
+    live = (2 * bm * rb + (2 * bn * rb if need_db else 0) + bm * bn * (2 if need_db else 1)
+            + (bn * rb if eb != edy else 0))
+    live += _operands_in_registers(args, "N", edy) * bm * bn + _operands_in_registers(args, "N", edy, eb) * bn * rb
+    if _fma_32_row_spill(args, edy, bm):
+        live = _MEASURED_SPILL * _threads(c)
+    return smem, _regs_per_thread(live, c)
+
+
+def grad_a_resources(c, args):
+    bm, bk, rb = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], args.get("R_BLOCK", 16)
+    ex = _esize(args, "x_ptr", 2)
+    # pipeline of dh (BM, R) fp32 and x (BM, BK) tiles, and the (masked) x operand of the dot
+    smem = max(1, c.num_stages - 1) * (bm * rb * 4 + bm * bk * ex) + bm * bk * ex
+    live = rb * bk + bm * rb + bm * bk * (2 if args.get("HAS_DROPOUT") else 1)
+    live += _operands_in_registers(args, "K", ex) * (bm * bk + bm * rb)
+    return smem, _regs_per_thread(live, c)
+
+
+def _overflow(resources) -> float:
+    smem, regs = resources
+    return max(smem / _SMEM_BUDGET, regs / _REG_BUDGET)
+
+
+def _fits(resources) -> bool:
+    return _overflow(resources) <= 1.0
+
+
+def _fallback(configs, model, args):
+    """When no config fits: the one that overflows least by the resource model (``model``), with its pipeline
+    shortened until it fits where that is enough. Never chosen by a single field of the config."""
+    best = min(configs, key=lambda c: (_overflow(model(c, args)), -c.num_warps))
+    for stages in range(best.num_stages - 1, 1, -1):
+        if _fits(model(best, args)):
+            break
+        best = _cfg(best.num_warps, stages, small_m=best.fastlora_small_m, **best.kwargs)
+    return [best]
 
 
 def _fits_m(c, m: int) -> bool:
@@ -390,44 +571,51 @@ def _fits_m(c, m: int) -> bool:
     return c.kwargs["BLOCK_M"] <= max(16, m) and c.fastlora_small_m == (m <= FUSED_SHRINK_MAX_M)
 
 
-def _regs_per_thread(elements: int, c) -> int:
-    return elements // (32 * c.num_warps)
+def _autotune_top_k() -> int:
+    """``FASTLORA_AUTOTUNE_TOP_K=k`` (> 0) benchmarks only the first k configs that fit (the lists are in order of
+    expectation): a bounded first run, e.g. in gpu_check.sh. 0 (the default): all of them."""
+    try:
+        return max(0, int(os.environ.get("FASTLORA_AUTOTUNE_TOP_K", "0")))
+    except ValueError:
+        raise ValueError("FASTLORA_AUTOTUNE_TOP_K must be an integer") from None
+
+
+def _prune(configs, args, model, fits_m):
+    keep = [c for c in configs if fits_m(c) and _fits(model(c, args))]
+    if not keep:  # nothing fits M and the resources: the least overflowing of those that fit M, else of all
+        keep = _fallback([c for c in configs if fits_m(c)] or configs, model, args)
+    top = _autotune_top_k()
+    return keep[:top] if top else keep
 
 
 def _prune_gemm(configs, named_args, **kwargs):
-    """Keep configs that fit M, the shared-memory budget and the register file."""
+    """Keep configs that fit M, shared memory and the register file (``gemm_resources``)."""
     args = {**named_args, **kwargs}
-    m, esize = args["M_BUCKET"], args["a_ptr"].element_size()
-    keep = []
-    for c in configs:
-        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        smem = c.num_stages * (bm * bk + bk * bn) * esize
-        acc_regs = _regs_per_thread(bm * bn, c)
-        # measured in offline sm_90 builds: these spill registers
-        wide_epilogue = bm * bn >= 128 * 256 and args["R_BLOCK"] > 16  # (R_BLOCK, BN) operand tile
-        masked_4warps = args["LO_DROPOUT"] and c.num_warps < 8 and acc_regs >= 128  # Philox temporaries
-        if _fits_m(c, m) and smem <= _SMEM_BUDGET and acc_regs <= 128 and not wide_epilogue and not masked_4warps:
-            keep.append(c)
-    keep = keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    m = args["M_BUCKET"]
+    keep = _prune(configs, args, gemm_resources, lambda c: _fits_m(c, m))
     # K = 0 (the cuBLAS composition): the kernel only writes the low-rank term, nothing worth tuning
     return keep[-1:] if args["K"] == 0 else keep
 
 
+def _rank_model(args):
+    if "dy_ptr" in args:
+        return dy_resources
+    if "dh_ptr" in args:
+        return grad_a_resources
+    return shrink_resources
+
+
 def _prune_rank(configs, named_args, **kwargs):
-    """Shrink / dY / dA kernels: keep configs that fit M and keep their rank-wide fp32 tiles in registers."""
+    """Shrink / dY / dA kernels: keep configs that fit M and the resource model of their kernel."""
     args = {**named_args, **kwargs}
-    m, rb = args["M_BUCKET"], args["R_BLOCK"]
-    keep = []
-    for c in configs:
-        bm = c.kwargs["BLOCK_M"]
-        if "BLOCK_N" in c.kwargs:  # dY pass: dh (BM, R) and the dB part (BN, R) in fp32, B and h tiles beside
-            live = rb * (3 * bm // 2 + 2 * c.kwargs["BLOCK_N"])
-        else:  # shrink (BM, R) / dA (R, BK) accumulators next to their operand tiles
-            live = rb * (bm + c.kwargs["BLOCK_K"])
-        fits = c.kwargs["BLOCK_M"] <= max(16, m) if "BLOCK_K" in c.kwargs else _fits_m(c, m)
-        if fits and _regs_per_thread(live, c) <= 112:
-            keep.append(c)
-    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+    m = args["M_BUCKET"]
+    model = _rank_model(args) if any(k.endswith("_ptr") for k in args) else (
+        dy_resources if "BLOCK_N" in configs[0].kwargs else shrink_resources)
+
+    def fits_m(c):
+        return c.kwargs["BLOCK_M"] <= max(16, m) if "BLOCK_K" in c.kwargs else _fits_m(c, m)
+
+    return _prune(configs, args, model, fits_m)
 
 
 def _even_k(args):
@@ -436,7 +624,11 @@ def _even_k(args):
 
 _KEY = ["M_BUCKET", "N", "K", "R", "R_BLOCK", "HAS_BIAS", "LO_DROPOUT", "FUSE_SHRINK", "STORE_L"]
 
-_gemm_tuned = triton.autotune(_GEMM_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_gemm})(
+# The forward (b = Wᵀ) and the dX GEMM (b = W) read their B operand in opposite layouts: two autotuners, so
+# they never share a tuned config even when K = N and their other keys agree.
+_gemm_fwd_tuned = triton.autotune(_GEMM_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_gemm})(
+    triton.heuristics({"EVEN_K": _even_k})(gemm_lora_kernel))
+_gemm_dx_tuned = triton.autotune(_GEMM_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_gemm})(
     triton.heuristics({"EVEN_K": _even_k})(gemm_lora_kernel))
 _gemm_fixed = triton.heuristics({"EVEN_K": _even_k})(gemm_lora_kernel)
 _shrink_tuned = triton.autotune(_SHRINK_CONFIGS, key=["M_BUCKET", "K", "R", "R_BLOCK", "HAS_DROPOUT"],
@@ -450,15 +642,91 @@ _grad_a_tuned = triton.autotune(_GRAD_A_CONFIGS, key=["M_BUCKET", "K", "R", "R_B
                                 prune_configs_by={"early_config_prune": _prune_rank})(lora_grad_a_kernel)
 
 
+BASE_GEMM_MODES = ("auto", "triton", "cublas")
+
+
 def base_gemm() -> str:
-    """Who runs the two large GEMMs (x@Wᵀ forward, dY@W backward): ``FASTLORA_BASE_GEMM=triton`` (default: the
-    fused kernel, bias and low-rank terms in its accumulator) or ``cublas`` (a Triton kernel writes the bias and
-    low-rank terms, then torch.addmm_ adds the GEMM on top, reading them as cuBLAS's C operand: one extra read
-    and write of (M, N)). The small-M fused path is Triton in both modes."""
-    mode = os.environ.get("FASTLORA_BASE_GEMM", "triton").lower()
-    if mode not in ("triton", "cublas"):
-        raise ValueError(f"FASTLORA_BASE_GEMM must be 'triton' or 'cublas', got {mode!r}")
+    """Who runs the two large GEMMs (x@Wᵀ forward, dY@W backward), from ``FASTLORA_BASE_GEMM``:
+
+    ``triton``: the fused kernel, bias and low-rank terms in its accumulator (for M <= 64 without dropout, the
+    shrink too: one launch); ``cublas``: Triton kernels write h and the bias + low-rank term, then torch.addmm_
+    adds the GEMM on top, reading that term as cuBLAS's C operand (one extra read and write of (M, N));
+    ``auto`` (the default): per problem, the faster of the two as measured on the first call (``gemm_dispatch``).
+    """
+    mode = os.environ.get("FASTLORA_BASE_GEMM", "auto").lower()
+    if mode not in BASE_GEMM_MODES:
+        raise ValueError(f"FASTLORA_BASE_GEMM must be one of {BASE_GEMM_MODES}, got {mode!r}")
     return mode
+
+
+def _cuda_timer(name, fn):
+    """Median milliseconds of ``fn`` on the current CUDA stream (CUDA events, L2 flushed between runs)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+class GemmDispatch:
+    """The choice between compositions of a large GEMM ("triton" fused, "cublas"), made per problem key by
+    timing each candidate once, as autotuning does, and cached for the process.
+
+    ``choose(key, candidates, device)`` returns the name to run: the ``FASTLORA_BASE_GEMM`` override when it is
+    not ``auto``; else the cached choice; else, where timing is possible (CUDA outside graph capture, or any
+    device with an injected ``timer``), the fastest candidate by ``timer(name, fn)``; else "triton" (the
+    interpreter: the kernels are what is under test). ``fn`` runs the full composition, so timing it also
+    writes the outputs.
+    """
+
+    def __init__(self, timer=None):
+        self.timer = timer
+        self.choices: dict = {}
+        self.timings: dict = {}
+
+    def _can_time(self, device) -> bool:
+        if self.timer is not None:
+            return True
+        return device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
+
+    def choose(self, key, candidates, device) -> str:
+        mode = base_gemm()
+        if mode != "auto":
+            return mode
+        if key in self.choices:
+            return self.choices[key]
+        if not self._can_time(device):
+            return "triton"
+        timer = self.timer or _cuda_timer
+        times, errors = {}, {}
+        for name, fn in candidates.items():
+            try:
+                times[name] = float(timer(name, fn))
+            except Exception as exc:  # noqa: BLE001 - a candidate that cannot run loses; all failing: raise
+                times[name], errors[name] = float("inf"), exc
+        if len(errors) == len(candidates):
+            raise next(iter(errors.values()))
+        for name, exc in errors.items():
+            warnings.warn(f"fastlora: the {name!r} composition failed on {key} and is not used: {exc!r}")
+        choice = min(times, key=times.get)
+        self.choices[key], self.timings[key] = choice, times
+        return choice
+
+    def report(self):
+        """[(key, choice, {name: ms})] of every timed problem, for gpu_check.sh."""
+        return [(k, self.choices[k], self.timings[k]) for k in self.choices]
+
+    def clear(self):
+        self.choices.clear()
+        self.timings.clear()
+
+
+gemm_dispatch = GemmDispatch()
+
+
+def _dispatch_key(op, x, weight, lora_A, r, bias, p, mb):
+    """Everything that changes which composition is faster: the GEMM (forward or dX), the bucketed M, N, K, the
+    rank, the dtypes, bias and dropout, the device."""
+    N, K = weight.shape
+    return (op, mb, N, K, r, x.dtype, lora_A.dtype, bias is not None, p > 0.0, str(x.device))
 
 
 def _interpreted() -> bool:
@@ -471,10 +739,27 @@ def _launch(name, tuned, fixed_fn, fixed_cfgs, grid, m_bucket, *args, **kwargs):
     if _autotune_enabled():
         tuned[grid](*args, **kwargs)
     else:
-        kind = "interpret" if _interpreted() else ("small" if m_bucket <= FUSED_SHRINK_MAX_M else "large")
-        meta = dict(fixed_cfgs[kind])
+        meta = fixed_config(tuned, fixed_cfgs, m_bucket, args, kwargs)
         g = grid(meta) if callable(grid) else grid
         fixed_fn[g](*args, **kwargs, **meta)
+
+
+def fixed_config(tuned, fixed_cfgs, m_bucket, args, kwargs) -> dict:
+    """The config used without autotuning: the interpreter's tiny one, else this M class's, passed through the
+    same prune hook (resource model) as the tuned ones: where it does not fit this problem (fp32 adapters at a
+    large rank, say), the hook's fallback replaces it."""
+    if _interpreted():
+        return dict(fixed_cfgs["interpret"])
+    small = m_bucket <= FUSED_SHRINK_MAX_M
+    meta = dict(fixed_cfgs["small" if small else "large"])
+    warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
+    cfg = _cfg(warps, stages, small_m=small, **meta)
+    nargs = dict(zip(tuned.arg_names, args))
+    kept = tuned.early_config_prune([cfg], nargs, **kwargs)
+    if kept[0] is not cfg:  # it does not fit as is: the first of the tuned list that the pruning keeps
+        kept = tuned.early_config_prune(tuned.configs, nargs, **kwargs)
+    cfg = kept[0]
+    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -491,9 +776,17 @@ def _r_block(r: int, cap: int = R_CHUNK_MAX) -> int:
     return min(max(16, triton.next_power_of_2(r)), cap)
 
 
+def _rank_chunk(r: int, dtype: torch.dtype) -> int:
+    """Rank chunk of the shrink / dY / dA kernels: up to 128, 64 for fp32 inputs (fp32 operand tiles pass through
+    registers: R = 128 spilled in sm_90 builds)."""
+    return _r_block(r, 64 if dtype == torch.float32 else R_CHUNK_MAX)
+
+
 def _epilogue_r_block(r: int) -> int:
-    """Rank chunk of the GEMM epilogue: small, so the (R_BLOCK, BLOCK_N) operand tile stays in registers."""
-    return 16 if r <= 16 else 32
+    """Rank chunk of the GEMM's low-rank prologue: 16, the smallest tl.dot step, so the (BM, 16) and (16, BN)
+    operand tiles beside the (BM, BN) accumulator cost 16·(BM + BN) / threads registers: the widest tiles
+    (128×256, 8 warps) fit without spilling. A larger rank loops over chunks: the same MMA work."""
+    return 16
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -565,49 +858,100 @@ def _lora_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, sav
     if M == 0:
         return y, (torch.empty((0, r), dtype=h_dt, device=x.device) if save_h else None)
     x, weight, lora_A, lora_B = (_kernel_view(t) for t in (x, weight, lora_A, lora_B))
-    p = float(dropout_p)
-    thr, inv_keep = _dropout_args(p)
-    prec = _dot_precision(x.dtype)
-    mb = _m_bucket(M)
-    fuse = M <= FUSED_SHRINK_MAX_M and p == 0.0 and r <= FUSED_SHRINK_MAX_R and N > 0
-
-    if fuse:
-        rb = _r_block(r, FUSED_SHRINK_MAX_R)
-        h = torch.empty((M, r), dtype=h_dt, device=x.device) if save_h else None
-        h_arg = h if save_h else y  # dummy pointer when h is not stored
-    else:
-        h = torch.empty((M, r), dtype=h_dt, device=x.device)
-        h_arg = h
-        _launch(
-            "lora_shrink", _shrink_tuned, _shrink_fixed, _SHRINK_FIXED,
-            lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(r, _r_block(r))), mb,
-            x, lora_A, h, M, K, r,
-            x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), h.stride(0), h.stride(1),
-            int(seed), thr, inv_keep, mb,
-            HAS_DROPOUT=p > 0.0, R_BLOCK=_r_block(r), DOT_PRECISION=prec, N_ROUNDS=PHILOX_ROUNDS,
-        )
-        rb = _epilogue_r_block(r)
     if bias is not None:
         bias = bias.contiguous()
-    # "cublas": the Triton kernel writes only bias + s·h@Bᵀ (its K loop is empty), then cuBLAS adds x@Wᵀ with
-    # beta = 1, reading that term as its C operand
-    cublas = not fuse and base_gemm() == "cublas"
-    if N > 0:
-        _launch(
-            "gemm_lora", _gemm_tuned, _gemm_fixed, _GEMM_FIXED,
-            lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),), mb,
-            # a = x (M, K); b = Wᵀ (K, N); L = h (M, r); U = Bᵀ (r, N); S = Aᵀ (K, r)
-            x, weight, y, bias if bias is not None else y, h_arg, lora_B, lora_A,
-            M, N, 0 if cublas else K, r,
-            x.stride(0), x.stride(1), weight.stride(1), weight.stride(0), y.stride(0), y.stride(1),
-            h_arg.stride(0), h_arg.stride(1), lora_B.stride(1), lora_B.stride(0), lora_A.stride(1), lora_A.stride(0),
-            float(scaling), 0, 0, 1.0, mb,
-            HAS_BIAS=bias is not None, LO_DROPOUT=False, FUSE_SHRINK=fuse, STORE_L=fuse and save_h,
-            R_BLOCK=rb, DOT_PRECISION=prec, N_ROUNDS=PHILOX_ROUNDS,
-        )
-        if cublas:
-            y.addmm_(x, weight.t())
+    p = float(dropout_p)
+    mb = _m_bucket(M)
+    fusable = M <= FUSED_SHRINK_MAX_M and p == 0.0 and r <= FUSED_SHRINK_MAX_R and N > 0
+    h = torch.empty((M, r), dtype=h_dt, device=x.device) if (save_h or not fusable) else None
+    args = (x, weight, lora_A, lora_B, bias, y, h, scaling, p, seed, mb)
+    if N == 0:
+        if h is not None:
+            _shrink(x, lora_A, h, p, seed, mb)
+        return y, h
+    candidates = {
+        "triton": lambda: (_forward_fused_small_m if fusable else _forward_triton)(*args),
+        "cublas": lambda: _forward_cublas(*args),
+    }
+    choice = gemm_dispatch.choose(_dispatch_key("fwd", x, weight, lora_A, r, bias, p, mb), candidates, x.device)
+    candidates[choice]()
     return y, (h if save_h else None)
+
+
+def _shrink(x, lora_A, h, p, seed, mb):
+    """h (M, r) = drop(x) @ Aᵀ, fp32 accumulate."""
+    M, K = x.shape
+    r = lora_A.shape[0]
+    thr, inv_keep = _dropout_args(p)
+    _launch(
+        "lora_shrink", _shrink_tuned, _shrink_fixed, _SHRINK_FIXED,
+        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(r, _rank_chunk(r, x.dtype))), mb,
+        x, lora_A, h, M, K, r,
+        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), h.stride(0), h.stride(1),
+        int(seed), thr, inv_keep, mb,
+        HAS_DROPOUT=p > 0.0, R_BLOCK=_rank_chunk(r, x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
+        N_ROUNDS=PHILOX_ROUNDS,
+    )
+
+
+def _forward_gemm(x, weight, lora_A, lora_B, bias, y, h_arg, scaling, mb, k_loop, fuse, store_h):
+    """y = [x @ Wᵀ] + bias + s·h @ Bᵀ in one Triton GEMM; ``k_loop`` False leaves x @ Wᵀ out (cuBLAS adds it);
+    ``fuse``: h = x @ Aᵀ is accumulated in the same K loop (and stored when ``store_h``)."""
+    M, K = x.shape
+    N, r = weight.shape[0], lora_A.shape[0]
+    rb = _r_block(r, FUSED_SHRINK_MAX_R) if fuse else _epilogue_r_block(r)
+    _launch(
+        "gemm_lora", _gemm_fwd_tuned, _gemm_fixed, _GEMM_FIXED,
+        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),), mb,
+        # a = x (M, K); b = Wᵀ (K, N); L = h (M, r); U = Bᵀ (r, N); S = Aᵀ (K, r)
+        x, weight, y, bias if bias is not None else y, h_arg, lora_B, lora_A,
+        M, N, K if k_loop else 0, r,
+        x.stride(0), x.stride(1), weight.stride(1), weight.stride(0), y.stride(0), y.stride(1),
+        h_arg.stride(0), h_arg.stride(1), lora_B.stride(1), lora_B.stride(0), lora_A.stride(1), lora_A.stride(0),
+        float(scaling), 0, 0, 1.0, mb,
+        HAS_BIAS=bias is not None, LO_DROPOUT=False, FUSE_SHRINK=fuse, STORE_L=store_h,
+        R_BLOCK=rb, DOT_PRECISION=_dot_precision(x.dtype), N_ROUNDS=PHILOX_ROUNDS,
+    )
+
+
+def _forward_fused_small_m(x, weight, lora_A, lora_B, bias, y, h, scaling, p, seed, mb):
+    """M <= 64, no dropout: one launch; the shrink rides in the GEMM's K loop."""
+    _forward_gemm(x, weight, lora_A, lora_B, bias, y, h if h is not None else y, scaling, mb, True, True,
+                  h is not None)
+
+
+def _forward_triton(x, weight, lora_A, lora_B, bias, y, h, scaling, p, seed, mb):
+    """The shrink, then the fused GEMM whose accumulator starts at bias + s·h @ Bᵀ."""
+    _shrink(x, lora_A, h, p, seed, mb)
+    _forward_gemm(x, weight, lora_A, lora_B, bias, y, h, scaling, mb, True, False, False)
+
+
+def _forward_cublas(x, weight, lora_A, lora_B, bias, y, h, scaling, p, seed, mb):
+    """The shrink, a Triton pass writing bias + s·h @ Bᵀ, then cuBLAS: y += x @ Wᵀ (beta = 1)."""
+    if h is None:  # inference on the small-M path: h is not returned, but this composition needs it
+        h = torch.empty((x.shape[0], lora_A.shape[0]), dtype=torch.promote_types(x.dtype, torch.float32),
+                        device=x.device)
+    _shrink(x, lora_A, h, p, seed, mb)
+    _forward_gemm(x, weight, lora_A, lora_B, bias, y, h, scaling, mb, False, False, False)
+    y.addmm_(x, weight.t())
+
+
+# Column ranges of the dY pass start on multiples of this (the largest BLOCK_N of its configs on a GPU): no
+# program starts in the middle of another's tile. Correctness does not depend on it (the last tile is masked).
+_DY_COL_ALIGN = 128
+
+
+def _dy_splits(M, N, r, device, dtype=torch.bfloat16):
+    """Column splits of the dY pass: enough programs for ~2 waves of the device when row tiles are too few
+    (decode, M = 2048 with 64-row tiles on 132 SMs), one split when the row tiles alone fill it."""
+    sms = _sm_count(device)
+    programs = triton.cdiv(M, 16 if M <= FUSED_SHRINK_MAX_M else 64) * triton.cdiv(r, _rank_chunk(r, dtype))
+    align = 8 if _interpreted() else _DY_COL_ALIGN
+    if programs >= sms or N <= align:
+        return 1, N
+    splits = min(triton.cdiv(2 * sms, programs), triton.cdiv(N, align))
+    cols = triton.cdiv(triton.cdiv(N, splits), align) * align
+    return triton.cdiv(N, cols), cols
 
 
 def _grad_dy(grad_y, lora_B, h, scaling, need_dh, need_db, need_dbias, prec, mb):
@@ -615,25 +959,32 @@ def _grad_dy(grad_y, lora_B, h, scaling, need_dh, need_db, need_dbias, prec, mb)
     M, N = grad_y.shape
     r = lora_B.shape[1]
     dev = grad_y.device
-    rb = _r_block(r)
-    dh = torch.empty((M, r), dtype=torch.float32, device=dev) if need_dh else None
+    rb = _rank_chunk(r, grad_y.dtype)
+    splits, cols = _dy_splits(M, N, r, dev, grad_y.dtype)
+    # dh: (splits, M, r) partial sums, one per column range, added below; written in place when not split
+    dh_part = torch.empty((splits, M, r), dtype=torch.float32, device=dev) if need_dh else None
     db = torch.zeros((N, r), dtype=torch.float32, device=dev) if need_db else None  # atomics accumulate into it
     dbias = torch.zeros((N,), dtype=torch.float32, device=dev) if need_dbias else None
     # A dedicated dummy for absent tensors: the autotuner zeroes db_ptr / dbias_ptr before each timing run, so
     # they must never alias a real tensor (grad_y, say).
-    absent = any(t is None for t in (dh, db, dbias, h))
-    dummy = torch.zeros((1, 1), dtype=torch.float32, device=dev) if absent else None  # only when needed
-    dh_a, db_a, dbias_a, h_a = (t if t is not None else dummy for t in (dh, db, dbias, h))
+    absent = any(t is None for t in (dh_part, db, dbias, h))
+    dummy = torch.zeros((1, 1, 1), dtype=torch.float32, device=dev) if absent else None  # only when needed
+    dh_a = dh_part if dh_part is not None else dummy
+    db_a, dbias_a, h_a = (t if t is not None else dummy[0] for t in (db, dbias, h))
     _launch(
         "lora_grad_dy", _dy_tuned, lora_grad_dy_kernel, _DY_FIXED,
-        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(r, rb)), mb,
+        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), splits, triton.cdiv(r, rb)), mb,
         grad_y, lora_B, h_a, dh_a, db_a, dbias_a,
-        M, N, r,
+        M, N, r, cols,
         grad_y.stride(0), grad_y.stride(1), lora_B.stride(0), lora_B.stride(1),
-        h_a.stride(0), h_a.stride(1), dh_a.stride(0), dh_a.stride(1), db_a.stride(0), db_a.stride(1),
+        h_a.stride(0), h_a.stride(1), dh_a.stride(0), dh_a.stride(1), dh_a.stride(2),
+        db_a.stride(0), db_a.stride(1),
         float(scaling), mb,
         NEED_DH=need_dh, NEED_DB=need_db, NEED_DBIAS=need_dbias, R_BLOCK=rb, DOT_PRECISION=prec,
     )
+    dh = None
+    if need_dh:
+        dh = dh_part[0] if splits == 1 else dh_part.sum(0)
     return dh, db, dbias
 
 
@@ -641,7 +992,7 @@ def _grad_a(dh, x, p, seed, prec, mb):
     """dA (r, K) fp32 = dhᵀ @ drop(x), rows split over enough programs to fill the device."""
     M, K = x.shape
     r = dh.shape[1]
-    rb = _r_block(r)
+    rb = _rank_chunk(r, x.dtype)
     thr, inv_keep = _dropout_args(p)
     nominal_bk = 64
     programs = triton.cdiv(K, nominal_bk) * triton.cdiv(r, rb)
@@ -658,6 +1009,26 @@ def _grad_a(dh, x, p, seed, prec, mb):
         HAS_DROPOUT=p > 0.0, R_BLOCK=rb, DOT_PRECISION=prec, N_ROUNDS=PHILOX_ROUNDS,
     )
     return part[0] if splits == 1 else part.sum(0)
+
+
+def _dx_gemm(grad_y, weight, lora_A, dh, dx, p, seed, prec, mb, k_loop):
+    """dX (M, K) = [dY @ W] + drop'(dh @ A) in one Triton GEMM over N; ``k_loop`` False leaves dY @ W out
+    (cuBLAS adds it onto the masked low-rank term)."""
+    M, N = grad_y.shape
+    K, r = weight.shape[1], lora_A.shape[0]
+    thr, inv_keep = _dropout_args(p)
+    _launch(
+        "gemm_lora", _gemm_dx_tuned, _gemm_fixed, _GEMM_FIXED,
+        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),), mb,
+        # a = dY (M, N); b = W (N, K); L = dh (M, r), already scaled; U = A (r, K)
+        grad_y, weight, dx, dx, dh, lora_A, lora_A,
+        M, K, N if k_loop else 0, r,
+        grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1), dx.stride(0), dx.stride(1),
+        dh.stride(0), dh.stride(1), lora_A.stride(0), lora_A.stride(1), 0, 0,
+        1.0, int(seed), thr, inv_keep, mb,
+        HAS_BIAS=False, LO_DROPOUT=p > 0.0, FUSE_SHRINK=False, STORE_L=False,
+        R_BLOCK=_epilogue_r_block(r), DOT_PRECISION=prec, N_ROUNDS=PHILOX_ROUNDS,
+    )
 
 
 def lora_backward(
@@ -715,23 +1086,12 @@ def _lora_backward(grad_y, x, weight, lora_A, lora_B, h, scaling, dropout_p, see
 
     if needs_input:
         dx = torch.empty((M, K), dtype=cdt, device=dev)
-        cublas = base_gemm() == "cublas"  # then the kernel writes drop'(dh@A) and cuBLAS adds dY@W onto it
         if K > 0:
-            thr, inv_keep = _dropout_args(p)
-            _launch(
-                "gemm_lora", _gemm_tuned, _gemm_fixed, _GEMM_FIXED,
-                lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),), mb,
-                # a = dY (M, N); b = W (N, K); L = dh (M, r), already scaled; U = A (r, K)
-                grad_y, weight, dx, dx, dh, lora_A, lora_A,
-                M, K, 0 if cublas else N, r,
-                grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1), dx.stride(0), dx.stride(1),
-                dh.stride(0), dh.stride(1), lora_A.stride(0), lora_A.stride(1), 0, 0,
-                1.0, int(seed), thr, inv_keep, mb,
-                HAS_BIAS=False, LO_DROPOUT=p > 0.0, FUSE_SHRINK=False, STORE_L=False,
-                R_BLOCK=_epilogue_r_block(r), DOT_PRECISION=prec, N_ROUNDS=PHILOX_ROUNDS,
-            )
-            if cublas:
-                dx.addmm_(grad_y, weight)
+            args = (grad_y, weight, lora_A, dh, dx, p, seed, prec, mb)
+            candidates = {"triton": lambda: _dx_gemm(*args, k_loop=True),
+                          "cublas": lambda: (_dx_gemm(*args, k_loop=False), dx.addmm_(grad_y, weight))}
+            key = _dispatch_key("dx", grad_y, weight.t(), lora_A, r, None, p, mb)
+            candidates[gemm_dispatch.choose(key, candidates, dev)]()
     if needs_A:
         if K > 0:
             dA = _grad_a(dh, x, p, seed, prec, mb).to(adt)

@@ -54,7 +54,7 @@ GEMM_VARIANTS = {
     # name: (dtype, flags, tile, warps, stages, operand layout)
     "forward": ("bf16", dict(HAS_BIAS=True, LO_DROPOUT=False, FUSE_SHRINK=False, STORE_L=False, R_BLOCK=16),
                 (128, 256, 64), 8, 3, "fwd"),
-    "dx_masked": ("bf16", dict(HAS_BIAS=False, LO_DROPOUT=True, FUSE_SHRINK=False, STORE_L=False, R_BLOCK=32),
+    "dx_masked": ("bf16", dict(HAS_BIAS=False, LO_DROPOUT=True, FUSE_SHRINK=False, STORE_L=False, R_BLOCK=16),
                   (128, 128, 64), 8, 3, "dx"),
     "small_m_fused": ("fp16", dict(HAS_BIAS=True, LO_DROPOUT=False, FUSE_SHRINK=True, STORE_L=True, R_BLOCK=64),
                       (16, 64, 128), 4, 4, "fwd"),
@@ -114,6 +114,152 @@ def check_rank_kernels():
     _build(kl.lora_grad_a_kernel, dict(dh_ptr="*fp32", x_ptr="*bf16", out_ptr="*fp32", inv_keep="fp32"),
            dict(HAS_DROPOUT=True, BLOCK_M=64, BLOCK_K=64, R_BLOCK=16, DOT_PRECISION="ieee", N_ROUNDS=7),
            ["stride_dhr", "stride_xk", "stride_ok"], ["K", "stride_xm", "stride_dhm", "stride_or", "stride_os"])
+
+
+def test_every_kept_config_of_the_ci_grid_builds_within_sm90_limits():
+    """benchmarks/offline_build.py's CI slice: every M class (1, 64, 2048), r = 128 and 256, fp32 adapters on
+    bf16, dropout 0 / 0.1, bias, forward, inference and backward with both base-GEMM compositions; per launch the
+    configs the pruning keeps that need the most shared memory and registers, and the fixed ones. Each must
+    fit in 227 KB of shared memory and spill nothing."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton.backends.compiler") is None:
+        pytest.skip("this Triton cannot compile offline")
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "offline_build.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, script, "--grid", "ci", "--jobs", "2"], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, f"offline builds failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    assert "0 failing" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The resource model itself (pure Python): what the pruning keeps fits, and the fallback is the model's
+# ---------------------------------------------------------------------------------------------------------
+
+def _meta(dtype):
+    return torch.empty(1, dtype=dtype, device="meta")
+
+
+def test_finding_1_the_decode_shrink_config_that_crashed_is_priced_right_and_never_kept():
+    """M <= 16, r = 128, fp32 adapters on bf16: the old fallback (16×256, 4 stages) needs 408 KB of shared
+    memory (measured in an sm_90 build); the model prices it the same and the pruning no longer keeps it."""
+    from fastlora.kernels import lora_linear as kl
+
+    old = next(c for c in kl._SHRINK_CONFIGS if c.kwargs == {"BLOCK_M": 16, "BLOCK_K": 256})
+    args = dict(M_BUCKET=16, R_BLOCK=128, x_ptr=_meta(torch.bfloat16), a_ptr=_meta(torch.float32),
+                HAS_DROPOUT=False)
+    smem, _ = kl.shrink_resources(old, args)
+    assert smem == 3 * (16 * 256 * 2 + 256 * 128 * 4) == 408 * 1024
+    kept = kl._prune_rank(kl._SHRINK_CONFIGS, args)
+    assert old not in kept and kept
+    assert all(kl.shrink_resources(c, args)[0] <= kl.SMEM_LIMIT for c in kept)
+    # as the launch sees it (bf16 dot, aligned K): the 8-warp 16×64 config that builds in 68 KB without spills
+    # is kept on its merits, not as a fallback
+    launch = dict(args, K=4096, stride_xm=4096, stride_ar=4096, DOT_PRECISION="ieee")
+    assert any(c.kwargs == {"BLOCK_M": 16, "BLOCK_K": 64} and kl._fits(kl.shrink_resources(c, launch))
+               for c in kl._prune_rank(kl._SHRINK_CONFIGS, launch))
+
+
+def test_fallback_is_chosen_by_the_resource_model_not_by_one_field():
+    from fastlora.kernels import lora_linear as kl
+
+    args = dict(M_BUCKET=4096, R_BLOCK=128, x_ptr=_meta(torch.float32), a_ptr=_meta(torch.float32),
+                HAS_DROPOUT=True)
+    too_big = [kl._cfg(4, 6, BLOCK_M=16, BLOCK_K=512), kl._cfg(8, 5, BLOCK_M=64, BLOCK_K=128)]
+    assert not any(kl._fits(kl.shrink_resources(c, args)) for c in too_big)
+    (chosen,) = kl._prune_rank(too_big, args)
+    # the smallest BLOCK_M (the old rule) overflows most; the model picks the other and shortens its pipeline
+    assert chosen.kwargs == {"BLOCK_M": 64, "BLOCK_K": 128} and chosen.num_stages < 5
+    assert kl._fits(kl.shrink_resources(chosen, args))
+
+
+# Shared memory of sm_90 builds (triton 3.9 and 3.6 agree), by benchmarks/offline_build.py: (kernel, config
+# (BM, BN or None, BK or None, warps, stages), R_BLOCK, input dtype, adapter dtype, flags) -> bytes
+SMEM_MEASURED = [
+    ("shrink", (16, None, 256, 4, 4), 128, torch.bfloat16, torch.float32, {}, 417792),  # finding 1: the crash
+    ("shrink", (16, None, 64, 8, 3), 128, torch.bfloat16, torch.float32, {}, 69632),
+    ("shrink", (16, None, 64, 8, 3), 128, torch.bfloat16, torch.float32, {"HAS_DROPOUT": True}, 71680),
+    ("shrink", (64, None, 128, 8, 3), 128, torch.bfloat16, torch.float32, {}, 212992),
+    ("shrink", (64, None, 64, 4, 4), 128, torch.bfloat16, torch.float32, {}, 147456),
+    ("gemm", (16, 64, 128, 4, 4), 16, torch.bfloat16, torch.float32, {"FUSE_SHRINK": True}, 86016),  # finding 2
+    ("gemm", (16, 32, 256, 4, 4), 16, torch.bfloat16, torch.float32, {"FUSE_SHRINK": True}, 122880),
+    ("gemm", (128, 128, 64, 4, 4), 16, torch.bfloat16, torch.float32, {}, 131072),
+    ("gemm", (256, 128, 64, 8, 4), 16, torch.bfloat16, torch.float32, {}, 196608),
+    ("gemm", (32, 128, 128, 4, 3), 16, torch.bfloat16, torch.float32, {}, 81920),
+    ("gemm", (128, 128, 32, 8, 3), 16, torch.bfloat16, torch.float32, {"LO_DROPOUT": True}, 49152),
+    ("dy", (64, 64, None, 8, 3), 128, torch.bfloat16, torch.float32, {"NEED_DB": True}, 114688),
+    ("grad_a", (64, None, 64, 4, 3), 128, torch.bfloat16, torch.float32, {}, 90112),
+]
+
+
+@pytest.mark.parametrize("case", SMEM_MEASURED, ids=lambda c: f"{c[0]}-{c[1]}-R{c[2]}-{c[6]}")
+def test_resource_model_prices_shared_memory_as_measured_builds(case):
+    """The model's shared memory is never below a measured sm_90 build and at most 8 KB above it."""
+    from fastlora.kernels import lora_linear as kl
+
+    kind, (bm, bn, bk, warps, stages), rb, dt, adt, flags, measured = case
+    tile = {"BLOCK_M": bm, **({"BLOCK_N": bn} if bn else {}), **({"BLOCK_K": bk} if bk else {})}
+    c = kl._cfg(warps, stages, **tile)
+    x, a = _meta(dt), _meta(adt)
+    args = dict(R_BLOCK=rb, **flags)
+    args.update({"gemm": dict(a_ptr=x, s_ptr=a, u_ptr=a), "shrink": dict(x_ptr=x, a_ptr=a),
+                 "dy": dict(dy_ptr=x, b_ptr=a, h_ptr=_meta(torch.float32)),
+                 "grad_a": dict(dh_ptr=_meta(torch.float32), x_ptr=x)}[kind])
+    model = {"gemm": kl.gemm_resources, "shrink": kl.shrink_resources, "dy": kl.dy_resources,
+             "grad_a": kl.grad_a_resources}[kind]
+    smem, _ = model(c, args)
+    assert measured <= smem <= measured + 8 * 1024, (smem, measured)
+
+
+@pytest.mark.parametrize("kind", ["gemm", "shrink", "dy", "grad_a"])
+def test_pruning_keeps_only_configs_that_fit_the_model(kind):
+    """Over M classes, ranks, dtypes (half / fp32 adapters), dropout and the small-M path."""
+    from fastlora.kernels import lora_linear as kl
+
+    configs, prune, model = {
+        "gemm": (kl._GEMM_CONFIGS, kl._prune_gemm, kl.gemm_resources),
+        "shrink": (kl._SHRINK_CONFIGS, kl._prune_rank, kl.shrink_resources),
+        "dy": (kl._DY_CONFIGS, kl._prune_rank, kl.dy_resources),
+        "grad_a": (kl._GRAD_A_CONFIGS, kl._prune_rank, kl.grad_a_resources),
+    }[kind]
+    for m in (16, 64, 2048, 8192):
+        for dt in (torch.float16, torch.float32):
+            for adt in (dt, torch.float32):
+                for rb in (16, 32, 64, 128):
+                    for drop in (False, True):
+                        x, a = _meta(dt), _meta(adt)
+                        if kind == "gemm":
+                            fused = m <= 64 and not drop and rb <= kl.FUSED_SHRINK_MAX_R
+                            args = dict(M_BUCKET=m, K=4096, a_ptr=x, s_ptr=a, u_ptr=a, R_BLOCK=rb if fused else 16,
+                                        FUSE_SHRINK=fused, LO_DROPOUT=drop)
+                        elif kind == "dy":
+                            args = dict(M_BUCKET=m, dy_ptr=x, b_ptr=a, h_ptr=_meta(torch.float32), R_BLOCK=rb,
+                                        NEED_DB=True)
+                        elif kind == "grad_a":
+                            args = dict(M_BUCKET=m, dh_ptr=_meta(torch.float32), x_ptr=x, R_BLOCK=rb,
+                                        HAS_DROPOUT=drop)
+                        else:
+                            args = dict(M_BUCKET=m, x_ptr=x, a_ptr=a, R_BLOCK=rb, HAS_DROPOUT=drop)
+                        kept = prune(configs, args)
+                        assert kept, (kind, args)
+                        for c in kept:
+                            smem, regs = model(c, args)
+                            assert smem <= kl._SMEM_BUDGET and regs <= kl._REG_BUDGET, (kind, c, args)
+
+
+def test_autotune_top_k_bounds_the_first_run(monkeypatch):
+    """FASTLORA_AUTOTUNE_TOP_K=k (gpu_check.sh's bounded first run) keeps the first k configs that fit."""
+    from fastlora.kernels import lora_linear as kl
+
+    args = dict(M_BUCKET=4096, K=4096, a_ptr=_meta(torch.bfloat16), R_BLOCK=16, LO_DROPOUT=False)
+    full = kl._prune_gemm(kl._GEMM_CONFIGS, args)
+    assert len(full) > 2
+    monkeypatch.setenv("FASTLORA_AUTOTUNE_TOP_K", "2")
+    assert kl._prune_gemm(kl._GEMM_CONFIGS, args) == full[:2]
+    monkeypatch.setenv("FASTLORA_AUTOTUNE_TOP_K", "many")
+    with pytest.raises(ValueError, match="FASTLORA_AUTOTUNE_TOP_K"):
+        kl._prune_gemm(kl._GEMM_CONFIGS, args)
 
 
 if __name__ == "__main__":
