@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot check of fastlora on a machine with an NVIDIA GPU and no network (issue 3 / issue 7):
+# One-shot check of fastlora on a machine with an NVIDIA GPU and no network :
 #   1. install this checkout in place (no dependencies, no build isolation: nothing is downloaded);
 #   2. print nvidia-smi, torch, triton, peft versions and the backend fastlora picks on CUDA;
 #   3. run the full test suite (on CUDA: the kernels, bf16, large shapes) within a time budget;
@@ -12,13 +12,17 @@
 #      against the frozen linear on a slice of the grid: the default (auto: per problem, the faster of the fused
 #      Triton GEMM and this composition, timed on first use) must not be slower than it beyond noise;
 #   7. print which composition the dispatch chose for each shape of the grid and decode, with both times
-#      (benchmarks/dispatch_report.py), and the first-run compile + autotune + dispatch time per problem.
+#      (benchmarks/dispatch_report.py), and the first-run compile + autotune + dispatch time per problem;
+#   8. QLoRA (benchmarks/qlora_check.py, if bitsandbytes imports): fastlora vs PEFT's QLoRA layer vs bnb's
+#      dequantize + matmul, time and peak memory, each Triton path forced, outputs and gradients checked;
+#   9. DoRA (benchmarks/dora_check.py): fastlora's DoRA step vs fastlora's LoRA step (goal: within 1.2x) and PEFT's
+#      DoRA, with PEFT's DoRA/LoRA ratio measured in the same run.
 # First-run cost is bounded: FASTLORA_AUTOTUNE_TOP_K (3 here) benchmarks only the first 3 configs that the
 # resource model keeps per kernel and key, and the Triton cache (TRITON_CACHE_DIR) persists between the steps.
 # A test failure does not stop the benchmark; a benchmark stopped by its budget still writes what it measured; both outcomes are reported at the end, and the exit status is
 # non-zero if either failed. Everything (log, junit xml, results.json/.md/.png) goes to $OUT/gpu_check/ when
 # $OUT is set (the device runner copies $OUT back), else to ./gpu_check_out/.
-# Budget: under 8 minutes on an H100, autotuning included.
+# Budget: under 9 minutes on an H100, autotuning included (the device runner allows 10 per call).
 #
 # Knobs (environment), e.g. for a dry run on a CPU-only machine:
 #   DEVICE=cpu DTYPE=float32 SHAPES=64x128x128 TESTS=tests/test_bench.py bash benchmarks/gpu_check.sh
@@ -27,8 +31,10 @@
 #   TESTS (tests)  PYTEST_ARGS (-q --maxfail=5 --durations=15)  TEST_BUDGET_S (170)  BENCH_BUDGET_S (150)
 #   DECODE_SHAPES (decode: M ∈ {1,16,64}, K=N=4096)  DECODE_BUDGET_S (30)
 #   CUBLAS_SHAPES (4096x4096x4096,8192x4096x4096,8192x8192x8192)  CUBLAS_BUDGET_S (40)
-#   AUTOTUNE_TOP_K (3; 0 = every config)  DISPATCH_SHAPES (all: issue3 + decode)  DISPATCH_BUDGET_S (120)
-#   SKIP_INSTALL=1 (do not pip install)  SKIP_TESTS=1  SKIP_DECODE=1  SKIP_CUBLAS=1  SKIP_DISPATCH=1  PYTHON (python)
+#   AUTOTUNE_TOP_K (3; 0 = every config)  DISPATCH_SHAPES (all: llm-grid + decode)  DISPATCH_BUDGET_S (80)
+#   QLORA_SHAPES (decode)  QLORA_BUDGET_S (45)  DORA_SHAPES (dora_check.py's goal shapes)  DORA_BUDGET_S (45)
+#   SKIP_INSTALL=1 (do not pip install)  SKIP_TESTS=1  SKIP_DECODE=1  SKIP_CUBLAS=1  SKIP_DISPATCH=1  SKIP_QLORA=1
+#   SKIP_DORA=1  PYTHON (python)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -51,7 +57,10 @@ DECODE_BUDGET_S=${DECODE_BUDGET_S:-30}
 CUBLAS_SHAPES=${CUBLAS_SHAPES:-4096x4096x4096,8192x4096x4096,8192x8192x8192}
 CUBLAS_BUDGET_S=${CUBLAS_BUDGET_S:-40}
 DISPATCH_SHAPES=${DISPATCH_SHAPES:-all}
-DISPATCH_BUDGET_S=${DISPATCH_BUDGET_S:-120}
+DISPATCH_BUDGET_S=${DISPATCH_BUDGET_S:-80}
+QLORA_SHAPES=${QLORA_SHAPES:-decode}
+QLORA_BUDGET_S=${QLORA_BUDGET_S:-45}
+DORA_BUDGET_S=${DORA_BUDGET_S:-45}
 export FASTLORA_AUTOTUNE_TOP_K=${AUTOTUNE_TOP_K:-3}
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
 RESULTS=${OUT:+$OUT/gpu_check}
@@ -158,6 +167,28 @@ if [[ "${SKIP_DISPATCH:-0}" != "1" && "$DEVICE" == cuda* ]]; then
     [[ $dispatch_rc -eq 0 ]] || echo "!!! dispatch report: FAILED or stopped (rc=$dispatch_rc)"
 fi
 
+qlora_rc=skipped
+if [[ "${SKIP_QLORA:-0}" != "1" ]]; then
+    if "$PYTHON" -c "import bitsandbytes" >/dev/null 2>&1; then
+        stamp "QLoRA: fastlora vs PEFT's QLoRA layer vs bnb dequantize+matmul ($DTYPE shapes=$QLORA_SHAPES)"
+        qlora_rc=0
+        timeout -s INT -k 20 "$QLORA_BUDGET_S" "$PYTHON" benchmarks/qlora_check.py --device "$DEVICE" \
+            --dtype "$DTYPE" --shapes "$QLORA_SHAPES" --out "$RESULTS/qlora" || qlora_rc=$?
+        [[ $qlora_rc -eq 0 ]] || echo "!!! QLoRA check: FAILED or stopped (rc=$qlora_rc)"
+    else
+        echo "bitsandbytes does not import: the QLoRA section is skipped"
+    fi
+fi
+
+dora_rc=skipped
+if [[ "${SKIP_DORA:-0}" != "1" ]]; then
+    stamp "DoRA: fastlora's DoRA step vs its LoRA step and PEFT's DoRA ($DTYPE r=$RANK)"
+    dora_rc=0
+    timeout -s INT -k 20 "$DORA_BUDGET_S" "$PYTHON" benchmarks/dora_check.py --device "$DEVICE" --dtype "$DTYPE" \
+        --rank "$RANK" ${DORA_SHAPES:+--shapes "$DORA_SHAPES"} --out "$RESULTS/dora" || dora_rc=$?
+    [[ $dora_rc -eq 0 ]] || echo "!!! DoRA check: FAILED or stopped (rc=$dora_rc)"
+fi
+
 stamp "summary"
 if [[ -f "$RESULTS/results.json" ]]; then
     "$PYTHON" - "$RESULTS/results.json" <<'EOF' || true
@@ -204,8 +235,10 @@ for key in sorted(k for k in cub if k[-1] == "fastlora"):
           f"base {cub.get((mode, M, K, N, 'base'), float('nan')):.3f}")
 EOF
 fi
-echo "install rc=$install_rc, tests rc=$test_rc, benchmark rc=$bench_rc, decode rc=$decode_rc, cublas rc=$cublas_rc, dispatch rc=$dispatch_rc, total $(( $(date +%s) - START ))s"
+echo "install rc=$install_rc, tests rc=$test_rc, benchmark rc=$bench_rc, decode rc=$decode_rc, cublas rc=$cublas_rc," \
+     "dispatch rc=$dispatch_rc, qlora rc=$qlora_rc, dora rc=$dora_rc, total $(( $(date +%s) - START ))s"
 echo "log, tests.xml, results.json/.md/.png in $RESULTS"
 [[ $install_rc -eq 0 && ( $test_rc == 0 || $test_rc == skipped ) && $bench_rc -eq 0 \
    && ( $decode_rc == 0 || $decode_rc == skipped ) && ( $cublas_rc == 0 || $cublas_rc == skipped ) \
-   && ( $dispatch_rc == 0 || $dispatch_rc == skipped ) ]]
+   && ( $dispatch_rc == 0 || $dispatch_rc == skipped ) && ( $qlora_rc == 0 || $qlora_rc == skipped ) \
+   && ( $dora_rc == 0 || $dora_rc == skipped ) ]]
