@@ -158,11 +158,19 @@ def test_cublas_composition_at_large_M(dtype, p, kernel_spy, monkeypatch):
     assert (M, N) in addmm_calls and (M, K) in addmm_calls, addmm_calls
 
 
-def test_cublas_setting_leaves_the_small_M_path_fused(kernel_spy, monkeypatch):
-    monkeypatch.setenv("FASTLORA_BASE_GEMM", "cublas")
+@pytest.mark.parametrize("base_gemm", ["triton", "cublas"])
+def test_base_gemm_setting_at_small_M(base_gemm, kernel_spy, monkeypatch):
+    """FASTLORA_BASE_GEMM applies at small M too: ``triton`` runs the single fused launch (shrink in the K loop),
+    ``cublas`` the shrink, a Triton pass without the K loop (K = 0) and cuBLAS for x @ Wᵀ."""
+    monkeypatch.setenv("FASTLORA_BASE_GEMM", base_gemm)
     _check(9, 40, 30, 8, no_grad=True)
     (launch,) = kernel_spy.of("gemm_lora_kernel")
-    assert launch["FUSE_SHRINK"] is True and launch["K"] == 40
+    if base_gemm == "triton":
+        assert launch["FUSE_SHRINK"] is True and launch["K"] == 40, kernel_spy.summary()
+        assert not kernel_spy.of("lora_shrink_kernel"), kernel_spy.summary()
+    else:
+        assert launch["FUSE_SHRINK"] is False and launch["K"] == 0, kernel_spy.summary()
+        assert kernel_spy.of("lora_shrink_kernel"), kernel_spy.summary()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -248,29 +248,47 @@ def test_from_linear_refuses_8bit():
         fastlora.LoRALinear.from_linear(bnb.nn.Linear8bitLt(16, 16, has_fp16_weights=False))
 
 
+_PEAK_SCRIPT = """
+import importlib.util, json, os, sys
+import torch
+from fastlora import bench
+path = os.path.join(sys.argv[1], "benchmarks", "qlora_check.py")
+spec = importlib.util.spec_from_file_location("fastlora_qlora_check", path)
+qlora_check = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(qlora_check)
+torch.manual_seed(0)
+case = bench.Case(32, 256, 384, r=8, dtype="float32", dropout=float(sys.argv[2]), device="cpu")
+layer = qlora_check.qlora_layer(case)
+peaks, saved = {}, {}
+for provider in ("fastlora", "peft"):
+    runner = qlora_check.build_runner(provider, case, layer)
+    runner.step()
+    peaks[provider] = bench.peak_memory_bytes(runner)
+    saved[provider] = bench.saved_activation_bytes(runner, include_input=False)
+print(json.dumps({"peaks": peaks, "saved": saved}))
+"""
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_training_step_peak_memory_not_above_peft(dropout):
     """One forward+backward of a QLoRA layer (CPU, the profiler's allocation events): fastlora's peak is no
-    higher than PEFT's on the same layer, and it saves only x and h (no dequantized W)."""
-    import importlib.util
+    higher than PEFT's on the same layer, and it saves only x and h (no dequantized W).
+
+    Measured in a fresh interpreter: after other tests in this process, the profiler's peak for the same step
+    moved by ~130 KB (state left in bitsandbytes / the allocator), which says nothing about either layer."""
+    import json
     import os
+    import subprocess
+    import sys
 
-    from fastlora import bench
-
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "qlora_check.py")
-    spec = importlib.util.spec_from_file_location("fastlora_qlora_check", path)  # no sys.path change
-    qlora_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(qlora_check)
-
-    case = bench.Case(32, 256, 384, r=8, dtype="float32", dropout=dropout, device="cpu")
-    layer = qlora_check.qlora_layer(case)
-    peaks, saved = {}, {}
-    for provider in ("fastlora", "peft"):
-        runner = qlora_check.build_runner(provider, case, layer)
-        runner.step()
-        peaks[provider] = bench.peak_memory_bytes(runner)
-        saved[provider] = bench.saved_activation_bytes(runner, include_input=False)
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, root, str(dropout)], capture_output=True, text=True,
+                         timeout=300, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    peaks, saved = result["peaks"], result["saved"]
     if peaks["peft"] is None:
         pytest.skip("the profiler reports no memory events here")
+    M, r = 32, 8
     assert peaks["fastlora"] <= peaks["peft"], peaks
-    assert saved["fastlora"] == case.M * case.r * 4, saved  # h (M, r) fp32, beyond x itself
+    assert saved["fastlora"] == M * r * 4, saved  # h (M, r) fp32, beyond x itself
