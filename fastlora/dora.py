@@ -61,6 +61,7 @@ from torch.autograd.function import once_differentiable
 
 from . import backend as _backend
 from . import reference
+from .functional import _autocast  # the op's autocast rule, as nn.Linear's
 
 __all__ = ["dora_linear", "dora_embedding", "dora_weight_norm", "weight_row_sq", "clear_norm_cache",
            "dora_forward_torch", "dora_backward_torch"]
@@ -508,14 +509,6 @@ def _validate(input, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p
         raise TypeError(f"dora_linear: scaling must be a real number, got {scaling!r}")
 
 
-_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _autocast(device_type: str, *tensors):
-    if not torch.is_autocast_enabled(device_type):
-        return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t is not None and t.dtype in _AUTOCAST_ELIGIBLE else t for t in tensors)
 
 
 def dora_linear(

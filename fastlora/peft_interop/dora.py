@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..dora import dora_embedding, dora_linear
+from .linear import dropout_p
 from .registry import Fuser, register
 
 __all__ = ["claims", "why_not", "forward", "FUSER"]
@@ -52,14 +53,6 @@ def _kind(layer: nn.Module, adapter: str) -> Optional[str]:
 def claims(layer: nn.Module, adapter: str) -> bool:
     """Adapter ``adapter`` of ``layer`` is a PEFT DoRA adapter (of any layer type)."""
     return _kind(layer, adapter) is not None
-
-
-def _dropout_p(dropout: nn.Module) -> Optional[float]:
-    if type(dropout) is nn.Identity:
-        return 0.0
-    if type(dropout) is nn.Dropout:
-        return float(dropout.p)
-    return None
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -101,7 +94,7 @@ def why_not(layer: nn.Module, adapter: str) -> Optional[str]:
         return "DoRA on a quantized base weight"
     if getattr(layer.lora_B[adapter], "bias", None) is not None:
         return "DoRA with lora_bias"
-    if _dropout_p(layer.lora_dropout[adapter]) is None:
+    if dropout_p(layer.lora_dropout[adapter]) is None:
         return f"DoRA with lora_dropout a {type(layer.lora_dropout[adapter]).__name__}"
     if type(layer.lora_A[adapter]) is not nn.Linear or type(layer.lora_B[adapter]) is not nn.Linear:
         return "DoRA with custom lora_A / lora_B modules"
@@ -122,7 +115,7 @@ def _forward_linear(layer: nn.Module, x: torch.Tensor, adapters: List[str]) -> t
         return _peft_forward(layer, x)  # nn.Linear would raise, or PEFT casts its own way: its code decides
     first, rest = adapters[0], adapters[1:]
     dropout = layer.lora_dropout[first]
-    p = _dropout_p(dropout)
+    p = dropout_p(dropout)
     training = bool(layer.training and dropout.training)
     result = dora_linear(x, weight, layer.lora_A[first].weight, layer.lora_B[first].weight,
                          layer.lora_magnitude_vector[first].weight, bias, scaling=layer.scaling[first],
