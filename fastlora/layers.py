@@ -58,7 +58,7 @@ class _LoRAModule(nn.Module):
         if self.merged:
             warnings.warn(f"{type(self).__name__}.merge(): already merged, nothing to do")
             return
-        self.weight.add_(self.delta_weight())
+        self._add_to_weight(self.delta_weight())
         self.merged = True
 
     @torch.no_grad()
@@ -67,8 +67,11 @@ class _LoRAModule(nn.Module):
         if not self.merged:
             warnings.warn(f"{type(self).__name__}.unmerge(): not merged, nothing to do")
             return
-        self.weight.sub_(self.delta_weight())
+        self._add_to_weight(-self.delta_weight())
         self.merged = False
+
+    def _add_to_weight(self, delta: torch.Tensor) -> None:
+        self.weight.add_(delta)
 
 
 class LoRALinear(_LoRAModule):
@@ -307,8 +310,8 @@ class LoRALinear4bit(_LoRAModule):
     ``base_layer`` is the Linear4bit itself (its packed weight, bias and ``compute_dtype``, shared, not copied).
     As bitsandbytes' forward: x is cast to the base's compute dtype for the product and the output cast back to
     x's dtype. ``lora_A`` (r, in) and ``lora_B`` (out, r) are fp32 by default (PEFT's QLoRA adapters) and
-    initialised as PEFT's (``init_lora_weights``). Merging into a 4-bit weight would re-quantize it (lossy):
-    ``merge()`` raises; ``to_linear()`` returns a dense nn.Linear with W̃ + s·B@A.
+    initialised as PEFT's (``init_lora_weights``). ``merge()`` / ``unmerge()`` quantize W̃ ± s·B@A again, as PEFT
+    does (lossy, with a warning); ``to_linear()`` returns a dense nn.Linear with W̃ + s·B@A.
     """
 
     def __init__(self, base_layer: nn.Module, *, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
@@ -367,8 +370,10 @@ class LoRALinear4bit(_LoRAModule):
             base.compute_type_is_set = True
         x = input.to(base.compute_dtype) if base.compute_dtype is not None else input
         bias = base.bias.to(x.dtype) if base.bias is not None else None
-        y = lora_linear_4bit(x, base.weight, self.lora_A, self.lora_B, bias, scaling=self.scaling,
-                             dropout_p=self.lora_dropout, training=self.training)
+        # merged: the update is in the 4-bit weight, and the same op runs the base alone (a zero LoRA term)
+        y = lora_linear_4bit(x, base.weight, self.lora_A, self.lora_B, bias,
+                             scaling=0.0 if self.merged else self.scaling, dropout_p=self.lora_dropout,
+                             training=self.training and not self.merged)
         return y.to(input.dtype)
 
     @torch.no_grad()
@@ -376,12 +381,21 @@ class LoRALinear4bit(_LoRAModule):
         """s · B @ A (out, in) in fp32 at least."""
         return self._product_BA()
 
-    def merge(self) -> None:
-        raise NotImplementedError("LoRALinear4bit.merge(): merging into a 4-bit weight re-quantizes it (lossy); use "
-                                  "to_linear() for a dense nn.Linear with the update merged")
+    @torch.no_grad()
+    def _add_to_weight(self, delta: torch.Tensor) -> None:
+        """W ← quantize(W̃ + delta), as PEFT merges into a 4-bit base: lossy (the sum is quantized again)."""
+        import bitsandbytes as bnb
 
-    def unmerge(self) -> None:
-        raise NotImplementedError("LoRALinear4bit.unmerge(): a 4-bit base is never merged")
+        from .qlora import dequantize_weight
+
+        warnings.warn("LoRALinear4bit: merging into (or out of) a 4-bit weight quantizes it again; outputs differ "
+                      "by that rounding. to_linear() gives a dense nn.Linear without it.", stacklevel=3)
+        weight = self.base_layer.weight
+        restore_canonical_layout(weight)
+        dense = (dequantize_weight(weight, dtype=torch.float32) + delta.float()).to(weight.quant_state.dtype)
+        kwargs = {k: v for k, v in weight.__dict__.items() if not k.startswith("_") and k != "data"}
+        kwargs.update(bnb_quantized=False, requires_grad=False)
+        self.base_layer.weight = bnb.nn.Params4bit(dense.to("cpu"), **kwargs).to(weight.device)
 
     @torch.no_grad()
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:

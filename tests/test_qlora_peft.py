@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 bnb = pytest.importorskip("bitsandbytes", reason="the 4-bit (QLoRA) path needs bitsandbytes: pip install -e \".[qlora]\"")
 transformers = pytest.importorskip("transformers")
@@ -206,8 +207,25 @@ def test_from_linear_accepts_linear4bit_and_matches_bitsandbytes():
         assert_same(a, e, 1e-5, 1e-5, n)
     dense = layer.to_linear()
     assert_same(dense(x), y, 1e-5, 1e-5, "to_linear")
-    with pytest.raises(NotImplementedError, match="re-quantizes"):
-        layer.merge()
+    # merge / unmerge quantize again, as PEFT's 4-bit merge: equal to the quantized W̃ + s·B@A, within its rounding
+    layer.eval()
+    with torch.no_grad():
+        y_eval = layer(x)
+        with pytest.warns(UserWarning, match="quantizes it again"):
+            layer.merge()
+        assert layer.merged
+        Wm = bnb_dequantize(base.weight, base.weight.quant_state)
+        err = (Wm - (Wd + layer.delta_weight())).abs().max()
+        assert err <= 0.15 * (Wd + layer.delta_weight()).abs().max(), err  # NF4 rounding (half a step), no more
+        assert_same(layer(x), F.linear(x, Wm, base.bias), 1e-5, 1e-5, "merged forward")
+        assert (layer(x) - y_eval).abs().max() < (y_eval - F.linear(x, Wd, base.bias)).abs().max()
+        with pytest.warns(UserWarning, match="quantizes it again"):
+            layer.unmerge()
+        assert not layer.merged
+        Wu = bnb_dequantize(base.weight, base.weight.quant_state)  # the update taken out, within two roundings
+        assert (Wu - Wd).norm() < 0.5 * layer.delta_weight().norm(), (Wu - Wd).norm()  # not still merged
+        assert_same(layer(x), F.linear(x, Wu, base.bias) + F.linear(F.linear(x, layer.lora_A), layer.lora_B)
+                    * layer.scaling, 1e-5, 1e-5, "unmerged forward")
 
 
 def test_new_layer_equals_its_base_and_compute_dtype():
