@@ -57,16 +57,35 @@ def poisoned_kernels(monkeypatch):
     yield
 
 
-@pytest.fixture
-def triton_backend():
-    """Force the Triton kernels (on CPU tensors through the interpreter when CUDA is absent); restored after."""
+def _using_backend(name):
+    """Run with fastlora's backend set to ``name``; the previous choice is restored after."""
     import fastlora
     from fastlora import backend
 
     saved = backend._backend
-    fastlora.set_backend("triton")
-    yield
-    backend._backend = saved
+    fastlora.set_backend(name)
+    try:
+        yield name
+    finally:
+        backend._backend = saved
+
+
+@pytest.fixture
+def triton_backend():
+    """Force the Triton kernels (on CPU tensors through the interpreter when CUDA is absent); restored after."""
+    yield from _using_backend("triton")
+
+
+@pytest.fixture
+def torch_backend():
+    """Force the pure-PyTorch path; restored after."""
+    yield from _using_backend("torch")
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request):
+    """Each test twice: on the PyTorch path and on the Triton kernels (the interpreter on CPU)."""
+    yield from _using_backend(request.param)
 
 
 @pytest.fixture

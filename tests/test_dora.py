@@ -29,16 +29,6 @@ def _dev(use_triton):
     return KDEV if use_triton else "cpu"
 
 
-@pytest.fixture
-def torch_backend():
-    from fastlora import backend
-
-    saved = backend._backend
-    fastlora.set_backend("torch")
-    yield
-    backend._backend = saved
-
-
 class _Net(nn.Module):
     def __init__(self, K, N, bias, V=None):
         super().__init__()

@@ -15,12 +15,7 @@ RANKS = [1, 3, 16, 64, 128]
 TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-4, 1e-4)}
 
 
-@pytest.fixture(autouse=True)
-def torch_backend():
-    previous = fastlora.get_backend()
-    fastlora.set_backend("torch")
-    yield
-    fastlora.set_backend(previous)
+pytestmark = pytest.mark.usefixtures("torch_backend")  # the PyTorch path throughout this file
 
 
 def make(M, K, N, r, dtype, bias=True, lead=(), adapter_dtype=None, weight_grad=False, seed=0):

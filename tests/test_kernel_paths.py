@@ -15,7 +15,7 @@ import torch
 
 import fastlora
 import philox_reference
-from helpers import assert_close, assert_low_precision_close, lora_oracle, run_leaves
+from helpers import assert_close, assert_low_precision_close, lora_inputs, lora_oracle, run_leaves
 
 kernels = pytest.importorskip("fastlora.kernels")
 from fastlora.kernels import lora_linear as kl  # noqa: E402
@@ -31,19 +31,7 @@ def _fixed_configs(monkeypatch):
 
 
 def _inputs(M, K, N, r, dtype=torch.float32, adapter_dtype=None, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    adt = adapter_dtype or dtype
-
-    def rnd(*shape, scale=1.0, dt=dtype, shift=0.0):
-        return (torch.randn(*shape, generator=g) * scale + shift).to(device=DEVICE, dtype=dt)
-
-    x = rnd(M, K)
-    weight = rnd(N, K, scale=K**-0.5)
-    lora_A = rnd(r, K, scale=K**-0.5, dt=adt)
-    lora_B = rnd(N, r, scale=0.5, dt=adt)
-    b = rnd(N, shift=3.0) if bias else None  # |b| ~ 3: a dropped bias is far outside any tolerance
-    grad = rnd(M, N)
-    return x, weight, lora_A, lora_B, b, grad
+    return lora_inputs(M, K, N, r, dtype, adapter_dtype, bias, seed, device=DEVICE)
 
 
 def _peek_seed():

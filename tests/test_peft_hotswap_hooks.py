@@ -33,16 +33,6 @@ def _model(r=2, alpha=4, seed=0, dropout=0.0):
     return model
 
 
-@pytest.fixture(params=["torch", "triton"])
-def backend(request):
-    from fastlora import backend as _backend
-
-    saved = _backend._backend
-    fastlora.set_backend(request.param)
-    yield request.param
-    _backend._backend = saved
-
-
 def test_tensor_scaling_eager_outputs_and_gradients_equal_peft(backend):
     ref = _model()
     prepare_model_for_compiled_hotswap(ref, target_rank=3)

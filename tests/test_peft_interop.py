@@ -20,16 +20,6 @@ from model_helpers import assert_same, perturb_trainable, tiny_gpt2, tiny_llama,
 IDS = torch.randint(0, 61, (2, 5), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(params=["torch", "triton"])
-def backend(request):
-    from fastlora import backend as _backend
-
-    saved = _backend._backend
-    fastlora.set_backend(request.param)
-    yield request.param
-    _backend._backend = saved
-
-
 def quiet(fn, *args, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -18,12 +18,7 @@ from model_helpers import assert_same, perturb_trainable, tiny_llama  # noqa: E4
 IDS = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True)
-def _torch_backend():
-    saved = fastlora.backend._backend
-    fastlora.set_backend("torch")
-    yield
-    fastlora.backend._backend = saved
+pytestmark = pytest.mark.usefixtures("torch_backend")  # the PyTorch path throughout this file
 
 
 def _pair(**kw):

@@ -24,12 +24,7 @@ from test_qlora import bnb_dequantize  # noqa: E402
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
-@pytest.fixture(autouse=True)
-def torch_backend():
-    previous = fastlora.get_backend()
-    fastlora.set_backend("torch")
-    yield
-    fastlora.set_backend(previous)
+pytestmark = pytest.mark.usefixtures("torch_backend")  # the PyTorch path throughout this file
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import torch
 import fastlora
 import philox_reference
 from fastlora import reference
-from helpers import assert_close, assert_low_precision_close, lora_oracle, run_leaves
+from helpers import assert_close, assert_low_precision_close, lora_inputs, lora_oracle, run_leaves
 
 HAS_TRITON = fastlora.backend.triton_available()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -35,19 +35,8 @@ def _restore_backend(monkeypatch):
 
 
 def _inputs(M, K, N, r, dtype=torch.float32, adapter_dtype=None, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    adt = adapter_dtype or dtype
-
-    def rnd(*shape, scale=1.0, dt=dtype, shift=0.0):
-        return (torch.randn(*shape, generator=g) * scale + shift).to(device=DEVICE, dtype=dt)
-
-    x = rnd(M, K)
-    weight = rnd(N, K, scale=K**-0.5)
-    lora_A = rnd(r, K, scale=K**-0.5, dt=adt)
-    lora_B = rnd(N, r, scale=0.5, dt=adt)
-    bias = rnd(N, shift=3.0)
-    grad = rnd(M, N)
-    return [x, weight, lora_A, lora_B, bias], grad
+    *tensors, grad = lora_inputs(M, K, N, r, dtype, adapter_dtype, True, seed, device=DEVICE)
+    return tensors, grad
 
 
 def _peek_seed():
