@@ -18,9 +18,9 @@ setup(
     install_requires=["torch>=2.4"],
     entry_points={"console_scripts": ["fastlora=fastlora.__main__:main"]},
     extras_require={
-        "peft": ["peft>=0.13", "transformers>=4.45", "safetensors>=0.4"],
+        "peft": ["peft>=0.18", "transformers>=5.13", "safetensors>=0.4"],
         "plot": ["matplotlib>=3.7"],
-        "qlora": ["bitsandbytes>=0.45"],
+        "qlora": ["bitsandbytes>=0.50"],
         "test": [
             "pytest>=8",
             "pytest-benchmark>=4",
@@ -28,10 +28,10 @@ setup(
             "triton>=3.0; platform_system == 'Linux'",
             "hypothesis>=6",
             "numpy",
-            "peft>=0.13",
-            "transformers>=4.45",
+            "peft>=0.18",
+            "transformers>=5.13",
             "safetensors>=0.4",
-            "bitsandbytes>=0.45",
+            "bitsandbytes>=0.50",
         ],
     },
 )

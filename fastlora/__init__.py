@@ -4,13 +4,42 @@ The op (``lora_linear``) and the layers (``LoRALinear``, ``LoRAEmbedding``) need
 PEFT's own, accelerated: ``get_peft_model``, ``from_pretrained``, ``accelerate_peft``, ``fused_layers`` and
 ``LoraConfig`` (``peft.LoraConfig`` itself) need peft: ``pip install -e ".[peft]"`` in a clone.
 """
-from . import reference
-from .backend import get_backend, set_backend
-from .dora import dora_embedding, dora_linear, dora_weight_norm
-from .functional import lora_embedding, lora_linear, lora_linear_multi
-from .layers import LoRAEmbedding, LoRALinear, LoRALinear4bit
-from .peft_interop import accelerate_peft, from_pretrained, fused_layers, get_peft_model
-from .qlora import lora_linear_4bit
+import os as _os
+
+
+def _bind_source_kernels() -> None:
+    """Make ``fastlora.kernels`` the repository's top-level ``kernels/`` folder when fastlora runs from its
+    source tree (an editable install, or Python started in the repository root).
+
+    ``kernels/`` has no ``__init__.py`` on purpose: a regular package there would answer ``import kernels`` from
+    the repository root and shadow Hugging Face's ``kernels``, which transformers 5.x imports (NOTES.md,
+    "Why kernels/ has no __init__.py"). A wheel or ``pip install .`` copies the folder to ``fastlora/kernels/``,
+    where Python finds it as a namespace subpackage with no help; in a source tree nothing maps it below
+    ``fastlora``, so its spec is made here, by the standard path finder, before anything imports it.
+    """
+    import importlib.machinery
+    import importlib.util
+    import sys
+
+    here = _os.path.dirname(_os.path.abspath(__file__))
+    if "fastlora.kernels" in sys.modules or _os.path.isdir(_os.path.join(here, "kernels")):
+        return  # installed copy (or already bound): the import system finds it itself
+    spec = importlib.machinery.PathFinder.find_spec("fastlora.kernels", [_os.path.dirname(here)])
+    if spec is not None and spec.submodule_search_locations:
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["fastlora.kernels"] = module
+        globals()["kernels"] = module  # as the import system does for a subpackage it loads itself
+
+
+_bind_source_kernels()
+
+from . import reference  # noqa: E402
+from .backend import get_backend, set_backend  # noqa: E402
+from .dora import dora_embedding, dora_linear, dora_weight_norm  # noqa: E402
+from .functional import lora_embedding, lora_linear, lora_linear_multi  # noqa: E402
+from .layers import LoRAEmbedding, LoRALinear, LoRALinear4bit  # noqa: E402
+from .peft_interop import accelerate_peft, from_pretrained, fused_layers, get_peft_model  # noqa: E402
+from .qlora import lora_linear_4bit  # noqa: E402
 
 __version__ = "0.1.0"
 

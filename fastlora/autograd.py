@@ -47,7 +47,7 @@ __all__ = ["lora_linear_train", "lora_linear_infer"]
 
 def _impl(use_triton: bool):
     if use_triton:
-        from fastlora import kernels  # imported on first use: importing triton is slow and optional
+        from fastlora.kernels import lora_linear as kernels  # imported on first use: importing triton is slow and optional
 
         return kernels
     return reference

@@ -286,7 +286,7 @@ def dora_backward_torch(grad_y, x, weight, lora_A, lora_B, h, z, g, norm, scalin
 # ---------------------------------------------------------------------------------------------------------
 
 def _forward_triton(x, weight, lora_A, lora_B, bias, g, scaling, dropout_p, seed, save):
-    from fastlora import kernels
+    from fastlora.kernels import lora_linear as kernels
     from fastlora.kernels import dora as kdora
 
     # y' = x Wᵀ + s·h Bᵀ with h = x_d Aᵀ (the LoRA kernels apply the Philox mask to the LoRA branch only)
@@ -303,7 +303,7 @@ def _forward_triton(x, weight, lora_A, lora_B, bias, g, scaling, dropout_p, seed
 
 
 def _backward_triton(grad_y, x, weight, lora_A, lora_B, h, z, g, norm, scaling, dropout_p, seed, needs):
-    from fastlora import kernels
+    from fastlora.kernels import lora_linear as kernels
     from fastlora.kernels import dora as kdora
 
     nx, nw, na, nb, nm, nbias = needs

@@ -345,7 +345,7 @@ def _forward(x, q, quant: _Quant, lora_A, lora_B, bias, scaling, p, seed, save_h
     if not use_triton:
         return _forward_torch(x, q, quant, lora_A, lora_B, bias, scaling, p, seed, save_h)
 
-    from fastlora import kernels
+    from fastlora.kernels import lora_linear as kernels
     from fastlora.kernels import qlora as qk
 
     def dequant():
@@ -382,7 +382,7 @@ def _backward(grad_y, x, q, quant: _Quant, lora_A, lora_B, h, scaling, p, seed, 
     if not use_triton:
         return _backward_torch(grad_y, x, q, quant, lora_A, lora_B, h, scaling, p, seed, needs)
 
-    from fastlora import kernels
+    from fastlora.kernels import lora_linear as kernels
     from fastlora.kernels import qlora as qk
 
     def fused4bit():

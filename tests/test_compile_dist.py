@@ -50,7 +50,7 @@ def _kernel_launches() -> int:
 
     if not triton_available():
         return 0
-    from fastlora import kernels
+    from fastlora.kernels import lora_linear as kernels
 
     return sum(kernels.launch_counts.values())
 

@@ -70,9 +70,9 @@ def _op_keep(seed_state, x2d_shape, p, use_triton, device):
     torch.manual_seed(seed_state)
     seed = fdora._draw_seed(p)
     if use_triton:
-        from fastlora import kernels
+        from fastlora.kernels.dropout import dropout_keep_mask
 
-        return kernels.dropout_keep_mask(seed, x2d_shape, p, device)
+        return dropout_keep_mask(seed, x2d_shape, p, device)
     return reference.dropout_keep_mask(seed, x2d_shape, p, device)
 
 
@@ -138,7 +138,7 @@ def test_linear_equals_peft_torch(torch_backend, dtype, shape, bias, p):
     (((5,), 9, 6, 70), True, 0.25),
 ], ids=["small-bias", "odd-dropout", "rank70-dropout"])
 def test_linear_equals_peft_kernels(triton_backend, dtype, shape, bias, p):
-    from fastlora import kernels
+    from fastlora.kernels import lora_linear as kernels
 
     lead, K, N, r = shape
     layer = _peft_layer(K, N, r, bias=bias, dropout=p).to(KDEV)
@@ -397,7 +397,8 @@ def test_two_active_dora_adapters_match_peft(torch_backend):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         layer.update_layer("other", r=3, lora_alpha=4, lora_dropout=0.0, init_lora_weights=False,
-                           use_rslora=False, config=peft.LoraConfig(use_dora=True, r=3, init_lora_weights=False))
+                           use_rslora=False, use_dora=True,  # peft < 0.19 reads use_dora, newer the config
+                           config=peft.LoraConfig(use_dora=True, r=3, init_lora_weights=False))
     layer.set_adapter(["default", "other"])
     layer.train()
     ref = copy.deepcopy(layer)

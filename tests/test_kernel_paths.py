@@ -17,7 +17,7 @@ import fastlora
 import philox_reference
 from helpers import assert_close, assert_low_precision_close, lora_inputs, lora_oracle, run_leaves
 
-kernels = pytest.importorskip("fastlora.kernels")
+kernels = pytest.importorskip("fastlora.kernels.lora_linear")
 from fastlora.kernels import lora_linear as kl  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

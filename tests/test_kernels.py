@@ -15,7 +15,8 @@ from fastlora import reference
 import philox_reference
 from helpers import assert_close, assert_low_precision_close
 
-kernels = pytest.importorskip("fastlora.kernels")
+kernels = pytest.importorskip("fastlora.kernels.lora_linear")
+from fastlora.kernels.dropout import dropout_keep_mask  # noqa: E402
 from fastlora.kernels import lora_linear as kl  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
@@ -153,18 +154,18 @@ def test_backward_uses_the_forwards_dropout_mask():
 
 
 def test_dropout_mask_statistics_and_determinism():
-    mask = kernels.dropout_keep_mask(123, (67, 301), 0.3, DEVICE)
+    mask = dropout_keep_mask(123, (67, 301), 0.3, DEVICE)
     assert mask.dtype == torch.bool and mask.shape == (67, 301)
     assert abs(mask.float().mean().item() - 0.7) < 0.02
     # every column phase of the four-words-per-Philox-call layout keeps at the same rate
     for phase in range(4):
         assert abs(mask[:, phase::4].float().mean().item() - 0.7) < 0.04, phase
-    assert torch.equal(mask, kernels.dropout_keep_mask(123, (67, 301), 0.3, DEVICE))
-    other = kernels.dropout_keep_mask(124, (67, 301), 0.3, DEVICE)
+    assert torch.equal(mask, dropout_keep_mask(123, (67, 301), 0.3, DEVICE))
+    other = dropout_keep_mask(124, (67, 301), 0.3, DEVICE)
     assert 0.5 < (mask == other).float().mean().item() < 0.66  # independent masks agree ~ 0.7² + 0.3²
     # the mask of a sub-shape is the top-left block of the mask: it is a function of (seed, row, column) only
-    assert torch.equal(kernels.dropout_keep_mask(123, (20, 45), 0.3, DEVICE), mask[:20, :45])
-    assert kernels.dropout_keep_mask(5, (3, 4), 0.0, DEVICE).all()
+    assert torch.equal(dropout_keep_mask(123, (20, 45), 0.3, DEVICE), mask[:20, :45])
+    assert dropout_keep_mask(5, (3, 4), 0.0, DEVICE).all()
 
 
 def test_empty_batch_launches_nothing_and_gives_zero_grads():
@@ -390,7 +391,7 @@ def test_gpu_int64_offsets(monkeypatch):
     tail = slice(M - 5, M)
     words = philox_reference.words(seed, torch.arange(M - 5, M)[:, None].numpy(), torch.arange(K)[None, :].numpy())
     keep = torch.from_numpy(words >= philox_reference.threshold(p)).cuda()
-    assert torch.equal(keep, kernels.dropout_keep_mask(seed, (M, K), p, "cuda")[tail])
+    assert torch.equal(keep, dropout_keep_mask(seed, (M, K), p, "cuda")[tail])
     xd = x[tail].float() * keep / (1 - p)
     assert_close(h[tail], xd @ lora_A.t(), 5e-2, 2e-2, "h tail")
     y_ref = x[tail].float() @ weight.float().t() + (xd @ lora_A.t()) @ lora_B.t()

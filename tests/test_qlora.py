@@ -80,9 +80,9 @@ def keep_mask(path, seed, shape, p):
         return None
     if path == "torch":
         return reference.dropout_keep_mask(seed, shape, p, "cpu")
-    from fastlora import kernels
+    from fastlora.kernels.dropout import dropout_keep_mask
 
-    return kernels.dropout_keep_mask(seed, shape, p, "cpu")
+    return dropout_keep_mask(seed, shape, p, "cpu")
 
 
 def run_op(q, qs, x, A, B, b, s, p, rng_seed=11):
