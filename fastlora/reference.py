@@ -12,12 +12,15 @@ Shapes: x (M, K), weight (N, K), lora_A (r, K), lora_B (N, r), bias (N,), h = dr
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
     "h_dtype",
+    "dropout_drop_index",
     "dropout_keep_mask",
     "lora_forward",
     "lora_backward",
@@ -33,17 +36,62 @@ def h_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def dropout_keep_mask(seed: int, shape, p: float, device, dtype=torch.bool) -> torch.Tensor:
-    """The keep mask (True = kept, probability 1-p) of the torch backend for ``seed``: the same every call.
+def dropout_drop_index(seed: int, numel: int, p: float, device) -> torch.Tensor:
+    """The torch backend's dropout for ``seed``: the flat indices (int64, increasing) of the elements it drops
+    among ``numel``, each element independently with probability p; the same every call.
 
-    The Triton backend draws its mask from Philox instead (``fastlora.kernels.dropout_keep_mask``); each
-    backend regenerates its own mask in the backward from the seed it saved.
+    Drawn as the gaps between dropped elements, which for independent drops are i.i.d. geometric:
+    G = 1 + ⌊log(1-U) / log(1-p)⌋ with U uniform on [0, 1) in float64, so that P(G > k) = (1-p)^k (exact up to
+    float64 rounding). That is ~p·numel uniform draws where a mask from ``torch.rand`` takes numel: 20× fewer at
+    p = 0.05, and what is left to apply is a scatter of p·numel zeros instead of a pass over a dense mask.
     """
     device = torch.device(device)
     gen = torch.Generator(device=device)
     gen.manual_seed(int(seed))
-    keep = torch.rand(shape, device=device, generator=gen) >= p  # uniform [0, 1): kept with probability 1-p
+    if numel == 0 or p <= 0.0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    log_keep = math.log1p(-p)
+    chunks, last = [], -1  # last: the position of the previous drop (-1: before the first element)
+    while True:
+        left = numel - 1 - last  # positions still to cover
+        count = int(left * p + 6.0 * math.sqrt(left * p * (1.0 - p)) + 16)  # enough gaps but once in ~10⁹ calls
+        u = torch.rand(count, dtype=torch.float64, device=device, generator=gen)
+        gaps = u.neg_().log1p_().div_(log_keep).floor_().add_(1.0)  # i.i.d. geometric, ≥ 1
+        pos = gaps.cumsum_(0).add_(last)
+        end = float(pos[-1])
+        if end >= numel:
+            cut = int(torch.searchsorted(pos, torch.tensor([float(numel)], dtype=torch.float64, device=device)))
+            chunks.append(pos[:cut])
+            break
+        chunks.append(pos)
+        last = int(end)
+    pos = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+    return pos.to(torch.int64)
+
+
+def dropout_keep_mask(seed: int, shape, p: float, device, dtype=torch.bool) -> torch.Tensor:
+    """The keep mask (True = kept, probability 1-p) of the torch backend for ``seed``: ``dropout_drop_index``
+    laid out row-major over ``shape``; the same every call.
+
+    The Triton backend draws its mask from Philox instead (``fastlora.kernels.dropout_keep_mask``); each
+    backend regenerates its own mask in the backward from the seed it saved.
+    """
+    numel = math.prod(int(s) for s in shape)
+    keep = torch.ones(numel, dtype=torch.bool, device=torch.device(device))
+    keep.index_fill_(0, dropout_drop_index(seed, numel, p, device), False)
+    keep = keep.view(tuple(int(s) for s in shape))
     return keep if dtype == torch.bool else keep.to(dtype)
+
+
+def _dropped_(t: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """t (contiguous) with the elements at the flat indices ``drop`` zeroed, in place."""
+    t.view(-1).index_fill_(0, drop, 0.0)
+    return t
+
+
+def _dropped(t: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of t (M, K) with the elements at the flat indices ``drop`` zeroed."""
+    return _dropped_(t.clone(memory_format=torch.contiguous_format), drop)
 
 
 def lora_forward(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: float, seed: int, save_h: bool = True):
@@ -58,11 +106,10 @@ def lora_forward(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: flo
     B = lora_B.to(cd)
     if dropout_p == 0.0:
         h = torch.mm(x, lora_A.to(cd).t())  # (M, r)
-    else:
-        keep = dropout_keep_mask(seed, x.shape, dropout_p, x.device)
-        # where(), not x * keep: a bool operand of * is first cast to x's dtype, an (M, K) temporary
-        h = torch.mm(torch.where(keep, x, 0.0), (lora_A / (1.0 - dropout_p)).to(cd).t())
-        del keep
+    else:  # the masked copy of x is a temporary: zeros scattered at the ~p·M·K dropped positions
+        drop = dropout_drop_index(seed, x.numel(), dropout_p, x.device)
+        h = torch.mm(_dropped(x, drop), (lora_A / (1.0 - dropout_p)).to(cd).t())
+        del drop
     if bias is None:
         y = torch.mm(x, weight.t())
     else:
@@ -85,20 +132,20 @@ def lora_backward(
     if needs_B:
         # (N, r), computed as (hᵀ dY)ᵀ: BLAS streams dY faster in this orientation
         dB = torch.mm(h.to(cd).t(), grad_y).mul_(scaling).t().to(lora_B.dtype)
-    keep = None
+    drop = None
     if dropout_p > 0.0 and (needs_input or needs_A):
-        keep = dropout_keep_mask(seed, x.shape, dropout_p, x.device)
+        drop = dropout_drop_index(seed, x.numel(), dropout_p, x.device)
     if needs_input:
-        dx = torch.mm(grad_y, weight)  # (M, K)
-        if keep is None:
+        if drop is None:
+            dx = torch.mm(grad_y, weight)  # (M, K)
             dx.addmm_(dh, lora_A.to(cd))
-        else:  # dx += (dh · A/(1-p)) ⊙ keep; masked_fill_ in place on the fresh product, no cast of keep
-            dx.add_(torch.mm(dh, (lora_A * inv_keep).to(cd)).masked_fill_(~keep, 0.0))
+        else:  # dx = (dh · A/(1-p)) ⊙ keep + dY W: the base GEMM accumulates onto the masked product in place
+            dx = _dropped_(torch.mm(dh, (lora_A * inv_keep).to(cd)), drop).addmm_(grad_y, weight)
     if needs_A:
-        if keep is None:
+        if drop is None:
             dA = torch.mm(dh.t(), x)  # (r, K)
         else:
-            dA = torch.mm(dh.t(), torch.where(keep, x, 0.0)).mul_(inv_keep)
+            dA = torch.mm(dh.t(), _dropped(x, drop)).mul_(inv_keep)
         dA = dA.to(lora_A.dtype)
     if needs_weight:
         dW = torch.mm(grad_y.t(), x)  # (N, K): only for a weight that asks for it
