@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .cases import DTYPE_NAMES, DTYPES, MODES, SHAPE_PRESETS, make_cases, parse_shapes
+from .model import MODEL_PRESETS, MODEL_PROVIDERS, run_model_cli
 from .providers import DEFAULT_PROVIDERS, PROVIDERS
 from .report import render_text, write_outputs
 from .run import environment, run_cases
@@ -18,6 +19,9 @@ CLI_DESCRIPTION = ("Time fastlora's LoRA linear against PEFT's unfused math, the
                    "frozen nn.Linear (the floor) in forward, forward+backward and inference; print fastlora's "
                    "speed-up over each (higher is better) and its overhead over the floor; write JSON, markdown "
                    "and a PNG plot.")
+
+
+MODEL_ONLY_PROVIDERS = tuple(p for p in MODEL_PROVIDERS if p not in PROVIDERS)  # fastlora_compiled
 
 
 def resolve_device(name: str) -> str:
@@ -96,9 +100,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", type=_names(MODES, "mode"), default=None,
                         help="forward, forward+backward, inference, or all (default: all; forward and "
                              "forward+backward with --quick)")
-    parser.add_argument("--providers", type=_names(PROVIDERS, "provider"), default=None,
+    parser.add_argument("--providers", type=_names(PROVIDERS + MODEL_ONLY_PROVIDERS, "provider"), default=None,
                         help=f"from {', '.join(PROVIDERS)}, or all (default: {', '.join(DEFAULT_PROVIDERS)}); "
-                             "fastlora is always included; base is the frozen linear, the floor")
+                             "fastlora is always included; base is the frozen linear, the floor. With --model: "
+                             f"{', '.join(MODEL_PROVIDERS)} (default: all; base is the frozen model)")
     parser.add_argument("--bias", action="store_true", help="give the base linear a (frozen) bias")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds of timing per provider and case after warm-up (default 0.5; 0.2 with --quick)")
@@ -107,6 +112,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--goals", choices=sorted(GOALS), default=None,
                         help="also check the geometric means against a set of performance goals: "
                              + "; ".join(f"{k}: {v}" for k, v in GOAL_HELP.items()).replace("%", "%%"))
+    parser.add_argument("--model", default=None, metavar="PRESET",
+                        help="run the model-level case set instead of the layer grid: one training step (forward, "
+                             "backward, AdamW) of a random-weight Llama with LoRA on every projection, fastlora "
+                             "eager and compiled against PEFT eager, PEFT compiled and the frozen model; presets: "
+                             + ", ".join(f"{k} ({v['hidden']} hidden, {v['layers']} layers, {v['batch']}×{v['seq']} "
+                                         "tokens)" for k, v in MODEL_PRESETS.items())
+                             + "; auto: llama-small on CPU, llama-1b on CUDA. Default dropout 0,0.05")
     parser.add_argument("--out", default="fastlora-bench", help="output folder (default ./fastlora-bench/)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     parser.set_defaults(func=run_cli)
@@ -116,6 +128,12 @@ def run_cli(args: argparse.Namespace, stream=None) -> int:
     stream = stream if stream is not None else sys.stdout
     try:
         device = resolve_device(args.device)
+        if args.model:
+            return run_model_cli(args, device, stream)
+        if args.providers and not set(PROVIDERS) <= set(args.providers):  # "all" means the layer providers here
+            bad = [p for p in args.providers if p in MODEL_ONLY_PROVIDERS]
+            if bad:
+                raise ValueError(f"provider {', '.join(bad)} runs in the model-level set only (--model)")
         shapes_spec = args.shapes or ("llm-grid" if device.startswith("cuda") else
                                       ("cpu-quick" if args.quick else "cpu"))
         shapes = parse_shapes(shapes_spec)
@@ -129,7 +147,8 @@ def run_cli(args: argparse.Namespace, stream=None) -> int:
     ranks = args.rank or [16]
     dropouts = args.dropout if args.dropout is not None else [0.0, 0.1]
     modes = args.modes or (["forward", "forward+backward"] if args.quick else list(MODES))
-    providers = ["fastlora"] + [p for p in (args.providers or DEFAULT_PROVIDERS) if p != "fastlora"]
+    providers = ["fastlora"] + [p for p in (args.providers or DEFAULT_PROVIDERS)
+                                if p != "fastlora" and p not in MODEL_ONLY_PROVIDERS]
     budget = args.budget if args.budget is not None else (0.2 if args.quick else 0.5)
     cases = make_cases(shapes, ranks, dropouts, modes, dtype_name, device, bias=args.bias)
 
