@@ -9,6 +9,8 @@ One small module per job:
                  host timing on CPU;
 * ``memory``     saved-for-backward and peak bytes of one step;
 * ``run``        a grid of cases → rows; the environment record;
+* ``model``      the model-level case set (``--model``): one training step of a whole random Llama, fastlora vs
+                 PEFT eager and compiled vs the frozen model;
 * ``summary``    rows → speed-ups, flags (not run as asked, noisy), geometric means, goals;
 * ``report``     terminal text (≤ 120 columns), markdown, the output folder;
 * ``plot``       the PNG;
@@ -18,6 +20,8 @@ from .cases import (DTYPE_NAMES, DTYPES, MODES, SHAPE_PRESETS, SUITE_GRIDS, Case
                     make_cases, parse_shapes, suite_cases, suite_settings)
 from .cli import CLI_DESCRIPTION, add_arguments, main, resolve_device, run_cli
 from .memory import peak_memory_bytes, saved_activation_bytes
+from .model import (MODEL_PRESETS, MODEL_PROVIDERS, ModelCase, build_model_runners, measure_model_case, model_cases,
+                    model_goals, ratio_stats)
 from .providers import DEFAULT_PROVIDERS, FLOOR, PEERS, PROVIDERS, Runner, build_runner, provider_available
 from .report import WIDTH, render_markdown, render_text, write_outputs
 from .run import Progress, environment, measure, measure_case, run_cases
@@ -32,5 +36,6 @@ __all__ = [
     "PEERS", "PROVIDERS", "Runner", "build_runner", "provider_available", "WIDTH", "render_markdown", "render_text",
     "write_outputs", "Progress", "environment", "measure", "measure_case", "run_cases", "GOAL_DROPOUT", "GOALS",
     "NOISY_SPREAD", "comparisons", "speedups", "summarize", "plot", "spread", "time_case", "time_cuda",
-    "time_interleaved", "time_runner",
+    "time_interleaved", "time_runner", "MODEL_PRESETS", "MODEL_PROVIDERS", "ModelCase", "build_model_runners",
+    "measure_model_case", "model_cases", "model_goals", "ratio_stats",
 ]
