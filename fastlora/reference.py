@@ -46,10 +46,10 @@ def dropout_drop_index(seed: int, numel: int, p: float, device) -> torch.Tensor:
     p = 0.05, and what is left to apply is a scatter of p·numel zeros instead of a pass over a dense mask.
     """
     device = torch.device(device)
+    if numel == 0 or p <= 0.0 or device.type == "meta":  # meta: shapes only, no values to drop
+        return torch.empty(0, dtype=torch.int64, device=device)
     gen = torch.Generator(device=device)
     gen.manual_seed(int(seed))
-    if numel == 0 or p <= 0.0:
-        return torch.empty(0, dtype=torch.int64, device=device)
     log_keep = math.log1p(-p)
     chunks, last = [], -1  # last: the position of the previous drop (-1: before the first element)
     while True:

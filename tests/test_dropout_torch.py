@@ -87,6 +87,11 @@ def test_degenerate_sizes_and_rates():
     assert tiny.numel() == 0 and tiny.dtype == torch.int64
     almost_all = reference.dropout_drop_index(2, 10_000, 0.999, "cpu")
     assert 9950 <= almost_all.numel() <= 10_000 and int(almost_all.max()) < 10_000
+    # meta tensors (big-model loading) carry shapes only: nothing is drawn, the op still gives its shapes
+    assert reference.dropout_keep_mask(1, (4, 6), 0.5, "meta").shape == (4, 6)
+    meta = [torch.empty(s, device="meta") for s in ((4, 6), (5, 6), (2, 6), (5, 2))]
+    y, h = reference.lora_forward(*meta, None, 1.0, 0.3, 1)
+    assert y.shape == (4, 5) and h.shape == (4, 2) and y.device.type == "meta"
 
 
 def test_a_draw_that_needs_more_than_one_chunk_of_gaps(monkeypatch):
