@@ -245,10 +245,10 @@ def _error(exc: BaseException) -> str:
 
 def _first_loss(runner: ModelRunner) -> float | None:
     """The loss of a forward on the first batch before any step (fastlora and PEFT start from the same weights,
-    so at dropout 0 their losses must agree)."""
+    so at dropout 0 their losses must agree). With grad enabled, as the timed steps run: a compiled provider
+    compiles its training graph here once, not an inference graph beside it."""
     try:
-        with torch.no_grad():
-            return float(runner.fn(runner.pool_x[0]))
+        return float(runner.fn(runner.pool_x[0]).detach())
     except Exception:  # noqa: BLE001
         return None
 
