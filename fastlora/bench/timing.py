@@ -9,10 +9,10 @@
   (pytest-benchmark and ``torch.utils.benchmark`` time one callable at a time), hence the loop below.
 
 Every result is a dict with ``median_s``, ``min_s``, ``iqr_s`` (the spread between the 25th and 75th percentile
-samples), ``samples``, ``steps_per_sample`` and ``rounds_s``, the samples in the order they were taken (on the CPU
-one per interleaved round, so that ``rounds_s[i]`` of two providers were taken side by side and their ratio is
-free of the load drift between rounds). ``spread(stats)`` = IQR / median is what the report uses to
-flag a ratio whose timings are too noisy to trust.
+samples), ``samples`` and ``steps_per_sample``; interleaved timings add ``rounds_s``, the samples in round order,
+so that ``rounds_s[i]`` of two providers were taken side by side and their ratio is free of the load drift between
+rounds (CUDA timings, one provider after another, have no rounds to pair). ``spread(stats)`` = IQR / median is
+what the report uses to flag a ratio whose timings are too noisy to trust.
 """
 from __future__ import annotations
 
@@ -55,11 +55,10 @@ def _sample(runner: Runner, inner: int) -> float:
 
 
 def _stats(samples: list[float], inner: int) -> dict:
-    ordered = list(samples)
     samples = sorted(samples)
     q = len(samples) // 4
     return {"median_s": statistics.median(samples), "min_s": samples[0], "iqr_s": samples[-1 - q] - samples[q],
-            "samples": len(samples), "steps_per_sample": inner, "rounds_s": ordered}
+            "samples": len(samples), "steps_per_sample": inner}
 
 
 def time_interleaved(runners: dict, *, budget_s: float = 0.5, min_reps: int = 5, max_reps: int = 200,
@@ -88,7 +87,7 @@ def time_interleaved(runners: dict, *, budget_s: float = 0.5, min_reps: int = 5,
         if rounds >= max_reps or (rounds >= min_reps and spent >= budget_s * max(len(samples), 1)):
             break
     for name, vals in samples.items():
-        out[name] = _stats(vals, inners[name])
+        out[name] = {**_stats(vals, inners[name]), "rounds_s": list(vals)}
     return out
 
 
