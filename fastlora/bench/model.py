@@ -307,7 +307,8 @@ def model_goals(rows: list[dict]) -> list[dict]:
     out = []
     by_case: dict[tuple, dict[str, dict]] = {}
     for row in rows:
-        by_case.setdefault((row["preset"], row["device"], row["r"], row["dropout"], row["dtype"]), {})[row["provider"]] = row
+        key = (row["preset"], row["device"], row["r"], row["dropout"], row["dtype"])
+        by_case.setdefault(key, {})[row["provider"]] = row
     for (preset, device, r, p, dtype), group in by_case.items():
         goals = MODEL_GOALS.get((preset, torch.device(device).type))
         if not goals:
