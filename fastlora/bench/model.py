@@ -56,10 +56,13 @@ DEFAULT_MODEL = {"cpu": "llama-small", "cuda": "llama-1b"}
 MODEL_DROPOUTS = (0.0, 0.05)
 
 # Goals per (preset, device type): fastlora eager's time over the frozen model's, per dropout rate (≤), and
-# (fastlora provider, PEFT provider) pairs of the same kind where fastlora may never be slower, at any rate.
+# (fastlora provider, PEFT provider) pairs where fastlora may never be slower, at any rate. Issue 26 asks fastlora
+# eager never to be slower than PEFT eager or PEFT compiled; fastlora compiled against PEFT compiled is the
+# like-for-like comparison of the two compiled runs (compile also fuses the model's non-LoRA elementwise work).
 MODEL_GOALS = {
     ("llama-small", "cpu"): {"floor": {0.0: 1.05, 0.05: 1.15},
-                             "not_slower": (("fastlora", "peft"), ("fastlora_compiled", "compiled"))},
+                             "not_slower": (("fastlora", "peft"), ("fastlora", "compiled"),
+                                            ("fastlora_compiled", "compiled"))},
 }
 
 
