@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -25,9 +26,16 @@ def _check(name: object, source: str) -> str:
 
 
 def set_backend(name: str) -> None:
-    """Choose the implementation: ``"auto"``, ``"torch"`` or ``"triton"``."""
+    """Choose the implementation: ``"auto"``, ``"torch"`` or ``"triton"``. ``"triton"`` is refused here, with the
+    reason, on a machine where the kernels cannot run at all (no triton package; no CUDA device and no Triton
+    interpreter), rather than at the first forward."""
     global _backend
-    _backend = _check(name, "backend")
+    name = _check(name, "backend")
+    if name == "triton":
+        reason = triton_unusable()
+        if reason:
+            raise RuntimeError(reason)
+    _backend = name
 
 
 def get_backend() -> str:
@@ -51,6 +59,19 @@ def triton_available() -> bool:
     return _TRITON_AVAILABLE
 
 
+def triton_unusable() -> str | None:
+    """Why backend 'triton' cannot run anything on this machine, or None: it needs the triton package, and a CUDA
+    device or the CPU through Triton's interpreter."""
+    if not triton_available():
+        return ("fastlora backend 'triton' needs the triton package: pip install triton (CUDA builds of torch bring "
+                "it), or use backend 'auto' or 'torch'")
+    if not torch.cuda.is_available() and not triton_interpreted():
+        return ("fastlora backend 'triton' cannot run here: no CUDA device, and the Triton interpreter is off (set "
+                "TRITON_INTERPRET=1 before triton is imported to run the kernels on the CPU); use backend 'auto' or "
+                "'torch'")
+    return None
+
+
 def use_triton(device: torch.device, dtype: torch.dtype) -> bool:
     """Resolve the backend for tensors on ``device`` with compute dtype ``dtype``.
 
@@ -63,7 +84,7 @@ def use_triton(device: torch.device, dtype: torch.dtype) -> bool:
         return device.type == "cuda" and dtype in KERNEL_DTYPES and triton_available()
     kernel_device = device.type == "cuda" or (device.type == "cpu" and triton_interpreted())
     if not triton_available():
-        raise RuntimeError("fastlora backend 'triton' needs the triton package: pip install triton")
+        raise RuntimeError(triton_unusable())
     if not kernel_device:
         raise RuntimeError(
             f"fastlora backend 'triton' cannot run on {device.type} tensors: the kernels need CUDA, or the CPU "
@@ -79,11 +100,16 @@ def use_triton(device: torch.device, dtype: torch.dtype) -> bool:
 
 def _backend_from_env() -> str | None:
     """``$FASTLORA_BACKEND``, resolved at import so that the first compiled call does not change a global that
-    dynamo guards on (which would recompile once). A bad value is left for get_backend to raise, naming it."""
+    dynamo guards on (which would recompile once). A bad value is left for get_backend to raise, naming it;
+    'triton' where it cannot run is kept (the first call raises why) and warned about now, at import."""
     try:
-        return _check(os.environ.get("FASTLORA_BACKEND", "auto"), "FASTLORA_BACKEND")
+        name = _check(os.environ.get("FASTLORA_BACKEND", "auto"), "FASTLORA_BACKEND")
     except ValueError:
         return None
+    reason = triton_unusable() if name == "triton" else None
+    if reason:
+        warnings.warn(f"FASTLORA_BACKEND=triton: {reason}", RuntimeWarning, stacklevel=2)
+    return name
 
 
 _backend = _backend_from_env()

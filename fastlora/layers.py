@@ -139,6 +139,9 @@ class LoRALinear(_LoRAModule):
         if _quantized_base(linear):  # [qlora] 4-bit bases: see the QLoRA block at the end of this file
             return LoRALinear4bit.from_linear(linear, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                               use_rslora=use_rslora, init_lora_weights=init_lora_weights)
+        if isinstance(linear, nn.Embedding):
+            raise TypeError("from_linear expects an nn.Linear, got an nn.Embedding: wrap it with "
+                            "fastlora.LoRAEmbedding.from_embedding(embedding, r=..., lora_alpha=...)")
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         _check_lora_args(r, lora_alpha, lora_dropout)
@@ -244,6 +247,9 @@ class LoRAEmbedding(_LoRAModule):
     def from_embedding(cls, embedding: nn.Embedding, *, r: int = 8, lora_alpha: float = 8, use_rslora: bool = False,
                        init_lora_weights: bool | str = True) -> "LoRAEmbedding":
         """Wrap ``embedding``, sharing its weight tensor (no copy, so weight tying survives) and freezing it."""
+        if isinstance(embedding, nn.Linear):
+            raise TypeError("from_embedding expects an nn.Embedding, got an nn.Linear: wrap it with "
+                            "fastlora.LoRALinear.from_linear(linear, r=..., lora_alpha=...)")
         if not isinstance(embedding, nn.Embedding):
             raise TypeError(f"from_embedding expects an nn.Embedding, got {type(embedding).__name__}")
         _check_lora_args(r, lora_alpha, 0.0)

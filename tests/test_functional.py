@@ -345,6 +345,37 @@ def test_forced_triton_rejects_what_it_cannot_run(monkeypatch):
         backend.use_triton(torch.device("cpu"), torch.float64)
 
 
+def test_triton_backend_is_refused_where_it_cannot_run(monkeypatch):
+    """set_backend("triton") says at once why the kernels cannot run on this machine (not at the first forward),
+    and leaves the previous choice in place."""
+    from fastlora import backend
+
+    fastlora.set_backend("torch")
+    monkeypatch.setattr(backend, "_TRITON_AVAILABLE", False)
+    with pytest.raises(RuntimeError, match="needs the triton package: pip install triton"):
+        fastlora.set_backend("triton")
+    assert fastlora.get_backend() == "torch"
+    monkeypatch.setattr(backend, "_TRITON_AVAILABLE", True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="no CUDA device, and the Triton interpreter is off"):
+        fastlora.set_backend("triton")
+    assert fastlora.get_backend() == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    fastlora.set_backend("triton")
+    assert fastlora.get_backend() == "triton"
+    fastlora.set_backend("auto")
+
+
+def test_triton_from_the_environment_warns_at_import_where_it_cannot_run(monkeypatch):
+    from fastlora import backend
+
+    monkeypatch.setattr(backend, "_TRITON_AVAILABLE", False)
+    monkeypatch.setenv("FASTLORA_BACKEND", "triton")
+    with pytest.warns(RuntimeWarning, match="FASTLORA_BACKEND=triton: .*needs the triton package"):
+        assert backend._backend_from_env() == "triton"
+
+
 def test_double_backward_raises_instead_of_being_wrong():
     x, W, A, B, b = make(5, 7, 6, 3, torch.float64)
     y = fastlora.lora_linear(x, W, A, B, b)

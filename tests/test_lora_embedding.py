@@ -82,6 +82,15 @@ def test_embedding_merge_unmerge_to_embedding():
         assert_same(layer(ids), y, 1e-6, 1e-6, "unmerged")
 
 
+def test_wrapping_the_wrong_layer_names_the_right_class():
+    with pytest.raises(TypeError, match=r"got an nn\.Embedding: wrap it with fastlora\.LoRAEmbedding\.from_embedding"):
+        LoRALinear.from_linear(nn.Embedding(10, 4), r=2)
+    with pytest.raises(TypeError, match=r"got an nn\.Linear: wrap it with fastlora\.LoRALinear\.from_linear"):
+        LoRAEmbedding.from_embedding(nn.Linear(4, 10), r=2)
+    with pytest.raises(TypeError, match="expects an nn.Linear, got Conv1d"):
+        LoRALinear.from_linear(nn.Conv1d(4, 4, 1), r=2)
+
+
 def test_embedding_on_meta_device():
     layer = LoRAEmbedding(50, 8, r=4, device="meta")
     assert layer.weight.is_meta and layer.lora_A.is_meta and layer.lora_A.shape == (4, 50)
