@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="command")
     bench.add_arguments(commands.add_parser(
         "bench", help="benchmark fastlora against PEFT's math and W+BA, with the frozen linear as the floor",
-        description=bench.CLI_DESCRIPTION))
+        description=bench.CLI_DESCRIPTION, epilog=bench.CLI_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter))
     return parser
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -11,14 +12,36 @@ import torch
 from .cases import DTYPE_NAMES, DTYPES, MODES, SHAPE_PRESETS, make_cases, parse_shapes
 from .model import MODEL_PRESETS, MODEL_PROVIDERS, run_model_cli
 from .providers import DEFAULT_PROVIDERS, PROVIDERS
-from .report import render_text, write_outputs
+from .report import goals_verdict, render_text, write_outputs
 from .run import environment, run_cases
-from .summary import GOAL_HELP, GOALS, summarize
+from .summary import GOAL_HELP, GOALS, goal_requirements, summarize
 
-CLI_DESCRIPTION = ("Time fastlora's LoRA linear against PEFT's unfused math, the seed's W+BA reconstruction and the "
-                   "frozen nn.Linear (the floor) in forward, forward+backward and inference; print fastlora's "
-                   "speed-up over each (higher is better) and its overhead over the floor; write JSON, markdown "
-                   "and a PNG plot.")
+CLI_DESCRIPTION = textwrap.fill(
+    "Time fastlora's LoRA linear against PEFT's unfused math, the seed's W+BA reconstruction and the frozen "
+    "nn.Linear (the floor) in forward, forward+backward and inference; print fastlora's speed-up over each "
+    "(higher is better) and its overhead over the floor; write JSON, markdown and a PNG plot.", 79)
+
+# Exit codes, so that a script or CI job can gate on the goals.
+EXIT_OK = 0  # the run completed; with --goals, every goal was met
+EXIT_FAILED = 1  # nothing was timed, a provider a goal needs failed, or the run was interrupted
+EXIT_USAGE = 2  # bad arguments, a device that is not present, or goals that the asked grid cannot check
+EXIT_GOAL_MISSED = 3  # a goal was missed (named in the report and on stderr)
+EXIT_UNDECIDED = 4  # no goal missed, but one could not be decided: its timings were too noisy
+EXIT_CODES = {
+    EXIT_OK: "the run completed (with --goals: every goal met)",
+    EXIT_FAILED: "nothing was timed, the run was interrupted, or a goal has no data (its provider failed)",
+    EXIT_USAGE: "bad arguments, a device that is not present, or --goals that the grid cannot check",
+    EXIT_GOAL_MISSED: "a goal was missed",
+    EXIT_UNDECIDED: "no goal missed, but the timings were too noisy to decide one (rerun idle or with a larger "
+                    "--budget)",
+}
+CLI_EPILOG = "exit codes:\n" + "\n".join(textwrap.fill(text, 79, initial_indent=f"  {code}  ", subsequent_indent="     ")
+                                          for code, text in EXIT_CODES.items())
+CLI_FORMATTER = argparse.RawDescriptionHelpFormatter  # the description and the exit codes keep their lines
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 MODEL_ONLY_PROVIDERS = tuple(p for p in MODEL_PROVIDERS if p not in PROVIDERS)  # fastlora_compiled
@@ -93,7 +116,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=_ints, default=None, help="LoRA rank(s), comma-separated (default 16)")
     parser.add_argument("--shapes", default=None,
                         help="comma-separated MxKxN (x is (M,K), y is (M,N)) and presets: "
-                             + ", ".join(f"{k} ({len(v)} shapes)" for k, v in SHAPE_PRESETS.items())
+                             + ", ".join(f"{k} ({_plural(len(v), 'shape')})" for k, v in SHAPE_PRESETS.items())
                              + "; default: llm-grid on CUDA, cpu on CPU (cpu-quick with --quick)")
     parser.add_argument("--dropout", type=_floats, default=None,
                         help="dropout p values, comma-separated (default 0,0.1)")
@@ -110,7 +133,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (torch.set_num_threads; default: torch's choice)")
     parser.add_argument("--goals", choices=sorted(GOALS), default=None,
-                        help="also check the geometric means against a set of performance goals: "
+                        help="also check a set of performance goals, each a geometric mean over the cases it "
+                             "names; the exit code says whether all were met (see below): "
                              + "; ".join(f"{k}: {v}" for k, v in GOAL_HELP.items()).replace("%", "%%"))
     parser.add_argument("--model", default=None, metavar="PRESET",
                         help="run the model-level case set instead of the layer grid: one training step (forward, "
@@ -139,7 +163,7 @@ def run_cli(args: argparse.Namespace, stream=None) -> int:
         shapes = parse_shapes(shapes_spec)
     except ValueError as exc:
         print(f"fastlora bench: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     if args.dtype:
         dtype_name = DTYPE_NAMES[DTYPES[args.dtype]]
     else:
@@ -151,6 +175,12 @@ def run_cli(args: argparse.Namespace, stream=None) -> int:
                                 if p != "fastlora" and p not in MODEL_ONLY_PROVIDERS]
     budget = args.budget if args.budget is not None else (0.2 if args.quick else 0.5)
     cases = make_cases(shapes, ranks, dropouts, modes, dtype_name, device, bias=args.bias)
+    if args.goals:
+        missing = goal_requirements(args.goals, modes, dropouts, providers)
+        if missing:
+            print(f"fastlora bench: error: --goals {args.goals} cannot be checked on this grid: "
+                  + "; ".join(missing), file=sys.stderr)
+            return EXIT_USAGE
 
     print(f"fastlora bench: {len(cases)} cases × {len(providers)} providers on {device} ({dtype_name}); "
           f"results to {args.out}/", file=stream)
@@ -166,6 +196,7 @@ def run_cli(args: argparse.Namespace, stream=None) -> int:
         "device": device, "dtype": dtype_name, "ranks": ranks, "dropouts": dropouts, "modes": modes,
         "shapes": [f"{M}x{K}x{N}" for M, K, N in shapes], "providers": providers, "budget_s": budget,
         "quick": bool(args.quick), "bias": bool(args.bias), "wall_s": round(time.perf_counter() - t0, 1),
+        "goals": args.goals,
         "interrupted": interrupted, "timer": ", ".join(timers) or "none",
         "command": " ".join(["python -m fastlora bench"] + list(getattr(args, "argv", []) or [])),
     })
@@ -178,12 +209,19 @@ def run_cli(args: argparse.Namespace, stream=None) -> int:
     if "plot_skipped" in written:
         print(f"plot skipped: {written['plot_skipped']}", file=stream)
     timed = [r for r in rows if r.get("provider") == "fastlora" and r.get("median_s")]
-    return 0 if timed and not interrupted else 1
+    if not timed or interrupted:
+        return EXIT_FAILED
+    verdict, sentence = goals_verdict(report["summary"])
+    if verdict != "none" and verdict != "met":
+        print(f"fastlora bench: {sentence}", file=sys.stderr)
+    return {"none": EXIT_OK, "met": EXIT_OK, "missed": EXIT_GOAL_MISSED, "undecided": EXIT_UNDECIDED,
+            "no data": EXIT_FAILED}[verdict]
 
 
 def main(argv=None) -> int:
     """``python -m fastlora bench [options]`` without the ``bench`` word."""
-    parser = argparse.ArgumentParser(prog="fastlora bench", description=CLI_DESCRIPTION)
+    parser = argparse.ArgumentParser(prog="fastlora bench", description=CLI_DESCRIPTION, epilog=CLI_EPILOG,
+                                     formatter_class=CLI_FORMATTER)
     add_arguments(parser)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)

@@ -3,7 +3,8 @@
 Read at a glance: higher is better; y = 1 is parity; each peer has its own colour and marker, solid for
 dropout 0 and dashed for dropout > 0; the floor (the frozen linear: time ratio base / fastlora, 1 would be a
 free LoRA branch) is black, dotted (dash-dotted with dropout); hollow markers are cases the peer could not run
-as asked (left out of the geomeans); one legend, outside the panels.
+as asked (left out of the geomeans); a vertical bar is the ratio's 95% interval; a red ring marks a ratio
+that the table flags as noisy (``?``); one legend, outside the panels.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from .cases import MODES
 from .providers import FLOOR, PROVIDERS
 from .report import NAMES
 from .summary import DROPOUT, MODE, M, comparisons
+from .timing import NOISY_SPREAD
 
 MARKERS = {"peft": "o", "peft_layer": "s", "naive": "^", "compiled": "D", FLOOR: "v"}
 COLORS = {"peft": "C0", "peft_layer": "C2", "naive": "C1", "compiled": "C4", FLOOR: "black"}
@@ -25,8 +27,13 @@ def _style(peer: str, p: float) -> str:
     return "-" if p == 0 else "--"
 
 
-def plot(report: dict, path: Path) -> None:
-    """Write the plot to ``path``. Needs matplotlib; raises ValueError when nothing can be plotted."""
+NOISY_COLOR = "red"
+
+
+def plot(report: dict, path: Path) -> dict:
+    """Write the plot to ``path``. Needs matplotlib; raises ValueError when nothing can be plotted. Returns what
+    was drawn: {"points": n, "noisy": [(mode, M, K, N, r, p, peer), ...] ringed as noisy, "excluded": [...]
+    drawn hollow}."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,7 +50,7 @@ def plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols + 2.6, 3.6 * rows_n + 0.6), squeeze=False,
                              layout="constrained")
     others = [p for p in PROVIDERS if p not in ("fastlora", FLOOR)] + [FLOOR]  # the floor last in the legend
-    seen_styles, any_excluded = set(), False
+    seen_styles, drawn = set(), {"points": 0, "noisy": [], "excluded": []}
     for ax, (mode, K, N, r) in zip(axes.flat, panels):
         keys = [k for k in comp if (k[MODE], k[2], k[3], k[4]) == (mode, K, N, r)]
         for peer in others:
@@ -57,7 +64,17 @@ def plot(report: dict, path: Path) -> None:
                 for m, c in pts:  # filled: comparable; hollow: the peer could not run the case as asked
                     ax.plot([m], [c["speedup"]], marker=MARKERS[peer], markersize=6, color=COLORS[peer],
                             markerfacecolor=COLORS[peer] if c["as_asked"] else "white", zorder=3)
-                    any_excluded |= not c["as_asked"]
+                    if c.get("ci"):  # the ratio's 95% interval
+                        lo, hi = c["ci"]
+                        ax.plot([m, m], [lo, hi], color=COLORS[peer], linewidth=1.0, alpha=0.7, zorder=2)
+                    point = (mode, m, K, N, r, p, peer)
+                    drawn["points"] += 1
+                    if not c["as_asked"]:
+                        drawn["excluded"].append(point)
+                    if c["noisy"]:  # the table's "?": a red ring around the marker
+                        ax.plot([m], [c["speedup"]], marker="o", markersize=13, linestyle="none",
+                                markerfacecolor="none", markeredgecolor=NOISY_COLOR, markeredgewidth=1.4, zorder=4)
+                        drawn["noisy"].append(point)
                 seen_styles.add((peer, p))
         ax.axhline(1.0, color="gray", linewidth=0.8, zorder=1)
         ms = sorted({k[M] for k in keys})
@@ -81,12 +98,19 @@ def plot(report: dict, path: Path) -> None:
             label = f"{name}, p={p:g}"
             handles.append(Line2D([], [], color=COLORS[peer], linestyle=style, marker=MARKERS[peer], label=label))
     handles.append(Line2D([], [], color="gray", linewidth=0.8, label="1 = parity"))
-    if any_excluded:
+    if drawn["excluded"]:
         handles.append(Line2D([], [], color="gray", marker="^", markerfacecolor="white", linestyle="none",
                               label="hollow: peer ran without\ndropout (left out of\ngeomeans)"))
+    handles.append(Line2D([], [], color="gray", linewidth=1.0, marker="|", markersize=10, linestyle="none",
+                          label="bar: 95% interval"))
+    if drawn["noisy"]:
+        handles.append(Line2D([], [], marker="o", markersize=11, linestyle="none", markerfacecolor="none",
+                              markeredgecolor=NOISY_COLOR, markeredgewidth=1.4,
+                              label=f"red ring: noisy (? in\nthe table), may be off\nby {NOISY_SPREAD:.0%} or more"))
     fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False, handlelength=3.5)
     meta = report["meta"]
     fig.suptitle(f"fastlora's speed-up over each peer (peer time / fastlora time; higher is better)\n"
                  f"{meta['device_name']}, {meta['dtype']}", fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return drawn

@@ -18,7 +18,7 @@ from .cases import Case, lora_flops
 from .memory import peak_memory_bytes, saved_activation_bytes
 from .providers import build_runner, provider_available
 from .report import WIDTH
-from .timing import spread, time_case
+from .timing import ratio_interval, spread, steady_allocator, time_case
 
 
 def _error(exc: BaseException) -> str:
@@ -58,11 +58,30 @@ def measure_case(case: Case, providers, *, budget_s: float = 0.5, min_reps: int 
             row["as_asked"] = runner.as_asked
             if runner.note:
                 row["note"] = runner.note
+        _ratio_intervals(rows, providers)
     finally:
         runners.clear()
         if torch.device(case.device).type == "cuda":
             torch.cuda.empty_cache()
     return [rows[p] for p in providers]
+
+
+def _ratio_intervals(rows: dict, providers) -> None:
+    """Give each provider timed beside fastlora the 95% interval of its time / fastlora's (``speedup_ci``):
+    paired round by round where both were timed interleaved, else from each side's samples alone."""
+    fl = rows.get("fastlora", {})
+    if not fl.get("samples_s"):
+        return
+    for p in providers:
+        row = rows[p]
+        if p == "fastlora" or not row.get("samples_s"):
+            continue
+        paired = (row.get("timer") == fl.get("timer") == "interleaved host timer"
+                  and len(row["samples_s"]) == len(fl["samples_s"]))
+        interval = ratio_interval(fl["samples_s"], row["samples_s"], paired=paired)
+        if interval is not None:
+            row["speedup_ci"] = list(interval)
+            row["speedup_ci_paired"] = paired
 
 
 def measure(provider: str, case: Case, *, budget_s: float = 0.5, min_reps: int = 5, seed: int = 0) -> dict:
@@ -139,6 +158,8 @@ def environment(device: str) -> dict:
         "torch_threads": torch.get_num_threads(),
         "backend": fastlora.get_backend(),
     }
+    if torch.device(device).type == "cpu":
+        info["allocator"] = steady_allocator()
     try:
         import triton
 

@@ -4,19 +4,39 @@
   call and clears the L2 cache between calls, so no rep finds the previous rep's operands in cache and host
   overhead between launches is not counted. Without triton, the same is done here with CUDA events and a
   256 MiB buffer zeroed before each call (``_cuda_events``).
-* CPU: providers of one case are timed **interleaved** (one sample of each in turn): on a shared or throttling
-  machine the load then drifts over all providers alike, which keeps their ratios honest. No library does this
-  (pytest-benchmark and ``torch.utils.benchmark`` time one callable at a time), hence the loop below.
+* CPU: providers of one case are timed **interleaved** (one sample of each in turn, a *round*): on a shared or
+  throttling machine the load then drifts over all providers alike, which keeps their ratios honest. No library
+  does this (pytest-benchmark and ``torch.utils.benchmark`` time one callable at a time), hence the loop below.
+  Two things that interleaving alone does not remove were measured (benchmarks/NOTES.md, "Benchmark numbers
+  that depend on case order") and are handled here:
+
+  - **glibc's adaptive malloc thresholds.** A fresh process ``mmap``s every block above 128 KiB and returns it
+    on ``free``; each step then page-faults its tensors in again (3,000 faults per step for W+BA at 256×1024),
+    until frees of larger blocks have raised the thresholds. So a case measured early ran slower, by provider
+    differently, than the same case measured late. ``steady_allocator()`` sets the thresholds to the values a
+    long-running process converges to (mmap above 32 MiB, trim above 64 MiB) before anything is timed.
+  - **Other processes' load.** With torch's threads on every core, a process that takes one core stalls every
+    parallel region; steps slow down by up to 17× and by a different factor per provider, so interleaving
+    cannot even it out. Each sample reads how long this process's threads waited for a CPU
+    (``/proc/self/task/*/schedstat``, Linux); a round in which any sample waited more than
+    ``CONTENDED_WAIT`` of its wall time is dropped and run again. A case that cannot get ``min_reps`` clean
+    rounds within ``BUSY_BUDGET_FACTOR`` × its budget keeps every round and is marked ``busy``.
 
 Every result is a dict with ``median_s``, ``min_s``, ``iqr_s`` (the spread between the 25th and 75th percentile
-samples), ``samples`` and ``steps_per_sample``; interleaved timings add ``rounds_s``, the samples in round order,
-so that ``rounds_s[i]`` of two providers were taken side by side and their ratio is free of the load drift between
-rounds (CUDA timings, one provider after another, have no rounds to pair). ``spread(stats)`` = IQR / median is
-what the report uses to flag a ratio whose timings are too noisy to trust.
+samples), ``samples``, ``steps_per_sample``, ``samples_s`` (the per-step time of every kept sample) and
+``bimodal``; interleaved timings add ``rounds_s``, the same samples in round order, so that ``rounds_s[i]`` of two
+providers were taken side by side and their ratio is free of the load drift between rounds (CUDA timings, one
+provider after another, have no rounds to pair), and ``rounds``, ``contended_rounds`` and ``busy``.
+``spread(stats)`` = IQR / median; ``ratio_interval`` gives the 95% interval of a ratio of two medians. The report
+flags a ratio as noisy from these (fastlora.bench.summary).
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
+import os
+import platform
 import statistics
 import time
 
@@ -26,11 +46,89 @@ from .providers import Runner
 
 L2_FLUSH_BYTES = 256 * 2**20  # larger than any current GPU's L2 (H100: 50 MiB)
 
+NOISY_SPREAD = 0.10  # a timing whose IQR / median exceeds this is too noisy to trust a ratio to ~this much
+BIMODAL_GAP = NOISY_SPREAD / 2  # two groups of samples this far apart (of the median) are two modes
+BIMODAL_SHARE = 0.15  # ... when the smaller group holds at least this share of the samples
+CONTENDED_WAIT = 0.05  # a sample whose threads waited for a CPU > 5% of its wall time ran on a busy machine
+BUSY_BUDGET_FACTOR = 4.0  # how much longer than its budget a case may run to replace contended rounds
+CONFIDENCE = 0.95
+BOOTSTRAP_RESAMPLES = 2000
+
+# glibc mallopt parameters (malloc.h) and the values its dynamic rule reaches in a long-running process:
+# M_MMAP_THRESHOLD rises to the largest freed mmapped block, at most DEFAULT_MMAP_THRESHOLD_MAX (32 MiB on
+# 64-bit), and M_TRIM_THRESHOLD to twice that.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+STEADY_MMAP_THRESHOLD = 32 * 2**20
+STEADY_TRIM_THRESHOLD = 2 * STEADY_MMAP_THRESHOLD
+_allocator: str | None = None
+
+
+def steady_allocator() -> str:
+    """Put the C allocator in its long-running state before CPU timing, once per process, and say what was done.
+
+    glibc adapts its mmap and trim thresholds to the blocks a process has freed so far, so the cost of the
+    same step depends on what ran before it (see the module docstring). Fixing them at the values that
+    adaptation converges to removes the dependence and measures each case as a training process would see it.
+    Left alone where the C library is not glibc, or where ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``
+    already set them."""
+    global _allocator
+    if _allocator is None:
+        _allocator = _set_malloc_thresholds()
+    return _allocator
+
+
+def _set_malloc_thresholds() -> str:
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return "left as is (not glibc)"
+    if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return "left as is (MALLOC_*_THRESHOLD_ set in the environment)"
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = (libc.mallopt(_M_MMAP_THRESHOLD, STEADY_MMAP_THRESHOLD) == 1
+              and libc.mallopt(_M_TRIM_THRESHOLD, STEADY_TRIM_THRESHOLD) == 1)
+    except (OSError, AttributeError):
+        ok = False
+    if not ok:
+        return "left as is (mallopt failed)"
+    return (f"glibc mmap threshold {STEADY_MMAP_THRESHOLD >> 20} MiB, trim threshold "
+            f"{STEADY_TRIM_THRESHOLD >> 20} MiB (a long-running process's)")
+
+
+def cpu_wait_ns() -> int | None:
+    """Nanoseconds this process's threads have spent runnable but not running (waiting for a CPU that other
+    processes held), summed over its threads, from Linux's per-thread schedstat. None where not available."""
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    total, read = 0, False
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[1])
+            read = True
+        except (OSError, ValueError, IndexError):  # a thread that just ended, or no schedstat in this kernel
+            continue
+    return total if read else None
+
 
 def spread(stats: dict) -> float | None:
     """IQR / median of a timing: 0.1 means the middle half of the samples spans 10% of the median."""
     med, iqr = stats.get("median_s"), stats.get("iqr_s")
     return iqr / med if med and iqr is not None else None
+
+
+def bimodal(samples, *, gap: float = BIMODAL_GAP, share: float = BIMODAL_SHARE) -> bool:
+    """True when the samples fall into two groups, each holding at least ``share`` of them (and 3), with no
+    sample in a gap wider than ``gap`` × their median between the groups. A long tail of a few slow samples is
+    not two modes; a step that alternates between two speeds is, even when its IQR is small."""
+    s = sorted(samples)
+    n = len(s)
+    k = max(3, math.ceil(share * n))
+    if n < 2 * k:
+        return False
+    widest = max(s[i] - s[i - 1] for i in range(k, n - k + 1))
+    return widest > gap * statistics.median(s)
 
 
 def _warm_up(runner: Runner, warmup_s: float, min_sample_s: float) -> int:
@@ -47,24 +145,63 @@ def _warm_up(runner: Runner, warmup_s: float, min_sample_s: float) -> int:
     return max(1, math.ceil(min_sample_s / max(one, 1e-9)))
 
 
-def _sample(runner: Runner, inner: int) -> float:
+def _sample(runner: Runner, inner: int) -> tuple[float, float | None]:
+    """One sample: (seconds per step, the share of its wall time this process's threads waited for a CPU, or
+    None where that cannot be read)."""
+    w0 = cpu_wait_ns()
     t = time.perf_counter()
     for _ in range(inner):
         runner.step()
-    return (time.perf_counter() - t) / inner
+    wall = time.perf_counter() - t
+    w1 = cpu_wait_ns()
+    waited = None if w0 is None or w1 is None else max(w1 - w0, 0) / 1e9 / max(wall, 1e-9)
+    return wall / inner, waited
 
 
 def _stats(samples: list[float], inner: int) -> dict:
-    samples = sorted(samples)
-    q = len(samples) // 4
-    return {"median_s": statistics.median(samples), "min_s": samples[0], "iqr_s": samples[-1 - q] - samples[q],
-            "samples": len(samples), "steps_per_sample": inner}
+    ordered = sorted(samples)
+    q = len(ordered) // 4
+    return {"median_s": statistics.median(ordered), "min_s": ordered[0], "iqr_s": ordered[-1 - q] - ordered[q],
+            "samples": len(ordered), "steps_per_sample": inner, "samples_s": list(samples),
+            "bimodal": bimodal(ordered)}
+
+
+def ratio_interval(base_samples, other_samples, *, paired: bool, confidence: float = CONFIDENCE,
+                   resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[float, float] | None:
+    """The ``confidence`` interval of median(other) / median(base), by bootstrap. ``paired`` (interleaved timings,
+    where the i-th samples of both ran back to back) resamples whole rounds, in runs of consecutive rounds (a
+    moving-block bootstrap, blocks of ∛n): a machine's speed drifts over seconds, so neighbouring rounds are
+    alike, and resampling single rounds would take that drift for independent noise and give an interval too
+    narrow to hold when the case is run again. Unpaired samples are resampled on their own. Seeded, so that a
+    report is reproducible from its samples. None with fewer than 3 samples a side."""
+    a = torch.tensor(list(base_samples), dtype=torch.float64)
+    b = torch.tensor(list(other_samples), dtype=torch.float64)
+    n = a.numel()
+    if n < 3 or b.numel() < 3 or (paired and n != b.numel()):
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    if paired:
+        block = max(1, round(n ** (1 / 3)))
+        starts = torch.randint(n - block + 1, (resamples, math.ceil(n / block)), generator=gen)
+        ia = (starts.unsqueeze(-1) + torch.arange(block)).flatten(1)[:, :n]
+        ib = ia
+    else:
+        ia = torch.randint(n, (resamples, n), generator=gen)
+        ib = torch.randint(b.numel(), (resamples, b.numel()), generator=gen)
+    ratios = b[ib].median(dim=1).values / a[ia].median(dim=1).values
+    tail = (1 - confidence) / 2
+    lo, hi = torch.quantile(ratios, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return lo, hi
 
 
 def time_interleaved(runners: dict, *, budget_s: float = 0.5, min_reps: int = 5, max_reps: int = 200,
                      warmup_s: float = 0.1, min_sample_s: float = 1e-3) -> dict:
-    """Time several runners of one case in round robin (host timer; each step synchronizes), until
-    ``budget_s`` per runner has passed. Returns {name: stats dict, or the exception that stopped it}."""
+    """Time several runners of one case in round robin (host timer; each step synchronizes) until ``budget_s``
+    per runner has passed and ``min_reps`` clean rounds are in. A round in which any sample waited for a CPU
+    more than ``CONTENDED_WAIT`` of its time is dropped; after ``BUSY_BUDGET_FACTOR`` × the budget the case
+    keeps what it has (every round, marked ``busy``, if fewer than ``min_reps`` were clean). Returns {name:
+    stats dict, or the exception that stopped it}."""
+    steady_allocator()
     out: dict = {}
     inners = {}
     for name, runner in runners.items():
@@ -72,22 +209,42 @@ def time_interleaved(runners: dict, *, budget_s: float = 0.5, min_reps: int = 5,
             inners[name] = _warm_up(runner, warmup_s, min_sample_s)
         except Exception as exc:  # noqa: BLE001 - recorded per provider
             out[name] = exc
-    samples: dict[str, list[float]] = {name: [] for name in inners}
+    clean: dict[str, list[float]] = {name: [] for name in inners}
+    every: dict[str, list[float]] = {name: [] for name in inners}
+    measured = cpu_wait_ns() is not None
     start = time.perf_counter()
-    rounds = 0
-    while samples:
-        for name in list(samples):
+    rounds = contended = 0
+    while every:
+        this_round, busy_round = {}, False
+        for name in list(every):
             try:
-                samples[name].append(_sample(runners[name], inners[name]))
+                this_round[name], waited = _sample(runners[name], inners[name])
             except Exception as exc:  # noqa: BLE001
                 out[name] = exc
-                del samples[name]
+                del every[name], clean[name]
+                continue
+            busy_round |= waited is not None and waited > CONTENDED_WAIT
         rounds += 1
+        contended += busy_round
+        for name, value in this_round.items():
+            every[name].append(value)
+            if not busy_round:
+                clean[name].append(value)
+        n_clean = rounds - contended
+        budget = budget_s * max(len(every), 1)
         spent = time.perf_counter() - start
-        if rounds >= max_reps or (rounds >= min_reps and spent >= budget_s * max(len(samples), 1)):
+        done = n_clean >= max_reps or (n_clean >= min_reps and spent >= budget)
+        # rounds were dropped and the extra time is spent: keep what there is rather than wait for the load to go
+        give_up = contended and rounds >= min_reps and spent >= BUSY_BUDGET_FACTOR * budget
+        if done or give_up or rounds >= BUSY_BUDGET_FACTOR * max_reps:
             break
-    for name, vals in samples.items():
-        out[name] = {**_stats(vals, inners[name]), "rounds_s": list(vals)}
+    busy = rounds - contended < min_reps
+    for name in every:
+        kept = every[name] if busy else clean[name]
+        stats = _stats(kept, inners[name])
+        stats.update(rounds_s=list(kept), rounds=rounds, contended_rounds=contended, busy=busy,
+                     cpu_wait_measured=measured)
+        out[name] = stats
     return out
 
 
