@@ -21,6 +21,8 @@ setup(
         "peft": ["peft>=0.18", "transformers>=5.13", "safetensors>=0.4"],
         "plot": ["matplotlib>=3.7"],
         "qlora": ["bitsandbytes>=0.50"],
+        # everything the README's examples and the bench use: the quick start installs this one
+        "all": ["peft>=0.18", "transformers>=5.13", "safetensors>=0.4", "bitsandbytes>=0.50", "matplotlib>=3.7"],
         "test": [
             "pytest>=8",
             "pytest-benchmark>=4",
