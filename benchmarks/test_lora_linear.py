@@ -5,7 +5,8 @@ Timing, memory and FLOP accounting are fastlora.bench's, shared with ``python -m
 call runs one step on the next pooled input and synchronizes CUDA before returning, which is what a host timer
 like pytest-benchmark's needs. On CUDA each benchmark also times the step the way kernel libraries do
 (``triton.testing.do_bench``: CUDA events, L2 cleared between calls); the closing speed-up summary uses those
-times there, pytest-benchmark's medians elsewhere.
+times there, pytest-benchmark's medians elsewhere. On the CPU the C allocator is put in its long-running state
+first (``bench.steady_allocator``), as the CLI does, so that no case's time depends on the cases before it.
 """
 import pytest
 
@@ -13,6 +14,8 @@ from fastlora import bench
 
 DEVICE, DTYPE, GRID, PROVIDERS = bench.suite_settings()
 CASES = bench.suite_cases(DEVICE, DTYPE, grid=GRID)
+if DEVICE == "cpu":
+    bench.steady_allocator()
 WARMUP_STEPS = 3
 MODE_IDS = {"forward": "fwd", "forward+backward": "fwd+bwd", "inference": "infer"}
 

@@ -83,7 +83,7 @@ def test_embedding_merge_unmerge_to_embedding():
 
 
 def test_wrapping_the_wrong_layer_names_the_right_class():
-    with pytest.raises(TypeError, match=r"got an nn\.Embedding: wrap it with fastlora\.LoRAEmbedding\.from_embedding"):
+    with pytest.raises(TypeError, match=r"nn\.Embedding: wrap it with fastlora\.LoRAEmbedding\.from_embedding"):
         LoRALinear.from_linear(nn.Embedding(10, 4), r=2)
     with pytest.raises(TypeError, match=r"got an nn\.Linear: wrap it with fastlora\.LoRALinear\.from_linear"):
         LoRAEmbedding.from_embedding(nn.Linear(4, 10), r=2)

@@ -29,18 +29,17 @@ from .report import WIDTH, render_markdown, render_text, write_outputs
 from .run import Progress, environment, measure, measure_case, run_cases
 from .plot import plot
 from .summary import GOAL_DROPOUT, GOALS, comparisons, goal_requirements, speedups, summarize
-from .timing import (NOISY_SPREAD, bimodal, cpu_wait_ns, ratio_interval, spread, steady_allocator, time_case,
-                     time_cuda, time_interleaved, time_runner)
+from .timing import (NOISY_SPREAD, bimodal, cpu_wait_ns, machine_busy_s, ratio_interval, spread, steady_allocator,
+                     time_case, time_cuda, time_interleaved, time_runner)
 
 __all__ = [
     "DTYPE_NAMES", "DTYPES", "MODES", "SHAPE_PRESETS", "SUITE_GRIDS", "Case", "default_suite_grid", "lora_flops",
     "make_cases", "parse_shapes", "suite_cases", "suite_settings", "CLI_DESCRIPTION", "CLI_EPILOG", "EXIT_CODES",
-    "add_arguments", "main",
-    "resolve_device", "run_cli", "peak_memory_bytes", "saved_activation_bytes", "DEFAULT_PROVIDERS", "FLOOR",
-    "PEERS", "PROVIDERS", "Runner", "build_runner", "provider_available", "WIDTH", "render_markdown", "render_text",
-    "write_outputs", "Progress", "environment", "measure", "measure_case", "run_cases", "GOAL_DROPOUT", "GOALS",
-    "NOISY_SPREAD", "comparisons", "goal_requirements", "speedups", "summarize", "plot", "bimodal", "cpu_wait_ns",
-    "ratio_interval", "spread", "steady_allocator", "time_case", "time_cuda", "time_interleaved", "time_runner",
-    "MODEL_PRESETS", "MODEL_PROVIDERS", "ModelCase", "build_model_runners", "measure_model_case", "model_cases",
-    "model_goals", "ratio_stats",
+    "add_arguments", "main", "resolve_device", "run_cli", "peak_memory_bytes", "saved_activation_bytes",
+    "DEFAULT_PROVIDERS", "FLOOR", "PEERS", "PROVIDERS", "Runner", "build_runner", "provider_available", "WIDTH",
+    "render_markdown", "render_text", "write_outputs", "Progress", "environment", "measure", "measure_case",
+    "run_cases", "GOAL_DROPOUT", "GOALS", "NOISY_SPREAD", "comparisons", "goal_requirements", "speedups",
+    "summarize", "plot", "bimodal", "cpu_wait_ns", "machine_busy_s", "ratio_interval", "spread", "steady_allocator",
+    "time_case", "time_cuda", "time_interleaved", "time_runner", "MODEL_PRESETS", "MODEL_PROVIDERS", "ModelCase",
+    "build_model_runners", "measure_model_case", "model_cases", "model_goals", "ratio_stats",
 ]

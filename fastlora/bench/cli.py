@@ -35,8 +35,9 @@ EXIT_CODES = {
     EXIT_UNDECIDED: "no goal missed, but the timings were too noisy to decide one (rerun idle or with a larger "
                     "--budget)",
 }
-CLI_EPILOG = "exit codes:\n" + "\n".join(textwrap.fill(text, 79, initial_indent=f"  {code}  ", subsequent_indent="     ")
-                                          for code, text in EXIT_CODES.items())
+CLI_EPILOG = "exit codes:\n" + "\n".join(
+    textwrap.fill(text, 79, initial_indent=f"  {code}  ", subsequent_indent="     ")
+    for code, text in EXIT_CODES.items())
 CLI_FORMATTER = argparse.RawDescriptionHelpFormatter  # the description and the exit codes keep their lines
 
 

@@ -28,11 +28,11 @@ NOTE_EXCLUDED = (f"{EXCLUDED_MARK} the peer could not run this case as asked (W+
 NOTE_NOISY = (f"{NOISY_MARK} the ratio may be off by {NOISY_SPREAD:.0%} or more: a timing's spread (IQR/median) "
               f"exceeds {NOISY_SPREAD:.0%}, its samples fall into two groups (bimodal), its 95% interval is wider "
               f"than ±{NOISY_SPREAD:.0%}, or the machine was busy (other processes kept this one waiting for a CPU "
-              "in most rounds). Rerun on an idle machine, with a larger --budget (python -m fastlora bench) or "
-              "--benchmark-min-rounds (pytest-benchmark).")
+              "in most rounds, or ran beside it on another core). Rerun on an idle machine, with a larger --budget "
+              "(python -m fastlora bench) or --benchmark-min-rounds (pytest-benchmark).")
 NOTE_NOISE = ("noise: the widest 95% interval of the case's ratios, as ± of the ratio (bootstrapped from the "
-              "timings' samples, round by round)")
-VERDICTS = {"met": "MET", "missed": "MISSED", "undecided": "UNDECIDED (noisy)", "no data": "NO DATA"}
+              "timings' samples, in runs of consecutive rounds)")
+VERDICTS = {"met": "MET", "missed": "MISSED", "undecided": "UNDECIDED", "no data": "NO DATA"}
 
 
 def _speedup_cell(c: dict | None) -> str:
@@ -251,7 +251,7 @@ def wrap_fields(fields, sep: str = "; ", indent: str = "  ") -> str:
     lines, line = [], ""
     for field in fields:
         candidate = f"{line}{sep}{field}" if line else field
-        if len(candidate) <= WIDTH:
+        if len(candidate) + len(sep.rstrip()) <= WIDTH:  # room for the separator that a break leaves at the end
             line = candidate
             continue
         if line:
@@ -266,7 +266,8 @@ def wrap_fields(fields, sep: str = "; ", indent: str = "  ") -> str:
 
 def header_fields(meta: dict) -> list[str]:
     return [f"fastlora bench on {meta['device']} ({meta['device_name']})", meta["dtype"], f"torch {meta['torch']}",
-            (f"triton {meta['triton']}" if meta.get('triton') else "no triton"), meta["date_utc"], f"timer: {meta.get('timer', 'interleaved host timer')}"]
+            f"triton {meta['triton']}" if meta.get("triton") else "no triton", meta["date_utc"],
+            f"timer: {meta.get('timer', 'interleaved host timer')}"]
 
 
 def _flags(rows) -> tuple[int, int]:
@@ -288,18 +289,27 @@ def _noisy_reasons(rows) -> list[str]:
 
 
 def busy_note(rows) -> str | None:
-    """How many timed rounds other processes' load made the engine drop and rerun, if any."""
+    """What other processes' load did to the run: rounds dropped and rerun, cases marked busy."""
     cases = {}
     for r in rows:
         if r.get("rounds"):
             cases[tuple(r.get(f) for f in ("mode", "M", "K", "N", "r", "dropout"))] = r
     rounds = sum(r["rounds"] for r in cases.values())
     dropped = sum(r.get("contended_rounds", 0) for r in cases.values())
-    busy = sum(bool(r.get("busy")) for r in cases.values())
-    if not dropped:
+    waited = sum(bool(r.get("busy")) and r.get("busy_why", "").endswith("waiting for a CPU") for r in cases.values())
+    beside = sum(bool(r.get("busy")) for r in cases.values()) - waited
+    if not dropped and not waited and not beside:
         return None
-    return (f"Other processes' load: {dropped} of {rounds} timed rounds waited for a CPU and were dropped and rerun"
-            + (f"; {busy} case(s) could not get enough clean rounds and are marked busy" if busy else "") + ".")
+    parts = [f"Other processes' load: {dropped} of {rounds} timed rounds waited for a CPU and were dropped and rerun"]
+    if waited:
+        parts.append(f"{waited} case(s) could not get enough clean rounds")
+    if beside:
+        parts.append(f"in {beside} case(s) other processes ran beside the timed rounds (on another core: caches and "
+                     "memory bandwidth were shared)")
+    advice = ("; these are marked busy (?): rerun when the machine is idle, or with --threads 1, which competes for "
+              "one core instead of all and measures single-threaded speed" if waited else
+              "; these are marked busy (?): rerun when the machine is idle" if beside else "")
+    return "; ".join(parts) + advice + "."
 
 
 def render_text(report: dict) -> str:

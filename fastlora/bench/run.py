@@ -18,7 +18,7 @@ from .cases import Case, lora_flops
 from .memory import peak_memory_bytes, saved_activation_bytes
 from .providers import build_runner, provider_available
 from .report import WIDTH
-from .timing import ratio_interval, spread, steady_allocator, time_case
+from .timing import CPU_RATIO_SD, ratio_interval, spread, steady_allocator, time_case
 
 
 def _error(exc: BaseException) -> str:
@@ -68,7 +68,8 @@ def measure_case(case: Case, providers, *, budget_s: float = 0.5, min_reps: int 
 
 def _ratio_intervals(rows: dict, providers) -> None:
     """Give each provider timed beside fastlora the 95% interval of its time / fastlora's (``speedup_ci``):
-    paired round by round where both were timed interleaved, else from each side's samples alone."""
+    paired round by round where both were timed interleaved, else from each side's samples alone; on the CPU's
+    host timer no narrower than the run-to-run reproducibility measured there (CPU_RATIO_SD)."""
     fl = rows.get("fastlora", {})
     if not fl.get("samples_s"):
         return
@@ -76,9 +77,10 @@ def _ratio_intervals(rows: dict, providers) -> None:
         row = rows[p]
         if p == "fastlora" or not row.get("samples_s"):
             continue
-        paired = (row.get("timer") == fl.get("timer") == "interleaved host timer"
-                  and len(row["samples_s"]) == len(fl["samples_s"]))
-        interval = ratio_interval(fl["samples_s"], row["samples_s"], paired=paired)
+        host = row.get("timer") == fl.get("timer") == "interleaved host timer"
+        paired = host and len(row["samples_s"]) == len(fl["samples_s"])
+        interval = ratio_interval(fl["samples_s"], row["samples_s"], paired=paired,
+                                  floor_sd=CPU_RATIO_SD if host else 0.0)
         if interval is not None:
             row["speedup_ci"] = list(interval)
             row["speedup_ci_paired"] = paired

@@ -44,9 +44,9 @@ GOALS = {
 }
 GOAL_DROPOUT = {"cpu-fallback": (0.0,), "cuda-kernels": None}  # None: every dropout rate of the grid
 GOAL_HELP = {
-    "cpu-fallback": "the PyTorch fallback on CPU (run with --device cpu --shapes square-2048 --rank 16): ≥1.3× W+BA, "
-                    "≥1.0× PEFT's math, ≤10% over the frozen linear; counts the forward+backward cases at dropout 0 "
-                    "(other rates are reported, not counted)",
+    "cpu-fallback": "the PyTorch fallback on CPU (run with --device cpu --shapes square-2048 --rank 16): ≥1.3× "
+                    "W+BA, ≥1.0× PEFT's math, ≤10% over the frozen linear; counts the forward+backward cases at "
+                    "dropout 0 (other rates are reported, not counted)",
     "cuda-kernels": "the Triton kernels on an H100-class GPU (llm-grid, bf16, r=16): ≥1.3× PEFT's math, "
                     "≥1.4× W+BA, ≤15% (fwd+bwd) and ≤8% (fwd) over the frozen linear; counts every dropout rate",
 }
@@ -95,7 +95,7 @@ def noise_reasons(fl: dict, other: dict, other_name: str) -> list[str]:
     """Why a comparison between fastlora's row and another's cannot be trusted to ± NOISY_SPREAD (empty: it can)."""
     reasons = []
     if fl.get("busy") or other.get("busy"):
-        reasons.append("machine busy")
+        reasons.append("machine busy: " + (fl.get("busy_why") or other.get("busy_why") or "too few clean rounds"))
     for name, row in (("fastlora", fl), (other_name, other)):
         s = row.get("spread")
         if s is not None and s > NOISY_SPREAD:

@@ -20,14 +20,18 @@
     cannot even it out. Each sample reads how long this process's threads waited for a CPU
     (``/proc/self/task/*/schedstat``, Linux); a round in which any sample waited more than
     ``CONTENDED_WAIT`` of its wall time is dropped and run again. A case that cannot get ``min_reps`` clean
-    rounds within ``BUSY_BUDGET_FACTOR`` × its budget keeps every round and is marked ``busy``.
+    rounds within ``BUSY_BUDGET_FACTOR`` × its budget keeps every round and is marked ``busy``. A process on a
+    core this one leaves idle (``--threads 1``) makes nothing wait but still shares caches and memory
+    bandwidth: the machine's busy time (``/proc/stat``) minus this process's, summed over the kept rounds, is
+    what others ran beside them, and a case with more than ``SHARED_CORES`` of it is marked ``busy`` too.
 
 Every result is a dict with ``median_s``, ``min_s``, ``iqr_s`` (the spread between the 25th and 75th percentile
 samples), ``samples``, ``steps_per_sample``, ``samples_s`` (the per-step time of every kept sample) and
 ``bimodal``; interleaved timings add ``rounds_s``, the same samples in round order, so that ``rounds_s[i]`` of two
 providers were taken side by side and their ratio is free of the load drift between rounds (CUDA timings, one
-provider after another, have no rounds to pair), and ``rounds``, ``contended_rounds`` and ``busy``.
-``spread(stats)`` = IQR / median; ``ratio_interval`` gives the 95% interval of a ratio of two medians. The report
+provider after another, have no rounds to pair), and ``rounds``, ``contended_rounds``, ``others_cores``, ``busy``
+and ``busy_why``. ``spread(stats)`` = IQR / median; ``ratio_interval`` gives the 95% interval of a ratio of two
+medians (on the CPU never narrower than the run-to-run reproducibility measured, ``CPU_RATIO_SD``). The report
 flags a ratio as noisy from these (fastlora.bench.summary).
 """
 from __future__ import annotations
@@ -50,9 +54,15 @@ NOISY_SPREAD = 0.10  # a timing whose IQR / median exceeds this is too noisy to 
 BIMODAL_GAP = NOISY_SPREAD / 2  # two groups of samples this far apart (of the median) are two modes
 BIMODAL_SHARE = 0.15  # ... when the smaller group holds at least this share of the samples
 CONTENDED_WAIT = 0.05  # a sample whose threads waited for a CPU > 5% of its wall time ran on a busy machine
+SHARED_CORES = 0.25  # other processes running beside the kept rounds, in cores on average: the case is not clean
 BUSY_BUDGET_FACTOR = 4.0  # how much longer than its budget a case may run to replace contended rounds
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 2000
+# How much a CPU ratio moves from one run to the next beyond what one run's samples show: separate runs of the
+# same case (fresh processes, 2-core EPYC, shared) gave ratios whose log varied with a standard deviation of up to
+# 1.7% (benchmarks/NOTES.md, "Benchmark numbers that depend on case order"). A CPU ratio's interval is never
+# narrower than that allows: ± 1.96 × 1.7% ≈ 3.3% at 95%.
+CPU_RATIO_SD = 0.017
 
 # glibc mallopt parameters (malloc.h) and the values its dynamic rule reaches in a long-running process:
 # M_MMAP_THRESHOLD rises to the largest freed mmapped block, at most DEFAULT_MMAP_THRESHOLD_MAX (32 MiB on
@@ -112,6 +122,22 @@ def cpu_wait_ns() -> int | None:
     return total if read else None
 
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") and "SC_CLK_TCK" in os.sysconf_names else 100
+
+
+def machine_busy_s() -> float | None:
+    """CPU seconds the whole machine has spent busy (user, nice, system, interrupts, and steal: time the
+    hypervisor gave another guest), from Linux's /proc/stat, in clock ticks. None where not available. Minus this
+    process's own CPU time, it is what other processes took."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+    except (OSError, ValueError, IndexError):
+        return None
+    return (user + nice + system + irq + softirq + steal) / _CLK_TCK
+
+
 def spread(stats: dict) -> float | None:
     """IQR / median of a timing: 0.1 means the middle half of the samples spans 10% of the median."""
     med, iqr = stats.get("median_s"), stats.get("iqr_s")
@@ -167,13 +193,16 @@ def _stats(samples: list[float], inner: int) -> dict:
 
 
 def ratio_interval(base_samples, other_samples, *, paired: bool, confidence: float = CONFIDENCE,
-                   resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[float, float] | None:
+                   resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0, floor_sd: float = 0.0
+                   ) -> tuple[float, float] | None:
     """The ``confidence`` interval of median(other) / median(base), by bootstrap. ``paired`` (interleaved timings,
     where the i-th samples of both ran back to back) resamples whole rounds, in runs of consecutive rounds (a
     moving-block bootstrap, blocks of ∛n): a machine's speed drifts over seconds, so neighbouring rounds are
     alike, and resampling single rounds would take that drift for independent noise and give an interval too
-    narrow to hold when the case is run again. Unpaired samples are resampled on their own. Seeded, so that a
-    report is reproducible from its samples. None with fewer than 3 samples a side."""
+    narrow to hold when the case is run again. Unpaired samples are resampled on their own. The interval is at
+    least ± z·``floor_sd`` of the ratio at its confidence (z = 1.96 at 95%): ``floor_sd`` is the run-to-run
+    standard deviation that separate runs showed (``CPU_RATIO_SD``), which no single run can see. Seeded, so that
+    a report is reproducible from its samples. None with fewer than 3 samples a side."""
     a = torch.tensor(list(base_samples), dtype=torch.float64)
     b = torch.tensor(list(other_samples), dtype=torch.float64)
     n = a.numel()
@@ -188,10 +217,13 @@ def ratio_interval(base_samples, other_samples, *, paired: bool, confidence: flo
     else:
         ia = torch.randint(n, (resamples, n), generator=gen)
         ib = torch.randint(b.numel(), (resamples, b.numel()), generator=gen)
-    ratios = b[ib].median(dim=1).values / a[ia].median(dim=1).values
+    # quantile 0.5, not Tensor.median: the mean of the two middle samples, as the reported medians are
+    ratios = b[ib].quantile(0.5, dim=1) / a[ia].quantile(0.5, dim=1)
     tail = (1 - confidence) / 2
     lo, hi = torch.quantile(ratios, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
-    return lo, hi
+    point = float(b.quantile(0.5) / a.quantile(0.5))
+    floor = statistics.NormalDist().inv_cdf(1 - tail) * floor_sd
+    return min(lo, point / (1 + floor)), max(hi, point * (1 + floor))
 
 
 def time_interleaved(runners: dict, *, budget_s: float = 0.5, min_reps: int = 5, max_reps: int = 200,
@@ -212,10 +244,12 @@ def time_interleaved(runners: dict, *, budget_s: float = 0.5, min_reps: int = 5,
     clean: dict[str, list[float]] = {name: [] for name in inners}
     every: dict[str, list[float]] = {name: [] for name in inners}
     measured = cpu_wait_ns() is not None
+    others_s = kept_wall_s = 0.0  # what other processes ran beside the kept rounds, and those rounds' wall time
     start = time.perf_counter()
     rounds = contended = 0
     while every:
         this_round, busy_round = {}, False
+        round_start, machine0, own0 = time.perf_counter(), machine_busy_s(), time.process_time()
         for name in list(every):
             try:
                 this_round[name], waited = _sample(runners[name], inners[name])
@@ -226,10 +260,15 @@ def time_interleaved(runners: dict, *, budget_s: float = 0.5, min_reps: int = 5,
             busy_round |= waited is not None and waited > CONTENDED_WAIT
         rounds += 1
         contended += busy_round
+        machine1, own1 = machine_busy_s(), time.process_time()
         for name, value in this_round.items():
             every[name].append(value)
             if not busy_round:
                 clean[name].append(value)
+        if not busy_round and machine0 is not None and machine1 is not None:
+            # tick-sampled (10 ms), so one round's figure is coarse; summed over the kept rounds it is not
+            others_s += (machine1 - machine0) - (own1 - own0)
+            kept_wall_s += time.perf_counter() - round_start
         n_clean = rounds - contended
         budget = budget_s * max(len(every), 1)
         spent = time.perf_counter() - start
@@ -238,11 +277,16 @@ def time_interleaved(runners: dict, *, budget_s: float = 0.5, min_reps: int = 5,
         give_up = contended and rounds >= min_reps and spent >= BUSY_BUDGET_FACTOR * budget
         if done or give_up or rounds >= BUSY_BUDGET_FACTOR * max_reps:
             break
-    busy = rounds - contended < min_reps
+    few_clean = rounds - contended < min_reps
+    others = others_s / kept_wall_s if kept_wall_s > 0 else None
+    busy_why = ("other processes kept it waiting for a CPU" if few_clean else
+                f"other processes ran beside it ({max(others, 0):.1f} core)" if others and others > SHARED_CORES
+                else None)
     for name in every:
-        kept = every[name] if busy else clean[name]
+        kept = every[name] if few_clean else clean[name]
         stats = _stats(kept, inners[name])
-        stats.update(rounds_s=list(kept), rounds=rounds, contended_rounds=contended, busy=busy,
+        stats.update(rounds_s=list(kept), rounds=rounds, contended_rounds=contended, busy=busy_why is not None,
+                     busy_why=busy_why, others_cores=None if others is None else round(others, 3),
                      cpu_wait_measured=measured)
         out[name] = stats
     return out
