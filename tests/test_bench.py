@@ -688,3 +688,23 @@ def test_plot_rings_every_point_the_table_flags_as_noisy(tmp_path, monkeypatch):
     drawn = bench.plot(_report(rows, ["fastlora", "peft", "naive", "base"]), tmp_path / "p.png")
     assert sorted((m, y) for _, m, y in rings) == flagged
     assert len(drawn["noisy"]) == 4 and drawn["points"] == 6
+
+
+def test_goals_gate_the_layer_grid_only(capsys):
+    assert main(["bench", "--model", "auto", "--goals", "cpu-fallback", "--device", "cpu"]) == 2
+    assert "--model reports the model-level goals" in capsys.readouterr().err
+
+
+def test_the_report_says_what_other_processes_did():
+    def case(M, **engine):
+        return [dict(_row(p, 1.0, M=M), **engine) for p in ("fastlora", "peft")]
+
+    waited, beside = "other processes kept it waiting for a CPU", "other processes ran beside it (0.9 core)"
+    rows = (case(32, rounds=9, contended_rounds=4, busy=False)
+            + case(64, rounds=7, contended_rounds=7, busy=True, busy_why=waited)
+            + case(96, rounds=5, contended_rounds=0, busy=True, busy_why=beside))
+    note = bench.report.busy_note(rows)
+    assert note.startswith("Other processes' load: 11 of 21 timed rounds waited for a CPU and were dropped")
+    assert "1 case(s) could not get enough clean rounds" in note and "in 1 case(s) other processes ran beside" in note
+    assert bench.report.busy_note(case(32, rounds=9, contended_rounds=0, busy=False)) is None
+    assert "machine busy: other processes kept it waiting" in bench.render_text(_report(rows, ["fastlora", "peft"]))

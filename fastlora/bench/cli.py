@@ -153,6 +153,9 @@ def run_cli(args: argparse.Namespace, stream=None) -> int:
     stream = stream if stream is not None else sys.stdout
     try:
         device = resolve_device(args.device)
+        if args.model and args.goals:
+            raise ValueError(f"--goals {args.goals} checks the layer grid; --model reports the model-level goals of "
+                             "its preset itself (they do not set the exit code)")
         if args.model:
             return run_model_cli(args, device, stream)
         if args.providers and not set(PROVIDERS) <= set(args.providers):  # "all" means the layer providers here

@@ -388,7 +388,7 @@ def _goal_line(g) -> str:
 
 
 def render_model_text(report: dict) -> str:
-    from .report import _text_table, _wrap
+    from .report import _text_table, _wrap, busy_note
 
     meta = report["meta"]
     parts = [_wrap(f"fastlora bench --model on {meta['device']} ({meta['device_name']}), torch {meta['torch']}, "
@@ -400,6 +400,9 @@ def render_model_text(report: dict) -> str:
     if report["goals"]:
         parts += ["", "Goals (medians of per-round ratios; ≤ is better):"] + ["  " + _goal_line(g)
                                                                                  for g in report["goals"]]
+    busy = busy_note(report["results"])
+    if busy:
+        parts += ["", _wrap(busy)]
     errors = sorted({f"  {MODEL_NAMES[r['provider']]}: {r['error']}" for r in report["results"] if r.get("error")})
     if errors:
         parts += ["", "Errors:"] + [_wrap(e) for e in errors]
@@ -407,7 +410,7 @@ def render_model_text(report: dict) -> str:
 
 
 def render_model_markdown(report: dict) -> str:
-    from .report import _md_table
+    from .report import _md_table, busy_note
 
     meta = report["meta"]
     lines = ["# fastlora bench --model", "", f"- command: `{meta['command']}`",
@@ -420,6 +423,9 @@ def render_model_markdown(report: dict) -> str:
     if report["goals"]:
         lines += ["", "Goals (medians of per-round ratios; ≤ is better):", ""]
         lines += [f"- {_goal_line(g)}" for g in report["goals"]]
+    busy = busy_note(report["results"])
+    if busy:
+        lines += ["", busy]
     errors = sorted({f"{MODEL_NAMES[r['provider']]}: {r['error']}" for r in report["results"] if r.get("error")})
     if errors:
         lines += ["", "## Errors", ""] + [f"- {e}" for e in errors]

@@ -289,15 +289,13 @@ def _noisy_reasons(rows) -> list[str]:
 
 
 def busy_note(rows) -> str | None:
-    """What other processes' load did to the run: rounds dropped and rerun, cases marked busy."""
-    cases = {}
-    for r in rows:
-        if r.get("rounds"):
-            cases[tuple(r.get(f) for f in ("mode", "M", "K", "N", "r", "dropout"))] = r
-    rounds = sum(r["rounds"] for r in cases.values())
-    dropped = sum(r.get("contended_rounds", 0) for r in cases.values())
-    waited = sum(bool(r.get("busy")) and r.get("busy_why", "").endswith("waiting for a CPU") for r in cases.values())
-    beside = sum(bool(r.get("busy")) for r in cases.values()) - waited
+    """What other processes' load did to the run: rounds dropped and rerun, cases marked busy. The engine's round
+    bookkeeping is per case, the same on every provider's row: fastlora's row stands for its case."""
+    cases = [r for r in rows if r.get("provider") == "fastlora" and r.get("rounds")]
+    rounds = sum(r["rounds"] for r in cases)
+    dropped = sum(r.get("contended_rounds", 0) for r in cases)
+    waited = sum(bool(r.get("busy")) and (r.get("busy_why") or "").endswith("waiting for a CPU") for r in cases)
+    beside = sum(bool(r.get("busy")) for r in cases) - waited
     if not dropped and not waited and not beside:
         return None
     parts = [f"Other processes' load: {dropped} of {rounds} timed rounds waited for a CPU and were dropped and rerun"]
