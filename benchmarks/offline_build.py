@@ -10,6 +10,7 @@ Identical builds (same kernel, signature, constexprs and config) are compiled on
 
     python benchmarks/offline_build.py                 # the declared grid (minutes on 2 cores)
     python benchmarks/offline_build.py --grid ci       # the slice tests/test_kernels_compile.py runs
+    python benchmarks/offline_build.py --grid fp16-fp32  # fp16 inputs, fp32 adapters (fp32 rank-r products)
     python benchmarks/offline_build.py --list          # only count the builds
     /tmp/venv36/bin/python benchmarks/offline_build.py # the same with another Triton (3.6: the GPU machine's)
 
@@ -65,6 +66,10 @@ CI_GRID = dict(
     bias=[True],
     tf32=[False],
 )
+
+# fp16 inputs with fp32 adapters: the builds whose rank-r products take fp32 operands (LO_FP32, issue 20).
+FP16_FP32_GRID = dict(FULL_GRID, dtype=["fp16"], adapters=["fp32"], tf32=[False])
+GRIDS = {"full": FULL_GRID, "ci": CI_GRID, "fp16-fp32": FP16_FP32_GRID}
 
 
 def problems(grid):
@@ -284,7 +289,7 @@ def describe(spec):
     c = spec["consts"]
     tiles = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in c)
     flags = ",".join(k for k in ("HAS_BIAS", "LO_DROPOUT", "FUSE_SHRINK", "STORE_L", "HAS_DROPOUT", "NEED_DB",
-                                 "NEED_DBIAS", "EVEN_K") if c.get(k))
+                                 "NEED_DBIAS", "EVEN_K", "LO_FP32") if c.get(k))
     ptrs = ",".join(f"{k}={v[1:]}" for k, v in spec["signature"].items() if v.startswith("*"))
     return (f"{spec['kernel']:<13} {tiles:<11} R{c.get('R_BLOCK')} w{spec['warps']} s{spec['stages']} "
             f"{spec['origin']:<5} {c.get('DOT_PRECISION')} [{flags}] ({ptrs})")
@@ -292,7 +297,7 @@ def describe(spec):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--grid", choices=("full", "ci"), default="full")
+    ap.add_argument("--grid", choices=tuple(GRIDS), default="full")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--list", action="store_true", help="count and list the builds, compile nothing")
     ap.add_argument("--smem-limit", type=int, default=SM90_SMEM_LIMIT)
@@ -306,9 +311,9 @@ def main(argv=None):
                     help="all kept configs (the full grid's default) or, per launch, the two most demanding by "
                          "the resource model (the ci grid's default)")
     args = ap.parse_args(argv)
-    grid = FULL_GRID if args.grid == "full" else CI_GRID
+    grid = GRIDS[args.grid]
     t0 = time.time()
-    pick = args.pick or ("all" if args.grid == "full" else "extremes")
+    pick = args.pick or ("extremes" if args.grid == "ci" else "all")
     specs = collect(grid, pick)
     if args.limit:
         specs = specs[:args.limit]

@@ -23,6 +23,11 @@ Saved for backward: x, h and the dropout seed (a Python int in eager code, an in
 scalar under torch.compile), plus the parameters, which cost no memory; the mask m is regenerated from the
 seed, so it is the forward's bit for bit, and never stored.
 
+Double backward: the backward bodies (kernels, in-place PyTorch) are first-order. When autograd asks for a
+differentiable gradient (``create_graph=True``: gradient penalties, Hessian-vector products), the backward returns
+instead the gradients of ``differentiable_forward`` (the same formula in plain PyTorch ops, the same dropout mask)
+taken by autograd from the saved inputs, so second derivatives are exact (``fastlora.op_common.recompute_grads``).
+
 Two thin wrappers share one forward and one backward body, which pick the implementation: the Triton kernels
 (``fastlora.kernels``) or the pure-PyTorch math (``fastlora.reference``), both exposing ``lora_forward`` /
 ``lora_backward`` with the same signature:
@@ -37,10 +42,13 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from . import backend as _backend
 from . import reference
+from .op_common import draw_seed as _draw_seed
+from .op_common import recompute_grads
 
 __all__ = ["lora_linear_train", "lora_linear_infer"]
 
@@ -51,15 +59,6 @@ def _impl(use_triton: bool):
 
         return kernels
     return reference
-
-
-def _draw_seed(dropout_p: float) -> int:
-    """The dropout seed, from torch's default (CPU) generator: torch.manual_seed makes runs repeatable, and
-    activation checkpointing, which restores the RNG state, recomputes the same mask. Eager and compiled code
-    draw it the same way (inside the op), so they consume the generator alike and see the same masks."""
-    if dropout_p > 0.0:
-        return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
-    return 0
 
 
 def _fold_scaling(lora_B: Tensor, scaling):
@@ -77,8 +76,9 @@ def _forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton, sa
     """(y, h or None, seed)."""
     seed = _draw_seed(dropout_p)
     lora_B, scaling = _fold_scaling(lora_B, scaling)
-    y, h = _impl(use_triton).lora_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed,
-                                          save_h=save_h)
+    with _backend.kernel_section(use_triton):
+        y, h = _impl(use_triton).lora_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed,
+                                              save_h=save_h)
     return y, h, seed
 
 
@@ -90,11 +90,34 @@ def _needs(ctx) -> list[bool]:
 
 def _backward(grad_y, x, weight, lora_A, lora_B, h, seed: int, scaling, dropout_p, use_triton, needs):
     folded_B, s = _fold_scaling(lora_B, scaling)
-    dx, dW, dA, dB, dbias = _impl(use_triton).lora_backward(grad_y, x, weight, lora_A, folded_B, h, s, dropout_p,
-                                                            seed, *needs)
+    with _backend.kernel_section(use_triton):
+        dx, dW, dA, dB, dbias = _impl(use_triton).lora_backward(grad_y, x, weight, lora_A, folded_B, h, s,
+                                                                dropout_p, seed, *needs)
     if dB is not None and isinstance(scaling, Tensor):  # dB' is the gradient wrt B' = scaling·B
         dB = (dB * scaling.to(dB.dtype)).to(lora_B.dtype)
     return dx, dW, dA, dB, dbias
+
+
+def keep_mask(seed: int, shape, dropout_p: float, device, use_triton: bool) -> Tensor:
+    """The keep mask (True = kept) that the forward of this backend drew for ``seed``, materialized."""
+    if use_triton:
+        from fastlora.kernels.dropout import dropout_keep_mask
+
+        with _backend.kernel_section(True):
+            return dropout_keep_mask(seed, shape, dropout_p, device)
+    return reference.dropout_keep_mask(seed, shape, dropout_p, device)
+
+
+def differentiable_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed: int, use_triton: bool):
+    """The op's forward in differentiable PyTorch ops (PEFT's formula, with the op's own dropout mask): what a double
+    backward differentiates. The low-rank branch runs in the adapters' dtype, as PEFT's."""
+    xd = x
+    if dropout_p > 0.0:
+        keep = keep_mask(seed, x.shape, dropout_p, x.device, use_triton)
+        xd = torch.where(keep, x * (1.0 / (1.0 - dropout_p)), 0.0)
+    low = F.linear(F.linear(xd.to(lora_A.dtype), lora_A), lora_B.to(lora_A.dtype))
+    low = low * (scaling.to(low.dtype) if isinstance(scaling, Tensor) else scaling)
+    return F.linear(x, weight, bias) + low.to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -106,18 +129,23 @@ class LoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton):
         # scaling: a float, or a 0-d tensor that gets no gradient (PEFT's hot-swap scaling)
         y, h, seed = _forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton, save_h=True)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, h)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, bias, h)
         ctx.seed, ctx.scaling, ctx.dropout_p, ctx.use_triton = seed, scaling, dropout_p, use_triton
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
-    @once_differentiable  # first-order only: a double backward raises instead of differentiating the kernels
     def backward(ctx, grad_y):
-        x, weight, lora_A, lora_B, h = ctx.saved_tensors
+        x, weight, lora_A, lora_B, bias, h = ctx.saved_tensors
         needs = _needs(ctx)
         if not any(needs):
             return (None,) * 8
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that is differentiated again (op_common)
+            def forward(x, weight, lora_A, lora_B, bias):
+                return differentiable_forward(x, weight, lora_A, lora_B, bias, ctx.scaling, ctx.dropout_p, ctx.seed,
+                                              ctx.use_triton)
+
+            return (*recompute_grads(forward, (x, weight, lora_A, lora_B, bias), needs, grad_y), None, None, None)
         grads = _backward(grad_y, x, weight, lora_A, lora_B, h, ctx.seed, ctx.scaling, ctx.dropout_p,
                           ctx.use_triton, needs)
         return (*grads, None, None, None)

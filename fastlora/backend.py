@@ -7,8 +7,10 @@ initial choice.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import threading
 import warnings
 
 import torch
@@ -72,16 +74,31 @@ def triton_unusable() -> str | None:
     return None
 
 
+_INTERPRETER_BF16 = (
+    "fastlora: bf16 inputs run on the PyTorch path, not on the Triton kernels: Triton's CPU interpreter "
+    "(TRITON_INTERPRET=1) computes bf16 tl.dot wrongly (errors of 1e10). On a GPU the kernels run bf16."
+)
+_warned_bf16 = False
+
+
 def use_triton(device: torch.device, dtype: torch.dtype) -> bool:
     """Resolve the backend for tensors on ``device`` with compute dtype ``dtype``.
 
-    Raises where ``triton`` was asked for but cannot run, instead of silently falling back.
+    Raises where ``triton`` was asked for but cannot run, instead of silently falling back. The one exception:
+    bf16 on Triton's CPU interpreter, whose bf16 ``tl.dot`` returns garbage, runs the PyTorch path (a warning
+    says so, once per process).
     """
+    global _warned_bf16
     backend = _backend if _backend is not None else get_backend()
     if backend == "torch":
         return False
     if backend == "auto":
         return device.type == "cuda" and dtype in KERNEL_DTYPES and triton_available()
+    if dtype == torch.bfloat16 and device.type == "cpu" and triton_interpreted():
+        if not _warned_bf16:
+            _warned_bf16 = True
+            warnings.warn(_INTERPRETER_BF16, stacklevel=3)
+        return False
     kernel_device = device.type == "cuda" or (device.type == "cpu" and triton_interpreted())
     if not triton_available():
         raise RuntimeError(triton_unusable())
@@ -96,6 +113,20 @@ def use_triton(device: torch.device, dtype: torch.dtype) -> bool:
             "use backend 'torch' or 'auto' for it"
         )
     return True
+
+
+# Triton's interpreter runs a kernel by patching triton.language globally for the duration of the launch: two
+# threads interpreting kernels at once corrupt each other's launches ("x >= grid_dim[0]"). Interpreted kernel
+# sections of every op hold this lock (re-entrant: an op's section may call another op's).
+_INTERPRETER_LOCK = threading.RLock()
+
+
+def kernel_section(use_triton: bool):
+    """The context an op's kernel launches run in: serialized across threads under Triton's interpreter (CPU), free
+    on a GPU."""
+    if use_triton and triton_interpreted():
+        return _INTERPRETER_LOCK
+    return contextlib.nullcontext()
 
 
 def _backend_from_env() -> str | None:

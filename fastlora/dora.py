@@ -20,10 +20,19 @@ The norm without B A (N × K). Row i of W + sBA is W_i + s·B_i A, so
 
     n_i² = ‖W_i‖² + 2s·B_i·(W Aᵀ)_i + s²·B_i (A Aᵀ) B_iᵀ
 
-from W Aᵀ (N, r: one pass over W, 2NKr FLOPs), A Aᵀ (r, r: 2r²K) and ‖W_i‖² (N: cached while W is unchanged,
-keyed on its storage, data pointer and version counter; the whole norm is reused while W, A and B are
-unchanged, i.e. in evaluation and decoding). Everything accumulates in fp32 (fp64 for fp64 inputs)
-and n² is clamped at 0 before the square root (cancellation can make it slightly negative when W_i + s(BA)_i ≈ 0).
+from W Aᵀ (N, r: one pass over W, 2NKr FLOPs), A Aᵀ (r, r: 2r²K) and ‖W_i‖² (N: from the same pass over W on the
+kernel path). Everything accumulates in fp32 (fp64 for fp64 inputs) and n² is clamped at 0 before the square root
+(cancellation can make it slightly negative when W_i + s(BA)_i ≈ 0).
+
+When the norm is computed again. Every call that records autograd (training) computes it afresh, as PEFT does:
+optimizers write A and B without a trace that could be trusted (torch's fused AdamW, bitsandbytes' 8-bit and paged
+optimizers and ``.data`` writes change a tensor without bumping its version counter). Only a call without autograd
+on a frozen weight (evaluation, decoding) may reuse the norm of the previous such call (``_norm``), and only when
+that provably sees the same data: A and B equal, element for element, to copies kept of them (O(r·(K+N)), against the
+O(N·K) pass over W it saves); W the same storage object (a ``.data =`` assignment makes a new one) at the same
+version; the same scaling and backend. PEFT's merge / unmerge, the only operations that write a base weight in
+place, clear it (``accelerate_peft`` wraps them); ``clear_norm_cache()`` after writing a frozen base weight through
+``.data`` by hand.
 
 Backward, given dY (M, N). Write dZ = g ⊙ dY and E = dZ − dY = (g − 1) ⊙ dY::
 
@@ -50,18 +59,18 @@ norm over the vocabulary, i.e. the norm above applied to Wᵀ (D, V): it runs PE
 """
 from __future__ import annotations
 
-import numbers
 import weakref
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import backend as _backend
 from . import reference
-from .functional import _autocast  # the op's autocast rule, as nn.Linear's
+from .autograd import keep_mask
+from .op_common import autocast as _autocast  # the op's autocast rule, as nn.Linear's
+from .op_common import check_dropout, check_scaling, draw_seed, flatten_rows, fold_tensor_scaling, recompute_grads
 
 __all__ = ["dora_linear", "dora_embedding", "dora_weight_norm", "weight_row_sq", "clear_norm_cache",
            "dora_forward_torch", "dora_backward_torch"]
@@ -76,53 +85,24 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-# ‖W_i‖² per weight: id(storage owner) -> (weakref to it, key, tensor). The key changes whenever W's values can
-# have changed through autograd-visible ops (in-place ops bump _version, `.data =` changes data_ptr).
-_ROW_SQ: dict[int, tuple] = {}
-
-
-def clear_norm_cache() -> None:
-    """Forget every cached ‖W_i‖² and norm (needed only after writing into a weight or an adapter through
-    ``.data``, which bypasses the version counter that the caches key on)."""
-    _ROW_SQ.clear()
-    _NORM.clear()
-
-
-def _row_sq_key(weight: Tensor):
-    return (weight.data_ptr(), weight._version, weight.dtype, weight.device, tuple(weight.shape),
-            tuple(weight.stride()), weight.storage_offset())
+def clear_norm_cache(weight: Optional[Tensor] = None) -> None:
+    """Forget the norm kept for ``weight`` (every weight's without one): needed only after writing into a frozen
+    base weight through ``.data`` between two evaluation calls (PEFT's merge / unmerge clear it themselves under
+    ``accelerate_peft``; changes to A and B are always seen)."""
+    if weight is None:
+        _NORM.clear()
+    else:
+        _NORM.pop(id(_owner(weight)), None)
 
 
 def _owner(weight: Tensor) -> Tensor:
     return weight if weight._base is None else weight._base  # a transposed view (Embedding) keys on its base
 
 
-def _cache_get(weight: Tensor) -> Optional[Tensor]:
-    hit = _ROW_SQ.get(id(_owner(weight)))
-    if hit is not None and hit[0]() is _owner(weight) and hit[1] == _row_sq_key(weight):
-        return hit[2]
-    return None
-
-
-def _cache_put(weight: Tensor, sq: Tensor) -> None:
-    owner = _owner(weight)
-    oid = id(owner)
-    try:
-        ref = weakref.ref(owner, lambda _r, oid=oid: _ROW_SQ.pop(oid, None))
-    except TypeError:  # not weak-referenceable: no caching
-        return
-    _ROW_SQ[oid] = (ref, _row_sq_key(weight), sq)
-
-
 def weight_row_sq(weight: Tensor) -> Tensor:
-    """‖W_i‖² (N,) in ``acc_dtype``, cached while ``weight`` is unchanged: any in-place change bumps its
-    version counter, and a new tensor (``.data = ...``) has a new storage, so both miss the cache."""
-    sq = _cache_get(weight)
-    if sq is None:
-        with torch.no_grad():
-            sq = torch.linalg.vector_norm(weight, 2, dim=1, dtype=acc_dtype(weight.dtype)).square_()  # no (N, K) temp
-        _cache_put(weight, sq)
-    return sq
+    """‖W_i‖² (N,) in ``acc_dtype`` (no (N, K) temporary)."""
+    with torch.no_grad():
+        return torch.linalg.vector_norm(weight, 2, dim=1, dtype=acc_dtype(weight.dtype)).square_()
 
 
 def _mm_acc(a: Tensor, b: Tensor) -> Tensor:
@@ -157,48 +137,61 @@ def dora_weight_norm_torch(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
         return norm_from_pieces(row_sq.to(acc), wa, aat, lora_B, scaling)
 
 
-# The last norm per weight: id(W's owner) -> (weakrefs to W's owner, A, B; key; norm). In training A and B
-# change every step (an optimizer step bumps their version counters), so this only saves the pass over W where
-# nothing changed between calls: evaluation and decoding.
+# The last evaluation-time norm per weight: id(W's owner) -> (weakref to the owner, weakref to W's storage object,
+# W's layout and version, copies of A and B, scaling, backend, norm). See "When the norm is computed again" above.
 _NORM: dict[int, tuple] = {}
 
 
-def _tensor_key(t: Tensor):
-    return (t.data_ptr(), t._version, t.dtype, tuple(t.shape), tuple(t.stride()))
+def _weight_key(weight: Tensor):
+    return (weight.storage_offset(), tuple(weight.shape), tuple(weight.stride()), weight.dtype, weight.device,
+            weight._version)
 
 
-def _norm(weight, lora_A, lora_B, scaling, use_triton) -> Tensor:
-    """The detached norm (computed under no_grad), reused while W, A, B (the same objects, with unchanged data
-    pointers and version counters) and the scaling are. ``weight`` is undetached, so that the caches key on
-    the caller's tensors. The result is shared: callers must not modify it in place."""
+def _can_reuse(weight: Tensor) -> bool:
+    """A frozen weight on a real device, outside CUDA graph capture (whose replays would not rerun the check)."""
+    if weight.requires_grad or weight.device.type == "meta":
+        return False
+    return not (weight.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _norm(weight, lora_A, lora_B, scaling, use_triton, reuse: bool = False) -> Tensor:
+    """The detached norm (computed under no_grad). With ``reuse`` (a call without autograd) the previous
+    evaluation-time norm of this weight is returned when W's storage and version, A's and B's values, the scaling
+    and the backend are all those it was computed for; otherwise it is computed, and kept when ``reuse``. The result
+    may be shared: callers must not modify it in place."""
+    if not (reuse and _can_reuse(weight)):
+        with torch.no_grad():
+            return _norm_impl(weight, lora_A, lora_B, scaling, use_triton)
     owner = _owner(weight)
-    key = (_row_sq_key(weight), _tensor_key(lora_A), _tensor_key(lora_B), float(scaling), bool(use_triton))
+    storage = weight.untyped_storage()
+    key = (_weight_key(weight), float(scaling), bool(use_triton))
     hit = _NORM.get(id(owner))
-    if (hit is not None and hit[0]() is owner and hit[1]() is lora_A and hit[2]() is lora_B
-            and hit[3] == key):
-        return hit[4]
+    if (hit is not None and hit[0]() is owner and hit[1]() is storage and hit[2] == key
+            and _same_values(hit[3], lora_A) and _same_values(hit[4], lora_B)):
+        return hit[5]
     with torch.no_grad():
         norm = _norm_impl(weight, lora_A, lora_B, scaling, use_triton)
+        copies = (lora_A.detach().clone(), lora_B.detach().clone())
     oid = id(owner)
     try:
-        refs = (weakref.ref(owner, lambda _r, oid=oid: _NORM.pop(oid, None)), weakref.ref(lora_A),
-                weakref.ref(lora_B))
-    except TypeError:  # not weak-referenceable: no caching
+        refs = (weakref.ref(owner, lambda _r, oid=oid: _NORM.pop(oid, None)), weakref.ref(storage))
+    except TypeError:  # not weak-referenceable: nothing kept
         return norm
-    _NORM[oid] = (*refs, key, norm)
+    _NORM[oid] = (*refs, key, *copies, norm)
     return norm
+
+
+def _same_values(kept: Tensor, t: Tensor) -> bool:
+    return (kept.shape == t.shape and kept.dtype == t.dtype and kept.device == t.device
+            and bool(torch.equal(kept, t.detach())))
 
 
 def _norm_impl(weight, lora_A, lora_B, scaling, use_triton) -> Tensor:
     if use_triton:
         from fastlora.kernels import dora as kdora
 
-        row_sq = _cache_get(weight)
-        if row_sq is not None:
-            return kdora.dora_weight_norm(weight, lora_A, lora_B, scaling, row_sq)
-        norm, row_sq = kdora.dora_weight_norm(weight, lora_A, lora_B, scaling, return_row_sq=True)
-        _cache_put(weight, row_sq)
-        return norm
+        with _backend.kernel_section(True):
+            return kdora.dora_weight_norm(weight, lora_A, lora_B, scaling)  # ‖W_i‖² from the same pass over W
     return dora_weight_norm_torch(weight, lora_A, lora_B, scaling)
 
 
@@ -206,26 +199,12 @@ def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: fl
     """‖W + scaling·lora_B @ lora_A‖ per row of ``weight`` (out,), fp32 (fp64 for fp64), detached, computed
     without forming lora_B @ lora_A (see the module docstring)."""
     use_triton = _backend.use_triton(weight.device, weight.dtype)
-    return _norm(weight, lora_A, lora_B, float(scaling), use_triton).clone()
+    return _norm(weight, lora_A, lora_B, float(scaling), use_triton)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Pure-PyTorch forward / backward (the CPU fallback)
 # ---------------------------------------------------------------------------------------------------------
-
-def _scale_columns(z: Tensor, g: Tensor, bias: Optional[Tensor], rest: Optional[Tensor] = None,
-                   inplace: bool = False) -> Tensor:
-    """y = rest + b + g ⊙ z (rest, b optional), computed in g's dtype (fp32+) and rounded once to z's."""
-    if z.dtype == g.dtype:
-        y = z.mul_(g) if inplace else z * g
-    else:
-        y = z.to(g.dtype) * g
-    if rest is not None:
-        y = y.add_(rest)
-    if bias is not None:
-        y = y.add_(bias)
-    return y.to(z.dtype)
-
 
 def _keep(seed, x, p):
     return reference.dropout_keep_mask(seed, x.shape, p, x.device)
@@ -233,20 +212,32 @@ def _keep(seed, x, p):
 
 def dora_forward_torch(x, weight, lora_A, lora_B, bias, g, scaling: float, dropout_p: float, seed: int,
                        save: bool = True):
-    """(y, z, h): the forward above in PyTorch ops; z, h None unless ``save``."""
+    """(y, z, h): the forward above in PyTorch ops, in PEFT's order of terms; z, h None unless ``save``.
+
+    y = base + (g − 1) ⊙ z + s·h Bᵀ with base = x Wᵀ + b (nn.Linear's own product, as PEFT's base layer) and
+    z = x_d Wᵀ + s·h Bᵀ (x_d Wᵀ = base − b without dropout, as PEFT reuses the base output): the same y as
+    t + b + g ⊙ z, but where DoRA is a no-op (g = 1 and B = 0: a new adapter) it returns the base layer's output
+    bit for bit, as PEFT does. The correction is summed in g's dtype (fp32+) and rounded once into y."""
     cd = x.dtype
+    ld = reference.low_rank_dtype(cd, lora_A.dtype)
+    base = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())  # (M, N): becomes y
     if dropout_p == 0.0:
-        z, h = reference.lora_forward(x, weight, lora_A, lora_B, None, scaling, 0.0, 0, save_h=save)
-        y = _scale_columns(z, g, bias, inplace=not save)
-        return y, (z if save else None), h
-    keep = _keep(seed, x, dropout_p)
-    x_d = torch.where(keep, x * (1.0 / (1.0 - dropout_p)), 0.0).to(cd)  # (M, K) temporaries, never saved
-    del keep
-    t = torch.mm(x - x_d, weight.t())  # PEFT's x Wᵀ and x_d Wᵀ become (x − x_d) Wᵀ and x_d Wᵀ: still two GEMMs
-    z, h = reference.lora_forward(x_d, weight, lora_A, lora_B, None, scaling, 0.0, 0, save_h=save)
+        x_d = x
+        z = base - bias if bias is not None else base.clone()  # x Wᵀ, PEFT's base_result − bias
+    else:
+        keep = _keep(seed, x, dropout_p)
+        x_d = torch.where(keep, x * (1.0 / (1.0 - dropout_p)), 0.0).to(cd)  # (M, K) temporary, never saved
+        del keep
+        z = torch.mm(x_d, weight.t())  # PEFT's second base GEMM, on the dropped input
+    h = torch.mm(x_d.to(ld), lora_A.to(ld).t())  # (M, r)
     del x_d
-    y = _scale_columns(z, g, bias, rest=t, inplace=not save)
-    return y, (z if save else None), h
+    low = torch.mm(h * scaling, lora_B.to(ld).t())  # (M, N): s·h Bᵀ
+    z.add_(low)
+    corr = (g - 1.0) * z.to(g.dtype)
+    corr.add_(low)
+    del low
+    y = base.add_(corr) if base.dtype == corr.dtype else base.copy_(base.to(corr.dtype).add_(corr))
+    return y, (z if save else None), (h.to(reference.h_dtype(cd)) if save else None)
 
 
 def dora_backward_torch(grad_y, x, weight, lora_A, lora_B, h, z, g, norm, scaling: float, dropout_p: float,
@@ -339,21 +330,29 @@ def _backward_triton(grad_y, x, weight, lora_A, lora_B, h, z, g, norm, scaling, 
 # autograd
 # ---------------------------------------------------------------------------------------------------------
 
-def _draw_seed(dropout_p: float) -> int:
-    """As fastlora.autograd: from torch's default generator, so torch.manual_seed makes runs repeatable."""
-    if dropout_p > 0.0:
-        return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
-    return 0
-
-
-def _forward(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, use_triton, save):
-    """(y, z, h, norm, g, seed)."""
-    seed = _draw_seed(dropout_p)
-    norm = _norm(weight, lora_A, lora_B, scaling, use_triton)  # no grad: detached, as PEFT
+def _forward(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, use_triton, save, reuse=False):
+    """(y, z, h, norm, g, seed). ``reuse``: a call without autograd, which may reuse the norm (``_norm``)."""
+    seed = draw_seed(dropout_p)
+    norm = _norm(weight, lora_A, lora_B, scaling, use_triton, reuse)  # no grad: detached, as PEFT
     g = magnitude.detach().to(norm.dtype) / norm
     fwd = _forward_triton if use_triton else dora_forward_torch
-    y, z, h = fwd(x, weight, lora_A, lora_B, bias, g, scaling, dropout_p, seed, save)
+    with _backend.kernel_section(use_triton):
+        y, z, h = fwd(x, weight, lora_A, lora_B, bias, g, scaling, dropout_p, seed, save)
     return y, z, h, norm, g, seed
+
+
+def differentiable_forward(x, weight, lora_A, lora_B, magnitude, bias, norm, scaling, dropout_p, seed, use_triton):
+    """PEFT's DoRA formula in differentiable PyTorch ops, the norm a constant (``norm``, saved by the forward) and the
+    op's own dropout mask: what a double backward differentiates (op_common.recompute_grads)."""
+    xd = x
+    if dropout_p > 0.0:
+        keep = keep_mask(seed, x.shape, dropout_p, x.device, use_triton)
+        xd = torch.where(keep, x * (1.0 / (1.0 - dropout_p)), 0.0)
+    g = magnitude.to(norm.dtype) / norm
+    ld = torch.promote_types(g.dtype, lora_A.dtype)
+    low = F.linear(F.linear(xd.to(ld), lora_A.to(ld)), lora_B.to(ld)) * scaling
+    y = F.linear(x, weight, bias) + (g - 1) * F.linear(xd, weight).to(ld) + g * low
+    return y.to(x.dtype)
 
 
 class DoRALinearFunction(torch.autograd.Function):
@@ -361,23 +360,30 @@ class DoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, use_triton):
         y, z, h, norm, g, seed = _forward(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p,
                                           use_triton, save=True)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, h, z, norm, g)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, h, z, norm, g, magnitude, bias)
         ctx.seed, ctx.scaling, ctx.dropout_p, ctx.use_triton = seed, scaling, dropout_p, use_triton
         ctx.has_bias = bias is not None
         ctx.mag_dtype = magnitude.dtype
         return y
 
     @staticmethod
-    @once_differentiable  # first-order only
     def backward(ctx, grad_y):
-        x, weight, lora_A, lora_B, h, z, norm, g = ctx.saved_tensors
+        x, weight, lora_A, lora_B, h, z, norm, g, magnitude, bias = ctx.saved_tensors
         nx, nw, na, nb, nm, nbias = ctx.needs_input_grad[:6]
         needs = (nx, nw, na, nb, nm, nbias and ctx.has_bias)
         if not any(needs):
             return (None,) * 9
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that is differentiated again (op_common)
+            def forward(x, weight, lora_A, lora_B, magnitude, bias):
+                return differentiable_forward(x, weight, lora_A, lora_B, magnitude, bias, norm, ctx.scaling,
+                                              ctx.dropout_p, ctx.seed, ctx.use_triton)
+
+            grads = recompute_grads(forward, (x, weight, lora_A, lora_B, magnitude, bias), needs, grad_y)
+            return (*grads, None, None, None)
         bwd = _backward_triton if ctx.use_triton else dora_backward_torch
-        dx, dW, dA, dB, dm, dbias = bwd(grad_y.contiguous(), x, weight, lora_A, lora_B, h, z, g, norm,
-                                        ctx.scaling, ctx.dropout_p, ctx.seed, needs)
+        with _backend.kernel_section(ctx.use_triton):
+            dx, dW, dA, dB, dm, dbias = bwd(grad_y.contiguous(), x, weight, lora_A, lora_B, h, z, g, norm,
+                                            ctx.scaling, ctx.dropout_p, ctx.seed, needs)
         if dm is not None:
             dm = dm.to(ctx.mag_dtype)
         return dx, dW, dA, dB, dm, dbias, None, None, None
@@ -392,10 +398,10 @@ def _dora_linear_fwd(
     x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, bias: Optional[Tensor],
     scaling: float, dropout_p: float, use_triton: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(y, z, h, norm, g, seed): the seed a CPU int64 scalar; norm a copy (the cached one is shared)."""
+    """(y, z, h, norm, g, seed): the seed a CPU int64 scalar."""
     y, z, h, norm, g, seed = _forward(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, use_triton,
                                       save=True)
-    return y, z, h, norm.clone(), g, torch.full((), seed, dtype=torch.int64)
+    return y, z, h, norm, g, torch.full((), seed, dtype=torch.int64)
 
 
 @_dora_linear_fwd.register_fake
@@ -412,7 +418,8 @@ def _dora_linear_infer(
     x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, bias: Optional[Tensor],
     scaling: float, dropout_p: float, use_triton: bool,
 ) -> Tensor:
-    return _forward(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, use_triton, save=False)[0]
+    return _forward(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, use_triton, save=False,
+                    reuse=True)[0]
 
 
 @_dora_linear_infer.register_fake
@@ -427,8 +434,9 @@ def _dora_linear_bwd(
 ) -> list[Tensor]:
     """[dx, dW, dA, dB, dm (in the norm's dtype), dbias]; one not needed comes back as an empty tensor."""
     bwd = _backward_triton if use_triton else dora_backward_torch
-    grads = bwd(grad_y.contiguous(), x, weight, lora_A, lora_B, h, z, g, norm, scaling, dropout_p, int(seed),
-                tuple(needs_grad))
+    with _backend.kernel_section(use_triton):
+        grads = bwd(grad_y.contiguous(), x, weight, lora_A, lora_B, h, z, g, norm, scaling, dropout_p, int(seed),
+                    tuple(needs_grad))
     return [t.contiguous() if t is not None else grad_y.new_empty(0) for t in grads]
 
 
@@ -503,10 +511,8 @@ def _validate(input, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p
         raise ValueError(f"dora_linear: magnitude {_shape(magnitude)} must be (out_features={N},)")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
         raise ValueError(f"dora_linear: bias {_shape(bias)} must be (out_features={N},)")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"dora_linear: dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
-        raise TypeError(f"dora_linear: scaling must be a real number, got {scaling!r}")
+    check_dropout(dropout_p, "dora_linear")
+    check_scaling(scaling, input.device, "dora_linear")
 
 
 
@@ -519,7 +525,7 @@ def dora_linear(
     magnitude: Tensor,
     bias: Optional[Tensor] = None,
     *,
-    scaling: float = 1.0,
+    scaling: float | Tensor = 1.0,
     dropout_p: float = 0.0,
     training: bool = True,
 ) -> Tensor:
@@ -531,7 +537,8 @@ def dora_linear(
     input (..., in), weight (out, in), lora_A (r, in), lora_B (out, r), magnitude (out,), bias (out,) or None.
     Dropout only when ``training`` and ``dropout_p > 0``. The output has input's dtype; the adapters and the
     magnitude may be wider (fp32 on a bf16 base, as PEFT keeps them). Gradients flow to input, lora_A, lora_B
-    and magnitude, and to weight and bias only if they require grad. Derivation: ``fastlora.dora``.
+    and magnitude, and to weight and bias only if they require grad. ``scaling`` is a number or a one-element
+    tensor without gradient (PEFT's hot-swap scaling), as in ``lora_linear``. Derivation: ``fastlora.dora``.
     """
     _validate(input, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p)
     input, weight, lora_A, lora_B, bias = _autocast(input.device.type, input, weight, lora_A, lora_B, bias)
@@ -545,8 +552,9 @@ def dora_linear(
 
     p = float(dropout_p) if training else 0.0
     use_triton = _backend.use_triton(input.device, input.dtype)
-    x2d = input if input.dim() == 2 else input.reshape(-1, input.shape[-1])
-    args = (x2d, weight, lora_A, lora_B, magnitude, bias, float(scaling), p, use_triton)
+    x2d = flatten_rows(input)
+    lora_B, scaling = fold_tensor_scaling(lora_B, scaling)  # a tensor scaling: into B, autograd-visible
+    args = (x2d, weight, lora_A, lora_B, magnitude, bias, scaling, p, use_triton)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, weight, lora_A, lora_B, magnitude, bias))
     if torch.compiler.is_compiling():  # custom ops: no graph break
@@ -554,7 +562,7 @@ def dora_linear(
     elif needs_grad:
         y = DoRALinearFunction.apply(*args)
     else:
-        y = _forward(*args, save=False)[0]
+        y = _forward(*args, save=False, reuse=True)[0]
     return y if input.dim() == 2 else y.reshape(*input.shape[:-1], weight.shape[0])
 
 
@@ -578,11 +586,14 @@ def dora_embedding(input: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor
                          f"({D}, r)")
     if magnitude.dim() != 1 or magnitude.shape[0] != D:
         raise ValueError(f"dora_embedding: magnitude {_shape(magnitude)} must be ({D},)")
+    check_scaling(scaling, weight.device, "dora_embedding")
     embed_fn = embed_fn if embed_fn is not None else F.embedding
     if base_output is None:
         base_output = F.embedding(input, weight)
     use_triton = _backend.use_triton(weight.device, weight.dtype)
-    norm = _norm(weight.t(), lora_A, lora_B, float(scaling), use_triton)
+    lora_B, scaling = fold_tensor_scaling(lora_B, scaling)
+    reuse = not (torch.is_grad_enabled() and any(t.requires_grad for t in (lora_A, lora_B, magnitude)))
+    norm = _norm(weight.t(), lora_A, lora_B, scaling, use_triton, reuse)
     # PEFT's norm has the dtype of W + s·lora_weight: the promotion of the base's and the adapters' dtypes
     norm = norm.to(torch.promote_types(weight.dtype, lora_A.dtype))
     g = magnitude / norm

@@ -1,7 +1,6 @@
 """``lora_linear``: validate → autocast → flatten to 2-D → dispatch (Triton | PyTorch) → reshape."""
 from __future__ import annotations
 
-import numbers
 from typing import Sequence
 
 import torch
@@ -10,6 +9,8 @@ from torch import Tensor
 
 from . import backend as _backend
 from .autograd import lora_linear_infer, lora_linear_train
+from .op_common import autocast as _autocast
+from .op_common import check_dropout, check_scaling, flatten_rows
 
 __all__ = ["lora_linear", "lora_linear_multi", "lora_embedding"]
 
@@ -62,24 +63,8 @@ def _validate(input, weight, lora_A, lora_B, bias, scaling, dropout_p) -> None:
         )
     if bias is not None and bias.shape[0] != N:
         raise ValueError(f"lora_linear: bias {_shape(bias)} must be (out_features={N},) to match weight {_shape(weight)}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"lora_linear: dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    _check_scaling(scaling, input.device, "lora_linear")
-
-
-def _check_scaling(scaling, device, who: str) -> None:
-    """A real number, or a one-element floating-point tensor without gradient (PEFT's hot-swap scaling)."""
-    if isinstance(scaling, Tensor):
-        if scaling.numel() != 1 or not scaling.is_floating_point():
-            raise TypeError(f"{who}: a tensor scaling must be a one-element floating-point tensor, got "
-                            f"shape {_shape(scaling)} dtype {scaling.dtype}")
-        if scaling.requires_grad:
-            raise ValueError(f"{who}: scaling gets no gradient; pass scaling.detach()")
-        if scaling.device != device and scaling.device.type != "cpu":
-            raise ValueError(f"{who}: scaling is on {scaling.device} but input on {device}")
-        return
-    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
-        raise TypeError(f"{who}: scaling must be a real number or a 0-d tensor, got {scaling!r}")
+    check_dropout(dropout_p, "lora_linear")
+    check_scaling(scaling, input.device, "lora_linear")
 
 
 def _check_dtypes(input, weight, lora_A, lora_B, bias) -> None:
@@ -92,17 +77,6 @@ def _check_dtypes(input, weight, lora_A, lora_B, bias) -> None:
         raise TypeError(f"lora_linear: bias dtype {bias.dtype} must match input dtype {input.dtype}")
     if lora_A.dtype != lora_B.dtype:
         raise TypeError(f"lora_linear: lora_A dtype {lora_A.dtype} and lora_B dtype {lora_B.dtype} differ")
-
-
-_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)  # autocast leaves float64 alone
-
-
-def _autocast(device_type: str, *tensors):
-    """Cast to the autocast dtype where autocast is on for this device, as nn.Linear's matmul is."""
-    if not torch.is_autocast_enabled(device_type):
-        return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t is not None and t.dtype in _AUTOCAST_ELIGIBLE else t for t in tensors)
 
 
 def lora_linear(
@@ -134,7 +108,7 @@ def lora_linear(
     p = float(dropout_p) if training else 0.0
     use_triton = _backend.use_triton(input.device, input.dtype)
 
-    x2d = input if input.dim() == 2 else input.reshape(-1, input.shape[-1])
+    x2d = flatten_rows(input)
     if isinstance(scaling, Tensor):
         scaling = scaling.reshape(())
     else:
@@ -180,6 +154,7 @@ def lora_linear_multi(
                            dropout_p=dropout_ps[0], training=training)
     for A, B, s, p in zip(lora_As, lora_Bs, scalings, dropout_ps):
         _validate(input, weight, A, B, bias, s, p)
+        _check_dtypes(*_autocast(input.device.type, input, weight, A, B, bias))  # as lora_linear checks each
     active = [float(p) if training else 0.0 for p in dropout_ps]
     plain = [i for i in range(n) if active[i] == 0.0]
     dropped = [i for i in range(n) if active[i] > 0.0]
@@ -205,7 +180,8 @@ def lora_linear_multi(
     branches += [(lora_As[i], lora_Bs[i], scalings[i], active[i]) for i in dropped[1:]]
     for A, B, s, p in branches:
         xd = F.dropout(x, p, True) if p > 0.0 else x
-        y = y + _scaled(F.linear(F.linear(xd, A.to(x.dtype)), B.to(x.dtype)), s).to(y.dtype)
+        # in the adapters' dtype, as PEFT (fp32 adapters on a half base: no fp16 overflow in the low-rank terms)
+        y = y + _scaled(F.linear(F.linear(xd.to(A.dtype), A), B.to(A.dtype)), s).to(y.dtype)
     return y
 
 
@@ -239,7 +215,16 @@ def lora_embedding(
     if lora_A.shape[1] != weight.shape[0] or lora_B.shape != (weight.shape[1], lora_A.shape[0]):
         raise ValueError(f"lora_embedding: lora_A {_shape(lora_A)} must be (r, {weight.shape[0]}) and lora_B "
                          f"{_shape(lora_B)} (embedding_dim={weight.shape[1]}, r) for weight {_shape(weight)}")
-    _check_scaling(scaling, weight.device, "lora_embedding")
+    for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if not t.is_floating_point():
+            raise TypeError(f"lora_embedding: {name} must be a floating-point tensor, got dtype {t.dtype}")
+    if lora_A.dtype != lora_B.dtype:
+        raise TypeError(f"lora_embedding: lora_A dtype {lora_A.dtype} and lora_B dtype {lora_B.dtype} differ")
+    devices = {"input": input.device, "weight": weight.device, "lora_A": lora_A.device, "lora_B": lora_B.device}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"lora_embedding: all tensors must be on one device, got {listing}")
+    check_scaling(scaling, weight.device, "lora_embedding")
     opts = (padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
     result = F.embedding(input, weight, *opts)                 # (..., dim)
     return add_embedding_update(result, input, lora_A, lora_B, scaling, opts)

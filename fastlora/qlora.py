@@ -38,18 +38,20 @@ bitsandbytes is optional for fastlora as a whole; this module imports it on firs
 from __future__ import annotations
 
 import functools
-import numbers
 import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import backend as _backend
 from . import reference
+from .autograd import keep_mask
+from .op_common import autocast as _autocast
+from .op_common import check_dropout, check_scaling, draw_seed, flatten_rows, fold_tensor_scaling, recompute_grads
 
 __all__ = [
     "lora_linear_4bit",
@@ -237,10 +239,8 @@ def _validate(input, weight, quant: _Quant, lora_A, lora_B, bias, scaling, dropo
         raise ValueError(f"lora_linear_4bit: lora_B {tuple(lora_B.shape)} must be (out_features={N}, r={r})")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
         raise ValueError(f"lora_linear_4bit: bias {tuple(bias.shape)} must be (out_features={N},)")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"lora_linear_4bit: dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
-        raise TypeError(f"lora_linear_4bit: scaling must be a real number, got {scaling!r}")
+    check_dropout(dropout_p, "lora_linear_4bit")
+    check_scaling(scaling, input.device, "lora_linear_4bit")
 
 
 def _check_dtypes(input, lora_A, lora_B, bias) -> None:
@@ -248,13 +248,6 @@ def _check_dtypes(input, lora_A, lora_B, bias) -> None:
         raise TypeError(f"lora_linear_4bit: bias dtype {bias.dtype} must match input dtype {input.dtype}")
     if lora_A.dtype != lora_B.dtype:
         raise TypeError(f"lora_linear_4bit: lora_A dtype {lora_A.dtype} and lora_B dtype {lora_B.dtype} differ")
-
-
-def _autocast(device_type: str, *tensors):
-    if not torch.is_autocast_enabled(device_type):
-        return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t is not None and t.dtype in _W_DTYPES else t for t in tensors)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -326,13 +319,6 @@ def _pick(phase: str, x: Tensor, quant: _Quant, lora_A: Tensor, has_bias: bool, 
 # ---------------------------------------------------------------------------------------------------------
 # Forward / backward bodies
 # ---------------------------------------------------------------------------------------------------------
-
-def _draw_seed(dropout_p: float) -> int:
-    """As fastlora.autograd: from torch's default generator, so torch.manual_seed makes runs repeatable."""
-    if dropout_p > 0.0:
-        return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
-    return 0
-
 
 def _standin(x: Tensor, rows: int, cols: int) -> Tensor:
     """A (rows, cols) tensor of x's dtype with no storage of its own: a weight argument that is never read."""
@@ -408,7 +394,12 @@ def _forward_torch(x, q, quant: _Quant, lora_A, lora_B, bias, scaling, p, seed, 
     w = quant.dequantize(q, cd)
     y = torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
     del w
-    y.addmm_(h.to(cd), lora_B.to(cd).t(), alpha=scaling)  # h was computed in cd: the cast back is exact
+    ld = reference.low_rank_dtype(cd, lora_A.dtype)  # h was computed in it
+    hs = h.to(ld) * scaling  # s on the (M, r) side: alpha = 0 would hide a NaN in A or B
+    if ld == cd:
+        y.addmm_(hs, lora_B.to(cd).t())
+    else:  # fp32 adapters on a half base: the branch in fp32, rounded once into y (as PEFT)
+        y.add_(torch.mm(hs, lora_B.to(ld).t()))
     return y, (h if save_h else None)
 
 
@@ -424,35 +415,55 @@ def _backward_torch(grad_y, x, q, quant: _Quant, lora_A, lora_B, h, scaling, p, 
         w = quant.dequantize(q, cd)
         dx = torch.mm(grad_y, w)  # (M, K)
         del w
-        dh = torch.mm(grad_y, lora_B.to(cd)).mul_(scaling)  # (M, r)
+        ld = reference.low_rank_dtype(cd, lora_A.dtype)  # dh and the low-rank term in it, as the reference's
+        dh = torch.mm(grad_y.to(ld), lora_B.to(ld)).mul_(scaling)  # (M, r)
         if p == 0.0:
-            dx.addmm_(dh, lora_A.to(cd))
+            dx.add_(torch.mm(dh, lora_A.to(ld)))
         else:  # the reference's mask, regenerated from the seed
             keep = reference.dropout_keep_mask(seed, x.shape, p, x.device)
-            dx.add_(torch.mm(dh, (lora_A * (1.0 / (1.0 - p))).to(cd)).masked_fill_(~keep, 0.0))
+            dx.add_(torch.mm(dh, (lora_A * (1.0 / (1.0 - p))).to(ld)).masked_fill_(~keep, 0.0))
     return dx, dA, dB, dbias
+
+
+def differentiable_forward(x, q, quant: _Quant, lora_A, lora_B, bias, scaling, p, seed, use_triton):
+    """The op's formula in differentiable PyTorch ops, W̃ a constant and the op's own dropout mask: what a double
+    backward differentiates (op_common.recompute_grads)."""
+    xd = x
+    if p > 0.0:
+        keep = keep_mask(seed, x.shape, p, x.device, use_triton)
+        xd = torch.where(keep, x * (1.0 / (1.0 - p)), 0.0)
+    low = F.linear(F.linear(xd.to(lora_A.dtype), lora_A), lora_B.to(lora_A.dtype)) * scaling
+    return F.linear(x, quant.dequantize(q, x.dtype), bias) + low.to(x.dtype)
 
 
 class LoRALinear4bitFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, q, lora_A, lora_B, bias, quant, scaling, dropout_p, use_triton):
-        seed = _draw_seed(dropout_p)
-        y, h = _forward(x, q, quant, lora_A, lora_B, bias, scaling, dropout_p, seed, True, use_triton)
-        ctx.save_for_backward(x, q, lora_A, lora_B, h)  # q is the packed parameter itself: no copy
+        seed = draw_seed(dropout_p)
+        with _backend.kernel_section(use_triton):
+            y, h = _forward(x, q, quant, lora_A, lora_B, bias, scaling, dropout_p, seed, True, use_triton)
+        ctx.save_for_backward(x, q, lora_A, lora_B, bias, h)  # q is the packed parameter itself: no copy
         ctx.quant, ctx.seed, ctx.scaling, ctx.dropout_p, ctx.use_triton = quant, seed, scaling, dropout_p, use_triton
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y):
-        x, q, lora_A, lora_B, h = ctx.saved_tensors
+        x, q, lora_A, lora_B, bias, h = ctx.saved_tensors
         nx, _, na, nb, nbias = ctx.needs_input_grad[:5]
         needs = (nx, na, nb, nbias and ctx.has_bias)
         if not any(needs):
             return (None,) * 9
-        dx, dA, dB, dbias = _backward(grad_y.contiguous(), x, q, ctx.quant, lora_A, lora_B, h, ctx.scaling,
-                                      ctx.dropout_p, ctx.seed, needs, ctx.use_triton)
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that is differentiated again (op_common)
+            def forward(x, lora_A, lora_B, bias):
+                return differentiable_forward(x, q, ctx.quant, lora_A, lora_B, bias, ctx.scaling, ctx.dropout_p,
+                                              ctx.seed, ctx.use_triton)
+
+            dx, dA, dB, dbias = recompute_grads(forward, (x, lora_A, lora_B, bias), needs, grad_y)
+        else:
+            with _backend.kernel_section(ctx.use_triton):
+                dx, dA, dB, dbias = _backward(grad_y.contiguous(), x, q, ctx.quant, lora_A, lora_B, h, ctx.scaling,
+                                              ctx.dropout_p, ctx.seed, needs, ctx.use_triton)
         return dx, None, dA, dB, dbias, None, None, None, None
 
 
@@ -476,7 +487,7 @@ def lora_linear_4bit(
     bias: Optional[Tensor] = None,
     *,
     quant_state=None,
-    scaling: float = 1.0,
+    scaling: float | Tensor = 1.0,
     dropout_p: float = 0.0,
     training: bool = True,
 ) -> Tensor:
@@ -488,7 +499,8 @@ def lora_linear_4bit(
     quantized dtype) and cast to it, as ``bnb.matmul_4bit``. lora_A (r, in), lora_B (out, r) (may be wider than
     input, e.g. fp32 adapters), bias (out,) or None. Dropout acts on the LoRA branch only, when ``training`` and
     ``dropout_p > 0``. Gradients flow to input, lora_A, lora_B (and bias if it requires grad), never to weight.
-    No dequantized copy of the weight is kept between calls or saved for the backward.
+    ``scaling`` is a number or a one-element tensor without gradient (PEFT's hot-swap scaling), as in
+    ``lora_linear``. No dequantized copy of the weight is kept between calls or saved for the backward.
     """
     _bnb()
     quant = _resolve_quant(weight, quant_state)
@@ -499,13 +511,15 @@ def lora_linear_4bit(
     p = float(dropout_p) if training else 0.0
     use_triton = _backend.use_triton(input.device, input.dtype)
     q = _packed_bytes(weight)
-    x2d = input if input.dim() == 2 else input.reshape(-1, input.shape[-1])
+    x2d = flatten_rows(input)
     if use_triton:
         x2d = x2d.contiguous()
+    lora_B, scaling = fold_tensor_scaling(lora_B, scaling)  # a tensor scaling: into B, autograd-visible
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, lora_A, lora_B, bias))
     if needs_grad:
-        y = LoRALinear4bitFunction.apply(x2d, q, lora_A, lora_B, bias, quant, float(scaling), p, use_triton)
+        y = LoRALinear4bitFunction.apply(x2d, q, lora_A, lora_B, bias, quant, scaling, p, use_triton)
     else:
-        y = _forward(x2d, q, quant, lora_A, lora_B, bias, float(scaling), p, _draw_seed(p), False, use_triton)[0]
+        with _backend.kernel_section(use_triton):
+            y = _forward(x2d, q, quant, lora_A, lora_B, bias, scaling, p, draw_seed(p), False, use_triton)[0]
     return y if input.dim() == 2 else y.reshape(*input.shape[:-1], quant.N)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 __all__ = [
     "h_dtype",
     "dropout_drop_index",
+    "low_rank_dtype",
     "dropout_keep_mask",
     "lora_forward",
     "lora_backward",
@@ -89,32 +90,49 @@ def _dropped_(t: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _dropped(t: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of t (M, K) with the elements at the flat indices ``drop`` zeroed."""
-    return _dropped_(t.clone(memory_format=torch.contiguous_format), drop)
+def _dropped(t: torch.Tensor, drop: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A contiguous copy of t (M, K), in ``dtype`` (default t's), with the elements at the flat indices ``drop``
+    zeroed."""
+    if dtype is None or dtype == t.dtype:
+        return _dropped_(t.clone(memory_format=torch.contiguous_format), drop)
+    return _dropped_(t.to(dtype, memory_format=torch.contiguous_format), drop)
+
+
+def low_rank_dtype(dtype: torch.dtype, adapter_dtype: torch.dtype) -> torch.dtype:
+    """dtype of the low-rank products h = drop(x) Aᵀ, s·h Bᵀ and the backward's dh, dA, dB: the adapters' where they
+    are wider than the input (fp32 adapters on a half base, PEFT's default), as in PEFT. In the input's fp16 they
+    would overflow where PEFT stays finite (s·h above 65504, say)."""
+    return torch.promote_types(dtype, adapter_dtype)
 
 
 def lora_forward(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: float, seed: int, save_h: bool = True):
     """y = x@Wᵀ + b + s·h@Bᵀ with h = drop(x)@Aᵀ. Returns (y, h), h None unless ``save_h``.
 
     x (M, K) and weight (N, K) share a dtype; the adapters may be wider (fp32 with a bf16 base, as PEFT keeps
-    them) and are cast to x's dtype for the products, which accumulate in fp32 as torch's matmuls do. With
-    dropout, the 1/(1-p) goes onto A (r, K) rather than onto an (M, K) tensor, and the (M, K) masked copy of
-    x is a temporary: it is freed before y is computed and never saved.
+    them): the low-rank products then run in their dtype (``low_rank_dtype``) and the branch is rounded once, when
+    it is added into y (in x's dtype, as PEFT's sum). With dropout, the 1/(1-p) goes onto A (r, K) rather than
+    onto an (M, K) tensor, and the (M, K) masked copy of x is a temporary: it is freed before y is computed and
+    never saved.
     """
     cd = x.dtype
-    B = lora_B.to(cd)
+    ld = low_rank_dtype(cd, lora_A.dtype)
     if dropout_p == 0.0:
-        h = torch.mm(x, lora_A.to(cd).t())  # (M, r)
+        h = torch.mm(x.to(ld), lora_A.to(ld).t())  # (M, r)
     else:  # the masked copy of x is a temporary: zeros scattered at the ~p·M·K dropped positions
         drop = dropout_drop_index(seed, x.numel(), dropout_p, x.device)
-        h = torch.mm(_dropped(x, drop), (lora_A / (1.0 - dropout_p)).to(cd).t())
+        h = torch.mm(_dropped(x, drop, ld), (lora_A / (1.0 - dropout_p)).to(ld).t())
         del drop
     if bias is None:
         y = torch.mm(x, weight.t())
     else:
         y = torch.addmm(bias, x, weight.t())
-    y.addmm_(h, B.t(), alpha=scaling)  # in place: no second (M, N) buffer
+    # s on the (M, r) side, not addmm's alpha: alpha = 0 skips the product and would hide a NaN in A or B (PEFT's
+    # 0·NaN is NaN)
+    hs = h * scaling
+    if ld == cd:
+        y.addmm_(hs, lora_B.to(cd).t())  # in place: no second (M, N) buffer
+    else:  # the branch in the adapters' dtype, added (and rounded) once
+        y.add_(torch.mm(hs, lora_B.to(ld).t()))
     return y, (h.to(h_dtype(cd)) if save_h else None)
 
 
@@ -123,29 +141,38 @@ def lora_backward(
     needs_input: bool, needs_weight: bool, needs_A: bool, needs_B: bool, needs_bias: bool,
 ):
     """Gradients of lora_forward (derived in fastlora.autograd). Returns (dx, dW, dA, dB, dbias), None where
-    not needed. The dropout mask is regenerated from ``seed``: it is the forward's, bit for bit."""
+    not needed. The dropout mask is regenerated from ``seed``: it is the forward's, bit for bit. dh, dA and dB
+    are computed in ``low_rank_dtype`` (dY is exact in it), dx and dW in x's dtype."""
     cd = grad_y.dtype
+    ld = low_rank_dtype(cd, lora_A.dtype)
     inv_keep = 1.0 / (1.0 - dropout_p)
     dx = dW = dA = dB = dbias = None
+    dy = grad_y.to(ld) if (needs_input or needs_A or needs_B) else grad_y
     if needs_input or needs_A:
-        dh = torch.mm(grad_y, lora_B.to(cd)).mul_(scaling)  # (M, r)
+        dh = torch.mm(dy, lora_B.to(ld)).mul_(scaling)  # (M, r)
     if needs_B:
         # (N, r), computed as (hᵀ dY)ᵀ: BLAS streams dY faster in this orientation
-        dB = torch.mm(h.to(cd).t(), grad_y).mul_(scaling).t().to(lora_B.dtype)
+        dB = torch.mm(h.to(ld).t(), dy).mul_(scaling).t().to(lora_B.dtype)
+    del dy
     drop = None
     if dropout_p > 0.0 and (needs_input or needs_A):
         drop = dropout_drop_index(seed, x.numel(), dropout_p, x.device)
     if needs_input:
         if drop is None:
             dx = torch.mm(grad_y, weight)  # (M, K)
-            dx.addmm_(dh, lora_A.to(cd))
-        else:  # dx = (dh · A/(1-p)) ⊙ keep + dY W: the base GEMM accumulates onto the masked product in place
+            if ld == cd:
+                dx.addmm_(dh, lora_A.to(cd))
+            else:  # the low-rank term in the adapters' dtype, added (and rounded) once
+                dx.add_(torch.mm(dh, lora_A.to(ld)))
+        elif ld == cd:  # dx = (dh · A/(1-p)) ⊙ keep + dY W: the base GEMM accumulates onto the masked product
             dx = _dropped_(torch.mm(dh, (lora_A * inv_keep).to(cd)), drop).addmm_(grad_y, weight)
+        else:
+            dx = torch.mm(grad_y, weight).add_(_dropped_(torch.mm(dh, (lora_A * inv_keep).to(ld)), drop))
     if needs_A:
         if drop is None:
-            dA = torch.mm(dh.t(), x)  # (r, K)
+            dA = torch.mm(dh.t(), x.to(ld))  # (r, K)
         else:
-            dA = torch.mm(dh.t(), _dropped(x, drop)).mul_(inv_keep)
+            dA = torch.mm(dh.t(), _dropped(x, drop, ld)).mul_(inv_keep)
         dA = dA.to(lora_A.dtype)
     if needs_weight:
         dW = torch.mm(grad_y.t(), x)  # (N, K): only for a weight that asks for it

@@ -39,6 +39,7 @@ import collections
 import contextlib
 import functools
 import os
+import threading
 import warnings
 
 import torch
@@ -72,6 +73,15 @@ launch_counts: collections.Counter = collections.Counter()
 @triton.jit
 def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def low_rank_dot(l, u, acc, cdt, LO_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + l @ u for the rank-R terms (l fp32, u in the adapters' dtype): in the input dtype ``cdt``, or with fp32
+    operands (TF32) where LO_FP32 says the input's fp16 could overflow (fp32 adapters on an fp16 base)."""
+    if LO_FP32:
+        return tl.dot(l, u.to(tl.float32), acc, input_precision="tf32")
+    return tl.dot(l.to(cdt), u.to(cdt), acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit(do_not_specialize=["M", "seed", "drop_thr"])
@@ -125,7 +135,7 @@ def gemm_lora_kernel(
     scaling, seed, drop_thr, inv_keep,
     M_BUCKET,  # autotune key only
     HAS_BIAS: tl.constexpr, LO_DROPOUT: tl.constexpr, FUSE_SHRINK: tl.constexpr, STORE_L: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    EVEN_K: tl.constexpr, LO_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_BLOCK: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr,
 ):
@@ -134,7 +144,9 @@ def gemm_lora_kernel(
     Forward: a = x, b = Wᵀ, L = h, U = Bᵀ. With FUSE_SHRINK, L = a @ S (S = Aᵀ, (K, R)) is accumulated in the
     same K loop and, with STORE_L, stored by the programs of the first column tile.
     Backward dX: a = dY, b = W, L = dh (already scaled, s = 1), U = A, LO_DROPOUT: the forward's mask on (M, N).
-    Bias and the rank-R term are added into the one fp32 accumulator before C is stored, once.
+    Bias and the rank-R term are added into the one fp32 accumulator before C is stored, once. LO_FP32 (fp16
+    inputs, fp32 adapters): the rank-R product takes fp32 operands (TF32: fp16's mantissa, fp32's range), since
+    s·L or U rounded to fp16 overflow where PEFT's fp32 branch stays finite.
     """
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -168,7 +180,7 @@ def gemm_lora_kernel(
                         mask=rr[None, :] < R, other=0.0)
             u = tl.load(u_ptr + rr.to(tl.int64)[:, None] * stride_ur + cols[None, :] * stride_un,
                         mask=rr[:, None] < R, other=0.0)
-            acc = _dot((l.to(tl.float32) * scaling).to(cdt), u.to(cdt), acc, DOT_PRECISION)
+            acc = low_rank_dot(l.to(tl.float32) * scaling, u, acc, cdt, LO_FP32, DOT_PRECISION)
         if LO_DROPOUT:
             keep = philox_keep(seed, drop_thr, offs_m, pid_n * BLOCK_N, BLOCK_M, BLOCK_N, N_ROUNDS)
             acc = tl.where(keep, acc * inv_keep, 0.0)
@@ -206,7 +218,7 @@ def gemm_lora_kernel(
                 tl.store(l_ptrs, l_acc.to(l_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & r_ok)
         u = tl.load(u_ptr + offs_r.to(tl.int64)[:, None] * stride_ur + cols[None, :] * stride_un,
                     mask=offs_r[:, None] < R, other=0.0)
-        acc = _dot((l_acc * scaling).to(cdt), u.to(cdt), acc, DOT_PRECISION)
+        acc = low_rank_dot(l_acc * scaling, u, acc, cdt, LO_FP32, DOT_PRECISION)
 
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
@@ -220,7 +232,7 @@ def lora_grad_dy_kernel(
     stride_dhs, stride_dhm, stride_dhr, stride_dbn, stride_dbr,
     scaling,
     M_BUCKET,  # autotune key only
-    NEED_DH: tl.constexpr, NEED_DB: tl.constexpr, NEED_DBIAS: tl.constexpr,
+    NEED_DH: tl.constexpr, NEED_DB: tl.constexpr, NEED_DBIAS: tl.constexpr, LO_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One pass over dY (M, N), split over row tiles, column ranges and rank chunks (grid in that order).
@@ -229,7 +241,8 @@ def lora_grad_dy_kernel(
       dh_part[j, rows i, chunk c] = s·dY[rows, cols] B[cols, chunk]   (M, R) partial per column split, stored;
       dB[cols, chunk] += s·dY[rows, cols]ᵀ h[rows, chunk]           fp32 atomics across row tiles;
       dbias[cols] += Σ_rows dY[rows, cols]                            fp32 atomics across row tiles.
-    The column splits let small M fill the device; the launch helper sums dh_part over j (deterministically)."""
+    The column splits let small M fill the device; the launch helper sums dh_part over j (deterministically).
+    LO_FP32 (fp16 dY, fp32 adapters): dB's product takes fp32 operands (TF32), s·h kept out of fp16's range."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_r = tl.program_id(2)
@@ -247,7 +260,9 @@ def lora_grad_dy_kernel(
     if NEED_DB:
         h = tl.load(h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm + offs_r.to(tl.int64)[None, :] * stride_hr,
                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-        h = (h.to(tl.float32) * scaling).to(cdt)
+        h = h.to(tl.float32) * scaling
+        if not LO_FP32:
+            h = h.to(cdt)
     dh = tl.zeros((BLOCK_M, R_BLOCK), dtype=tl.float32)
     for n in range(n_start, n_end, BLOCK_N):
         n_ok = offs_n < n_end - (n - n_start)
@@ -257,7 +272,11 @@ def lora_grad_dy_kernel(
             b = tl.load(b_ptrs, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
             dh = _dot(dy, b.to(cdt), dh, DOT_PRECISION)
         if NEED_DB:
-            part = _dot(tl.trans(dy), h, tl.zeros((BLOCK_N, R_BLOCK), dtype=tl.float32), DOT_PRECISION)
+            if LO_FP32:
+                part = tl.dot(tl.trans(dy).to(tl.float32), h, tl.zeros((BLOCK_N, R_BLOCK), dtype=tl.float32),
+                              input_precision="tf32")
+            else:
+                part = _dot(tl.trans(dy), h, tl.zeros((BLOCK_N, R_BLOCK), dtype=tl.float32), DOT_PRECISION)
             tl.atomic_add(db_ptrs, part, mask=n_ok[:, None] & r_ok[None, :], sem="relaxed")
         if NEED_DBIAS:
             if pid_r == 0:
@@ -279,12 +298,13 @@ def lora_grad_a_kernel(
     stride_dhm, stride_dhr, stride_xm, stride_xk, stride_os, stride_or, stride_ok,
     seed, drop_thr, inv_keep,
     M_BUCKET,  # autotune key only
-    HAS_DROPOUT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, LO_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_BLOCK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr,
 ):
     """out[split, r-chunk, k-tile] = dh[rows of split]ᵀ @ drop(x)[rows of split, k-tile], fp32.
-    Grid (column tiles, row splits, rank chunks); the splits are summed afterwards (deterministically)."""
+    Grid (column tiles, row splits, rank chunks); the splits are summed afterwards (deterministically).
+    LO_FP32 (fp16 x, fp32 adapters): fp32 operands (TF32), dh kept out of fp16's range."""
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_r = tl.program_id(2)
@@ -305,8 +325,11 @@ def lora_grad_a_kernel(
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
             keep = philox_keep(seed, drop_thr, offs_m, pid_k * BLOCK_K, BLOCK_M, BLOCK_K, N_ROUNDS)
-            x = tl.where(keep, x.to(tl.float32) * inv_keep, 0.0).to(cdt)
-        acc = _dot(tl.trans(dh.to(cdt)), x, acc, DOT_PRECISION)
+            x = tl.where(keep, x.to(tl.float32) * inv_keep, 0.0)
+        if LO_FP32:
+            acc = tl.dot(tl.trans(dh.to(tl.float32)), x.to(tl.float32), acc, input_precision="tf32")
+        else:
+            acc = _dot(tl.trans(dh.to(cdt)), x.to(cdt), acc, DOT_PRECISION)
     out_ptrs = (out_ptr + pid_s.to(tl.int64) * stride_os + offs_r.to(tl.int64)[:, None] * stride_or
                 + offs_k.to(tl.int64)[None, :] * stride_ok)
     tl.store(out_ptrs, acc, mask=r_ok[:, None] & k_ok[None, :])
@@ -490,6 +513,10 @@ def gemm_resources(c, args):
     else:  # the prologue holds L (BM, R), U (R, BN) and, with the dX mask, Philox words for the (BM, BN) tile
         live = acc + bm * rb + rb * bn + (acc if args.get("LO_DROPOUT") else 0)
     live += _operands_in_registers(args, "K", ea) * (bm * bk + bk * bn)
+    if args.get("LO_FP32") and bm >= 128 and c.num_stages >= 4:
+        # measured (sm_90, triton 3.9, fp16 with fp32 adapters): the fp32 (TF32) rank-r prologue spills 8-52 B at
+        # 255 registers on 128×128×64 (4 warps) and 256×128×64 (8 warps) with 4 stages; 3 stages do not
+        live = _MEASURED_SPILL * _threads(c)
     if fused:
         live += _operands_in_registers(args, "K", ea, _esize(args, "s_ptr", ea)) * bk * rb
         if c.num_warps < 8 and _unaligned(args, "K"):
@@ -538,10 +565,15 @@ def dy_resources(c, args):
 def grad_a_resources(c, args):
     bm, bk, rb = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], args.get("R_BLOCK", 16)
     ex = _esize(args, "x_ptr", 2)
-    # pipeline of dh (BM, R) fp32 and x (BM, BK) tiles, and the (masked) x operand of the dot
-    smem = max(1, c.num_stages - 1) * (bm * rb * 4 + bm * bk * ex) + bm * bk * ex
+    lo32 = bool(args.get("LO_FP32"))
+    # pipeline of dh (BM, R) fp32 and x (BM, BK) tiles, and the (masked) x operand of the dot; with fp32 operands
+    # (LO_FP32: TF32 dots) the dot runs on wgmma from 64 rows, with num_stages buffers (sm_90 builds: 112-256 KB,
+    # to the KB at R = 64 and 128)
+    smem = _pipeline_smem(c, bm * rb * 4 + bm * bk * ex, wgmma=lo32 and bm >= 64) + bm * bk * ex
     live = rb * bk + bm * rb + bm * bk * (2 if args.get("HAS_DROPOUT") else 1)
     live += _operands_in_registers(args, "K", ex) * (bm * bk + bm * rb)
+    if lo32 and args.get("HAS_DROPOUT") and bm == 64 and bk == 32:
+        live = _MEASURED_SPILL * _threads(c)  # measured: 8 B spilled at 80 registers (sm_90, triton 3.9)
     return smem, _regs_per_thread(live, c)
 
 
@@ -733,11 +765,18 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Triton's Autotuner keeps the arguments of the call it runs in ``self.nargs`` (its reset_to_zero hook zeroes the
+# tensors named there, and it clears the field when done): two threads making their first call of a key at once
+# would zero each other's dB accumulators or crash on the cleared field. Autotuned launches take turns.
+_AUTOTUNE_LOCK = threading.Lock()
+
+
 def _launch(name, tuned, fixed_fn, fixed_cfgs, grid, m_bucket, *args, **kwargs):
     """Launch through the autotuner, or with the fixed config for the interpreter / this M class."""
     launch_counts[name] += 1
     if _autotune_enabled():
-        tuned[grid](*args, **kwargs)
+        with _AUTOTUNE_LOCK:
+            tuned[grid](*args, **kwargs)
     else:
         meta = fixed_config(tuned, fixed_cfgs, m_bucket, args, kwargs)
         g = grid(meta) if callable(grid) else grid
@@ -794,6 +833,13 @@ def _dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and _autotune_enabled():
         return "tf32"
     return "ieee"
+
+
+def low_rank_fp32(dtype: torch.dtype, adapter_dtype: torch.dtype) -> bool:
+    """The rank-r products run with fp32 operands: fp16 inputs with fp32 adapters (PEFT's default on an fp16 base),
+    whose low-rank terms PEFT computes in fp32 and which would overflow in fp16 (s·h, dh above 65504). bf16 shares
+    fp32's range: its rank-r products keep bf16 operands."""
+    return dtype == torch.float16 and adapter_dtype == torch.float32
 
 
 def _kernel_view(t: torch.Tensor) -> torch.Tensor:
@@ -910,6 +956,7 @@ def _forward_gemm(x, weight, lora_A, lora_B, bias, y, h_arg, scaling, mb, k_loop
         h_arg.stride(0), h_arg.stride(1), lora_B.stride(1), lora_B.stride(0), lora_A.stride(1), lora_A.stride(0),
         float(scaling), 0, 0, 1.0, mb,
         HAS_BIAS=bias is not None, LO_DROPOUT=False, FUSE_SHRINK=fuse, STORE_L=store_h,
+        LO_FP32=low_rank_fp32(x.dtype, lora_B.dtype),
         R_BLOCK=rb, DOT_PRECISION=_dot_precision(x.dtype), N_ROUNDS=PHILOX_ROUNDS,
     )
 
@@ -980,7 +1027,8 @@ def _grad_dy(grad_y, lora_B, h, scaling, need_dh, need_db, need_dbias, prec, mb)
         h_a.stride(0), h_a.stride(1), dh_a.stride(0), dh_a.stride(1), dh_a.stride(2),
         db_a.stride(0), db_a.stride(1),
         float(scaling), mb,
-        NEED_DH=need_dh, NEED_DB=need_db, NEED_DBIAS=need_dbias, R_BLOCK=rb, DOT_PRECISION=prec,
+        NEED_DH=need_dh, NEED_DB=need_db, NEED_DBIAS=need_dbias,
+        LO_FP32=low_rank_fp32(grad_y.dtype, lora_B.dtype), R_BLOCK=rb, DOT_PRECISION=prec,
     )
     dh = None
     if need_dh:
@@ -988,7 +1036,7 @@ def _grad_dy(grad_y, lora_B, h, scaling, need_dh, need_db, need_dbias, prec, mb)
     return dh, db, dbias
 
 
-def _grad_a(dh, x, p, seed, prec, mb):
+def _grad_a(dh, x, p, seed, prec, mb, lo_fp32=False):
     """dA (r, K) fp32 = dhᵀ @ drop(x), rows split over enough programs to fill the device."""
     M, K = x.shape
     r = dh.shape[1]
@@ -1006,7 +1054,7 @@ def _grad_a(dh, x, p, seed, prec, mb):
         dh, x, part, M, K, r, rows_per_split,
         dh.stride(0), dh.stride(1), x.stride(0), x.stride(1), part.stride(0), part.stride(1), part.stride(2),
         int(seed), thr, inv_keep, mb,
-        HAS_DROPOUT=p > 0.0, R_BLOCK=rb, DOT_PRECISION=prec, N_ROUNDS=PHILOX_ROUNDS,
+        HAS_DROPOUT=p > 0.0, LO_FP32=lo_fp32, R_BLOCK=rb, DOT_PRECISION=prec, N_ROUNDS=PHILOX_ROUNDS,
     )
     return part[0] if splits == 1 else part.sum(0)
 
@@ -1027,6 +1075,7 @@ def _dx_gemm(grad_y, weight, lora_A, dh, dx, p, seed, prec, mb, k_loop):
         dh.stride(0), dh.stride(1), lora_A.stride(0), lora_A.stride(1), 0, 0,
         1.0, int(seed), thr, inv_keep, mb,
         HAS_BIAS=False, LO_DROPOUT=p > 0.0, FUSE_SHRINK=False, STORE_L=False,
+        LO_FP32=low_rank_fp32(grad_y.dtype, lora_A.dtype),
         R_BLOCK=_epilogue_r_block(r), DOT_PRECISION=prec, N_ROUNDS=PHILOX_ROUNDS,
     )
 
@@ -1080,7 +1129,8 @@ def _lora_backward(grad_y, x, weight, lora_A, lora_B, h, scaling, dropout_p, see
         if fuse_db:
             dB = db32.to(lora_B.dtype)
         else:
-            dB = torch.mm(grad_y.t(), h.to(cdt)).mul_(scaling).to(lora_B.dtype)
+            ld = torch.promote_types(cdt, lora_B.dtype)  # fp32 adapters: as the fused pass (no fp16 overflow)
+            dB = torch.mm(grad_y.t().to(ld), h.to(ld)).mul_(scaling).to(lora_B.dtype)
     if needs_bias:
         dbias = dbias32.to(cdt) if fuse_dbias else grad_y.sum(0, dtype=torch.float32).to(cdt)
 
@@ -1094,7 +1144,7 @@ def _lora_backward(grad_y, x, weight, lora_A, lora_B, h, scaling, dropout_p, see
             candidates[gemm_dispatch.choose(key, candidates, dev)]()
     if needs_A:
         if K > 0:
-            dA = _grad_a(dh, x, p, seed, prec, mb).to(adt)
+            dA = _grad_a(dh, x, p, seed, prec, mb, low_rank_fp32(cdt, adt)).to(adt)
         else:
             dA = torch.empty((r, 0), dtype=adt, device=dev)
     if needs_weight:

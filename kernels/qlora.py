@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .dropout import PHILOX_ROUNDS, dropout_threshold, philox_keep
+from .lora_linear import low_rank_fp32, low_rank_dot
 
 __all__ = ["gemm_4bit_lora_kernel", "qlora_gemm_forward", "qlora_gemm_dx", "launch_counts", "QLORA_FUSED_MAX_R"]
 
@@ -112,7 +113,7 @@ def gemm_4bit_lora_kernel(
     HAS_BIAS: tl.constexpr, LO_DROPOUT: tl.constexpr, FUSE_SHRINK: tl.constexpr, STORE_L: tl.constexpr,
     BLOCKSIZE: tl.constexpr, SCALE_AXIS: tl.constexpr, W_DTYPE: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_BLOCK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr, LO_FP32: tl.constexpr,
 ):
     """C (M, N) = a (M, K) @ deq(q) (K, N) [+ bias] + s·(L (M, R) @ U (R, N)) [⊙ keep / (1-p)].
 
@@ -153,7 +154,7 @@ def gemm_4bit_lora_kernel(
                         mask=rr[None, :] < R, other=0.0)
             u = tl.load(u_ptr + rr.to(tl.int64)[:, None] * stride_ur + cols[None, :] * stride_un,
                         mask=rr[:, None] < R, other=0.0)
-            acc = _dot((l.to(tl.float32) * scaling).to(cdt), u.to(cdt), acc, DOT_PRECISION)
+            acc = low_rank_dot(l.to(tl.float32) * scaling, u, acc, cdt, LO_FP32, DOT_PRECISION)
         if LO_DROPOUT:
             keep = philox_keep(seed, drop_thr, offs_m, pid_n * BLOCK_N, BLOCK_M, BLOCK_N, N_ROUNDS)
             acc = tl.where(keep, acc * inv_keep, 0.0)
@@ -191,7 +192,7 @@ def gemm_4bit_lora_kernel(
                 tl.store(l_ptrs, l_acc.to(l_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & r_ok)
         u = tl.load(u_ptr + offs_r.to(tl.int64)[:, None] * stride_ur + cols[None, :] * stride_un,
                     mask=offs_r[:, None] < R, other=0.0)
-        acc = _dot((l_acc * scaling).to(cdt), u.to(cdt), acc, DOT_PRECISION)
+        acc = low_rank_dot(l_acc * scaling, u, acc, cdt, LO_FP32, DOT_PRECISION)
 
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
@@ -285,7 +286,7 @@ def qlora_gemm_forward(x, q, absmax, code, blocksize: int, w_dtype: torch.dtype,
         h = torch.empty((M, r), dtype=h_dt, device=x.device) if save_h else None
     if M == 0 or N == 0:
         if N == 0 and fuse and save_h:
-            h = torch.mm(x, lora_A.to(x.dtype).t()).to(h_dt)  # nothing to stream W for: the shrink alone
+            h = torch.mm(x.to(h_dt), lora_A.to(h_dt).t())  # nothing to stream W for: the shrink alone
         return y, h
     h_arg = h if h is not None else y  # dummy pointer when h is neither read nor stored
     bias_arg = bias.contiguous() if bias is not None else y
@@ -304,7 +305,7 @@ def qlora_gemm_forward(x, q, absmax, code, blocksize: int, w_dtype: torch.dtype,
             BLOCKSIZE=blocksize, W_DTYPE=_TL_DTYPES[w_dtype],
             # K tiles inside one quantization block per column: one scale per column and tile
             SCALE_AXIS=1 if K % blocksize == 0 and blocksize % cfg["BLOCK_K"] == 0 else 0, IDX64=_idx64(N, K),
-            R_BLOCK=_r_block(r) if fuse else (16 if r <= 16 else 32),
+            R_BLOCK=_r_block(r) if fuse else (16 if r <= 16 else 32), LO_FP32=low_rank_fp32(x.dtype, lora_B.dtype),
             DOT_PRECISION=_dot_precision(x.dtype), N_ROUNDS=PHILOX_ROUNDS, **cfg,
         )
     return y, h
@@ -337,6 +338,7 @@ def qlora_gemm_dx(grad_y, q, absmax, code, blocksize: int, w_dtype: torch.dtype,
             BLOCKSIZE=blocksize, W_DTYPE=_TL_DTYPES[w_dtype], R_BLOCK=16 if r <= 16 else 32,
             # output (k) tiles inside one quantization block per row n: one scale per row and tile
             SCALE_AXIS=2 if K % blocksize == 0 and blocksize % cfg["BLOCK_N"] == 0 else 0, IDX64=_idx64(N, K),
+            LO_FP32=low_rank_fp32(grad_y.dtype, lora_A.dtype),
             DOT_PRECISION=_dot_precision(grad_y.dtype), N_ROUNDS=PHILOX_ROUNDS, **cfg,
         )
     return dx

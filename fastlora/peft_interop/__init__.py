@@ -137,6 +137,26 @@ class _RoutedForward:
         return type(layer).forward(layer, x, *args, **kwargs)
 
 
+class _ThenClearNormCache:
+    """An accelerated layer's ``merge`` / ``unmerge``: PEFT's own, then the DoRA norm kept for its base weight is
+    dropped. They are the PEFT operations that write a base weight in place (``weight.data += ...`` for LoRA
+    adapters), which no version counter records; adapter loads and hot-swaps write A and B, which the norm cache
+    compares element by element anyway (``fastlora.dora``)."""
+
+    def __init__(self, layer: nn.Module, name: str):
+        self.layer, self.name = layer, name
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return getattr(type(self.layer), self.name)(self.layer, *args, **kwargs)
+        finally:
+            weight = getattr(self.layer.get_base_layer(), "weight", None)
+            if weight is not None:
+                from ..dora import clear_norm_cache
+
+                clear_norm_cache(weight)
+
+
 class _AccelerateAfter:
     """Wraps a PEFT tuner's ``inject_adapter`` so that layers made by a later ``add_adapter`` / ``load_adapter``
     are routed too."""
@@ -185,6 +205,9 @@ def accelerate_peft(model: nn.Module) -> nn.Module:
                 # a forward already replaced by another library (an accelerate device hook, ...) stays in charge
                 if "forward" not in module.__dict__:
                     module.forward = _RoutedForward(module)
+                    for op in ("merge", "unmerge"):
+                        if op not in module.__dict__ and callable(getattr(type(module), op, None)):
+                            module.__dict__[op] = _ThenClearNormCache(module, op)
                     module.__dict__[_FLAG] = True
     if found == 0:
         warnings.warn("fastlora.accelerate_peft: the model has no PEFT LoRA layer; nothing was changed", stacklevel=2)

@@ -16,8 +16,9 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 
+from ..op_common import autocast_enabled
 from ..qlora import is_linear4bit, lora_linear_4bit, restore_canonical_layout
-from .registry import Fuser, register
+from .registry import Fuser, dropout_p, dropout_reason, nested_base_reason, register
 
 __all__ = ["FUSER_4BIT", "FUSER_8BIT"]
 
@@ -39,11 +40,8 @@ def _peft_class(name: str):
 def _dropout_p(dropout: nn.Module) -> Optional[float]:
     """p of PEFT's lora_dropout entry in its current mode (0 for nn.Identity or an nn.Dropout in eval mode), or
     None for any other module."""
-    if type(dropout) is nn.Identity:
-        return 0.0
-    if type(dropout) is nn.Dropout:
-        return float(dropout.p) if dropout.training else 0.0
-    return None
+    p = dropout_p(dropout)
+    return p if p is None or dropout.training else 0.0
 
 
 def _variant(layer, adapter: str) -> Optional[str]:
@@ -74,8 +72,9 @@ def why_not_4bit(layer: nn.Module, adapter: str) -> Optional[str]:
         return "custom lora_A / lora_B modules"
     if layer.lora_B[adapter].bias is not None:
         return "lora_bias"
-    if _dropout_p(layer.lora_dropout[adapter]) is None:
-        return f"lora_dropout is a {type(layer.lora_dropout[adapter]).__name__}"
+    reason = dropout_reason(layer.lora_dropout[adapter]) or nested_base_reason(layer)
+    if reason is not None:
+        return reason
     base = layer.get_base_layer()
     if not is_linear4bit(base):
         return f"base layer {type(base).__name__} is not a bitsandbytes Linear4bit"
@@ -122,19 +121,20 @@ def forward_4bit(layer: nn.Module, x: torch.Tensor, adapters: List[str]) -> torc
     Bs = [layer.lora_B[a].weight for a in names]
     rest: list[str] = []
     if len(names) == 1:
-        A, B, s, p = As[0], Bs[0], float(layer.scaling[names[0]]), ps[0]
+        A, B, s, p = As[0], Bs[0], layer.scaling[names[0]], ps[0]
     elif all(p == 0.0 for p in ps) and len({t.dtype for t in As + Bs}) == 1:
         A = torch.cat(As, dim=0)
-        B = torch.cat([b * float(layer.scaling[a]) for a, b in zip(names, Bs)], dim=1)
+        B = torch.cat([b * (s.to(b.dtype) if isinstance(s, torch.Tensor) else s)
+                       for b, s in zip(Bs, (layer.scaling[a] for a in names))], dim=1)
         s, p = 1.0, 0.0
     else:
-        A, B, s, p = As[0], Bs[0], float(layer.scaling[names[0]]), ps[0]
+        A, B, s, p = As[0], Bs[0], layer.scaling[names[0]], ps[0]
         rest = names[1:]
     y = lora_linear_4bit(xc, base.weight, A, B, bias, scaling=s, dropout_p=p, training=p > 0.0).to(inp_dtype)
     for a in rest:  # PEFT's own unfused branch for the remaining adapters
         lora_A, lora_B = layer.lora_A[a], layer.lora_B[a]
         xa = x
-        if not torch.is_autocast_enabled(x.device.type):
+        if not autocast_enabled(x.device.type):
             xa = layer._cast_input_dtype(x, lora_A.weight.dtype)
         y = y + (lora_B(lora_A(layer.lora_dropout[a](xa))) * layer.scaling[a]).to(inp_dtype)
     return y

@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 
 from ..dora import dora_embedding, dora_linear
-from .linear import dropout_p
-from .registry import Fuser, register
+from ..op_common import autocast_enabled
+from .registry import Fuser, dropout_p, dropout_reason, nested_base_reason, register
 
 __all__ = ["claims", "why_not", "forward", "FUSER"]
 
@@ -78,6 +78,9 @@ def why_not(layer: nn.Module, adapter: str) -> Optional[str]:
         return "DoRA on a Conv layer"
     if kind == "other":
         return "DoRA variant of an unsupported kind"
+    nested = nested_base_reason(layer)
+    if nested is not None:
+        return nested
     base = layer.get_base_layer()
     if kind == "embedding":
         if type(base) is not nn.Embedding and type(base).forward is not nn.Embedding.forward:
@@ -94,8 +97,9 @@ def why_not(layer: nn.Module, adapter: str) -> Optional[str]:
         return "DoRA on a quantized base weight"
     if getattr(layer.lora_B[adapter], "bias", None) is not None:
         return "DoRA with lora_bias"
-    if dropout_p(layer.lora_dropout[adapter]) is None:
-        return f"DoRA with lora_dropout a {type(layer.lora_dropout[adapter]).__name__}"
+    reason = dropout_reason(layer.lora_dropout[adapter])
+    if reason is not None:
+        return f"DoRA with {reason}"
     if type(layer.lora_A[adapter]) is not nn.Linear or type(layer.lora_B[adapter]) is not nn.Linear:
         return "DoRA with custom lora_A / lora_B modules"
     return None
@@ -110,13 +114,13 @@ def _forward_linear(layer: nn.Module, x: torch.Tensor, adapters: List[str]) -> t
     # Conv1D keeps W as (in, out): its transpose is a strided view, which the ops take as it is (no copy)
     weight = base.weight.t() if getattr(layer, "fan_in_fan_out", False) else base.weight
     bias = base.bias
-    autocast = torch.is_autocast_enabled(x.device.type)
+    autocast = autocast_enabled(x.device.type)
     if x.dtype != weight.dtype and not autocast:
         return _peft_forward(layer, x)  # nn.Linear would raise, or PEFT casts its own way: its code decides
     first, rest = adapters[0], adapters[1:]
     dropout = layer.lora_dropout[first]
-    p = dropout_p(dropout)
     training = bool(layer.training and dropout.training)
+    p = dropout_p(dropout) if training else 0.0  # lora_dropout=1.0 runs fused in eval: no dropout then
     result = dora_linear(x, weight, layer.lora_A[first].weight, layer.lora_B[first].weight,
                          layer.lora_magnitude_vector[first].weight, bias, scaling=layer.scaling[first],
                          dropout_p=p, training=training)

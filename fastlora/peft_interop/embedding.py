@@ -28,6 +28,9 @@ def why_not(layer: nn.Module, adapter: str) -> Optional[str]:
     variant = variant_name(layer, adapter)
     if variant is not None:
         return variant
+    nested = registry.nested_base_reason(layer)
+    if nested is not None:
+        return nested
     base = layer.get_base_layer()
     if not (type(base) is nn.Embedding or (isinstance(base, nn.Embedding) and type(base).forward is nn.Embedding.forward
                                            and not hasattr(base, "embed_scale"))):

@@ -13,7 +13,9 @@ import torch
 import torch.nn as nn
 
 from ..functional import lora_linear_multi
+from ..op_common import autocast_enabled
 from . import registry
+from .registry import dropout_p, dropout_reason  # noqa: F401  (dropout_p: imported from here by other fusers)
 
 __all__ = ["claims", "why_not", "forward", "FUSER"]
 
@@ -26,15 +28,6 @@ def is_conv1d(module: nn.Module) -> bool:
     """transformers' Conv1D (GPT-2): weight (in, out), ``y = x @ weight + bias``."""
     cls = type(module)
     return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
-
-
-def dropout_p(dropout: nn.Module) -> Optional[float]:
-    """p of PEFT's lora_dropout entry (nn.Dropout or nn.Identity), or None for anything else."""
-    if type(dropout) is nn.Identity:
-        return 0.0
-    if type(dropout) is nn.Dropout:
-        return float(dropout.p)
-    return None
 
 
 def variant_name(layer, adapter: str) -> Optional[str]:
@@ -68,11 +61,9 @@ def base_kind_reason(base: nn.Module) -> Optional[str]:
 
 
 def base_of(layer: nn.Module) -> nn.Module:
-    """PEFT's ``layer.get_base_layer()``, read from ``_modules``."""
-    base = layer._modules["base_layer"]
-    while "base_layer" in base._modules:
-        base = base._modules["base_layer"]
-    return base
+    """The layer's ``base_layer``, read from ``_modules``: the layer holding the weight, since ``why_not`` refuses
+    nested tuner layers (``registry.nested_base_reason``)."""
+    return layer._modules["base_layer"]
 
 
 def claims(layer: nn.Module, adapter: str) -> bool:
@@ -90,7 +81,7 @@ def why_not(layer: nn.Module, adapter: str) -> Optional[str]:
     variant = variant_name(layer, adapter)
     if variant is not None:
         return variant
-    reason = base_kind_reason(base_of(layer))
+    reason = registry.nested_base_reason(layer) or base_kind_reason(base_of(layer))
     if reason is not None:
         return reason
     if type(layer).forward is not _peft_linear().forward:
@@ -101,10 +92,7 @@ def why_not(layer: nn.Module, adapter: str) -> Optional[str]:
         return "custom lora_A / lora_B modules"
     if not A._parameters["weight"].is_floating_point() or not B._parameters["weight"].is_floating_point():
         return "non-float adapter weights"
-    dropout = mods["lora_dropout"]._modules[adapter]
-    if dropout_p(dropout) is None:
-        return f"lora_dropout is a {type(dropout).__name__}"
-    return None
+    return dropout_reason(mods["lora_dropout"]._modules[adapter])
 
 
 def _scaled(t: torch.Tensor, s) -> torch.Tensor:
@@ -116,7 +104,7 @@ def forward(layer: nn.Module, x: torch.Tensor, adapters: list[str]) -> torch.Ten
     base = base_of(layer)
     # Conv1D keeps its weight as (in, out): the (out, in) operand is its transposed view, by strides, no copy
     weight = base.weight.t() if is_conv1d(base) else base.weight
-    if not x.is_floating_point() or (x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type)):
+    if not x.is_floating_point() or (x.dtype != weight.dtype and not autocast_enabled(x.device.type)):
         return type(layer).forward(layer, x)  # PEFT's base layer raises or casts its own way: let it
     bias = base.bias
     for a in adapters:  # lora_bias: lora_B(h)·s = (h Bᵀ + b)·s, i.e. s·b joins the base bias

@@ -60,6 +60,40 @@ def fuser_for(layer: nn.Module, adapter: str) -> Optional[Fuser]:
     return None
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Checks every fuser shares
+# --------------------------------------------------------------------------------------------------------------
+
+def nested_base_reason(layer: nn.Module) -> Optional[str]:
+    """Why ``layer``'s base layer is not the layer that holds its weight, or None. PEFT nests tuner layers: in a
+    ``PeftMixedModel`` a LoRA layer added over a LoHa / LoKr layer has that layer as its ``base_layer``, whose own
+    forward (and adapter) a fused call that went straight to the innermost weight would skip."""
+    base = layer._modules.get("base_layer")
+    if base is not None and "base_layer" in base._modules:
+        return f"its base layer is another PEFT tuner layer ({type(base).__name__})"
+    return None
+
+
+def dropout_p(dropout: nn.Module) -> Optional[float]:
+    """p of PEFT's lora_dropout entry (nn.Dropout or nn.Identity), or None for anything else."""
+    if type(dropout) is nn.Identity:
+        return 0.0
+    if type(dropout) is nn.Dropout:
+        return float(dropout.p)
+    return None
+
+
+def dropout_reason(dropout: nn.Module) -> Optional[str]:
+    """Why PEFT's lora_dropout entry cannot run fused right now, or None. ``LoraConfig(lora_dropout=1.0)`` drops
+    every input of the branch in training: PEFT runs that (its branch is 0·x), the fused ops take p < 1."""
+    p = dropout_p(dropout)
+    if p is None:
+        return f"lora_dropout is a {type(dropout).__name__}"
+    if p >= 1.0 and dropout.training:
+        return "lora_dropout=1.0 in training (the branch sees no input)"
+    return None
+
+
 _PEFT_CLASSES: dict[str, type] = {}
 
 
