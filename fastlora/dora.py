@@ -212,12 +212,13 @@ def _keep(seed, x, p):
 
 def dora_forward_torch(x, weight, lora_A, lora_B, bias, g, scaling: float, dropout_p: float, seed: int,
                        save: bool = True):
-    """(y, z, h): the forward above in PyTorch ops, in PEFT's order of terms; z, h None unless ``save``.
+    """(y, z, h): the forward above in PyTorch ops, in PEFT's terms; z, h None unless ``save``.
 
-    y = base + (g − 1) ⊙ z + s·h Bᵀ with base = x Wᵀ + b (nn.Linear's own product, as PEFT's base layer) and
-    z = x_d Wᵀ + s·h Bᵀ (x_d Wᵀ = base − b without dropout, as PEFT reuses the base output): the same y as
-    t + b + g ⊙ z, but where DoRA is a no-op (g = 1 and B = 0: a new adapter) it returns the base layer's output
-    bit for bit, as PEFT does. The correction is summed in g's dtype (fp32+) and rounded once into y."""
+    y = base + (g − 1) ⊙ x_d Wᵀ + g ⊙ s·h Bᵀ with base = x Wᵀ + b (nn.Linear's own product, as PEFT's base layer)
+    and x_d Wᵀ = base − b without dropout (as PEFT reuses the base output): the same y as t + b + g ⊙ z, but where
+    DoRA is a no-op (g = 1 and B = 0: a new adapter) it returns the base layer's output bit for bit, as PEFT does.
+    The correction is summed in g's dtype (fp32+), the branch never rounded to x's dtype (with g ≪ 1 and a large
+    branch, (g − 1) ⊙ z of a rounded z = x_d Wᵀ + s·h Bᵀ would cancel), and rounded once into y."""
     cd = x.dtype
     ld = reference.low_rank_dtype(cd, lora_A.dtype)
     base = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())  # (M, N): becomes y
@@ -232,9 +233,9 @@ def dora_forward_torch(x, weight, lora_A, lora_B, bias, g, scaling: float, dropo
     h = torch.mm(x_d.to(ld), lora_A.to(ld).t())  # (M, r)
     del x_d
     low = torch.mm(h * scaling, lora_B.to(ld).t())  # (M, N): s·h Bᵀ
-    z.add_(low)
     corr = (g - 1.0) * z.to(g.dtype)
-    corr.add_(low)
+    corr.addcmul_(g, low.to(g.dtype))
+    z.add_(low)  # z = x_d Wᵀ + s·h Bᵀ, what g multiplies: saved for the magnitude's gradient
     del low
     y = base.add_(corr) if base.dtype == corr.dtype else base.copy_(base.to(corr.dtype).add_(corr))
     return y, (z if save else None), (h.to(reference.h_dtype(cd)) if save else None)

@@ -184,24 +184,25 @@ def test_nan_in_an_adapter_propagates_at_scaling_zero(op, where, backend):
 # fp16 base, fp32 adapters (PEFT's autocast_adapter_dtype): the low-rank terms must not overflow in fp16
 # ---------------------------------------------------------------------------------------------------------
 
-def _fp16_case(op, big_h):
-    """The issue's inputs: s·h far above fp16's 65504 (and, with ``big_h``, h itself), the sum well inside."""
+def _fp16_case(op, big):
+    """The issue's inputs: s·h far above fp16's 65504 (``big="s·h"``; ``"h"``: h itself too; ``"dh"``: the
+    backward's dh = s·dY B too, at |dY| ≈ 1e3), the output well inside."""
     g = torch.Generator().manual_seed(5)
     case = Case(op, M=4, K=128, N=16, r=2, dtype=torch.float16, adapter_dtype=torch.float32, seed=5)
-    case.x = (torch.randn(4, 128, generator=g) * (300 if big_h else 30)).half()
+    case.x = (torch.randn(4, 128, generator=g) * (300 if big == "h" else 30)).half()
     case.W = (torch.randn(16, 128, generator=g) * 0.01).half() if op != "4bit" else case.W
-    case.A = torch.randn(2, 128, generator=g) * (20 if big_h else 2)
-    case.B = torch.randn(16, 2, generator=g) * 1e-4
+    case.A = torch.randn(2, 128, generator=g) * (20 if big == "h" else 2)
+    case.B = torch.randn(16, 2, generator=g) * (0.1 if big == "dh" else 1e-4)
     case.b = torch.randn(16, generator=g).half()
     return case
 
 
 @pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("big_h", [False, True], ids=["s·h-overflows", "h-overflows"])
-def test_fp16_base_fp32_adapters_stay_finite_as_peft(op, big_h, backend):
+@pytest.mark.parametrize("big", ["s·h", "h", "dh"], ids=["s·h-overflows", "h-overflows", "dh-overflows"])
+def test_fp16_base_fp32_adapters_stay_finite_as_peft(op, big, backend):
     if op == "4bit":
         _bnb()
-    case = _fp16_case(op, big_h)
+    case = _fp16_case(op, big)
     s = 200.0
     leaves, ref_leaves = case.leaves(), case.leaves()
     for t in ref_leaves:  # PEFT's own autograd of its formula, in fp32 where the adapters are fp32
