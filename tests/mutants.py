@@ -454,6 +454,10 @@ MUTANTS = [
            "base = torch.mm(x, weight.t()) if bias is None else torch.mm(x, weight.t()).add_(bias)",
            ("tests/test_peft_edges.py::test_dora_at_initialization_is_a_no_op",),
            why="DoRA at initialization is no longer the base layer's output bit for bit"),
+    Mutant("fuzzer_lora_bias_unscaled", PEFT_LINEAR,
+           "extra = _scaled(b, layer.scaling[a]).to(weight.dtype)",
+           "extra = b.to(weight.dtype)",
+           ("tests/test_fuzz_peft.py",), why="the differential fuzzer's CI budget sees lora_bias without its scaling"),
     # --- QLoRA (4-bit bases) ------------------------------------------------------------------------------------
     Mutant("qlora_nibble_order_torch", "fastlora/qlora.py",
            "nib = torch.stack((q >> 4, q & 0xF), dim=1)",
