@@ -60,6 +60,9 @@ GEMM_VARIANTS = {
                       (16, 64, 128), 4, 4, "fwd"),
     "fp32_tf32": ("fp32", dict(HAS_BIAS=True, LO_DROPOUT=False, FUSE_SHRINK=False, STORE_L=False, R_BLOCK=16),
                   (128, 128, 32), 8, 3, "fwd"),
+    # fp16 base, fp32 adapters: the rank-r products take fp32 (TF32) operands, s*h kept out of fp16's range
+    "fp16_lo_fp32": ("fp16", dict(HAS_BIAS=True, LO_DROPOUT=False, FUSE_SHRINK=True, STORE_L=True, R_BLOCK=16,
+                                  LO_FP32=True), (64, 128, 64), 4, 3, "fwd"),
 }
 
 
@@ -77,7 +80,7 @@ def check_gemm(variant):
     from fastlora.kernels import lora_linear as kl
 
     dt, flags, (bm, bn, bk), warps, stages, layout = GEMM_VARIANTS[variant]
-    consts = dict(flags, EVEN_K=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, N_ROUNDS=7,
+    consts = dict(dict(LO_FP32=False), **flags, EVEN_K=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, N_ROUNDS=7,
                   DOT_PRECISION="tf32" if dt == "fp32" else "ieee")
     if layout == "fwd":  # a = x, b = Wᵀ, U = Bᵀ, S = Aᵀ
         unit = ["stride_ak", "stride_bk", "stride_cn", "stride_lr", "stride_ur", "stride_sk"]
@@ -96,23 +99,30 @@ def check_gemm(variant):
 
 
 def check_rank_kernels():
+    for lo_fp32 in (False, True):
+        _check_rank_kernels("fp16" if lo_fp32 else "bf16", lo_fp32)
+
+
+def _check_rank_kernels(dt, lo_fp32):
+    """``lo_fp32``: an fp16 base with fp32 adapters, whose rank-r products take fp32 operands."""
     from fastlora.kernels import lora_linear as kl
 
-    k = _build(kl.lora_shrink_kernel, dict(x_ptr="*bf16", a_ptr="*fp32", h_ptr="*fp32", inv_keep="fp32"),
+    k = _build(kl.lora_shrink_kernel, dict(x_ptr=f"*{dt}", a_ptr="*fp32", h_ptr="*fp32", inv_keep="fp32"),
                dict(HAS_DROPOUT=True, EVEN_K=True, BLOCK_M=32, BLOCK_K=64, R_BLOCK=16, DOT_PRECISION="ieee",
                     N_ROUNDS=7),
                ["stride_xk", "stride_ak", "stride_hr"], ["K", "stride_xm", "stride_ar", "stride_hm"])
     assert "cp.async" in k.asm["ptx"]
     k = _build(kl.lora_grad_dy_kernel,
-               dict(dy_ptr="*bf16", b_ptr="*fp32", h_ptr="*fp32", dh_ptr="*fp32", db_ptr="*fp32",
+               dict(dy_ptr=f"*{dt}", b_ptr="*fp32", h_ptr="*fp32", dh_ptr="*fp32", db_ptr="*fp32",
                     dbias_ptr="*fp32", scaling="fp32"),
                dict(NEED_DH=True, NEED_DB=True, NEED_DBIAS=True, BLOCK_M=64, BLOCK_N=64, R_BLOCK=128,
-                    DOT_PRECISION="ieee"),
+                    DOT_PRECISION="ieee", LO_FP32=lo_fp32),
                ["stride_dyn", "stride_br", "stride_hr", "stride_dhr", "stride_dbr"],
                ["N", "stride_dym", "stride_bn", "stride_hm", "stride_dhm", "stride_dbn"], num_warps=8)
     assert "red.global" in k.asm["ptx"] or "atom.global" in k.asm["ptx"], "no atomics for dB / dbias"
-    _build(kl.lora_grad_a_kernel, dict(dh_ptr="*fp32", x_ptr="*bf16", out_ptr="*fp32", inv_keep="fp32"),
-           dict(HAS_DROPOUT=True, BLOCK_M=64, BLOCK_K=64, R_BLOCK=16, DOT_PRECISION="ieee", N_ROUNDS=7),
+    _build(kl.lora_grad_a_kernel, dict(dh_ptr="*fp32", x_ptr=f"*{dt}", out_ptr="*fp32", inv_keep="fp32"),
+           dict(HAS_DROPOUT=True, BLOCK_M=64, BLOCK_K=64, R_BLOCK=16, DOT_PRECISION="ieee", N_ROUNDS=7,
+                LO_FP32=lo_fp32),
            ["stride_dhr", "stride_xk", "stride_ok"], ["K", "stride_xm", "stride_dhm", "stride_or", "stride_os"])
 
 
