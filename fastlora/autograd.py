@@ -1,5 +1,6 @@
-r"""The LoRA linear op and its exact gradients: an autograd.Function for eager code, and ``torch.library``
-custom ops (with fake kernels and a registered autograd) that ``torch.compile`` traces without a graph break.
+r"""The LoRA linear op (``LORA_LINEAR``) and its exact gradients, written in the op protocol
+(``fastlora.op_common.FusedOp``: the autograd.Function, the ``torch.library`` custom ops ``fastlora::lora_linear_fwd``
+/ ``_infer`` / ``_bwd``, autocast, checks of the shared arguments and the dispatch come from there).
 
 Forward, with x (M, K), W (N, K), A (r, K), B (N, r), s the scaling and m the dropout keep mask (scaled by
 1/(1-p), all ones without dropout)::
@@ -28,18 +29,11 @@ differentiable gradient (``create_graph=True``: gradient penalties, Hessian-vect
 instead the gradients of ``differentiable_forward`` (the same formula in plain PyTorch ops, the same dropout mask)
 taken by autograd from the saved inputs, so second derivatives are exact (``fastlora.op_common.recompute_grads``).
 
-Two thin wrappers share one forward and one backward body, which pick the implementation: the Triton kernels
-(``fastlora.kernels``) or the pure-PyTorch math (``fastlora.reference``), both exposing ``lora_forward`` /
-``lora_backward`` with the same signature:
-
-* eager code runs a ``torch.autograd.Function`` (a few µs of host overhead per call);
-* code being compiled runs ``torch.library`` custom ops with fake kernels and a registered autograd, so
-  ``torch.compile(fullgraph=True)`` traces through without a graph break (their Python dispatch costs tens of
-  µs per call, which a compiled graph pays once at trace time, and eager decode-sized calls should not pay).
+The two implementations have one signature (``TorchLoRALinear``: ``fastlora.reference``'s ``lora_forward`` /
+``lora_backward``; ``TritonLoRALinear``: the same functions of ``fastlora.kernels.lora_linear``); what is this op's
+own (its checks, what it saves, its fake outputs, its differentiable formula) is below.
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -47,55 +41,13 @@ from torch import Tensor
 
 from . import backend as _backend
 from . import reference
-from .op_common import draw_seed as _draw_seed
-from .op_common import recompute_grads
+from .op_common import FusedOp
 
-__all__ = ["lora_linear_train", "lora_linear_infer"]
-
-
-def _impl(use_triton: bool):
-    if use_triton:
-        from fastlora.kernels import lora_linear as kernels  # imported on first use: importing triton is slow and optional
-
-        return kernels
-    return reference
+__all__ = ["LORA_LINEAR", "LoRALinearOp", "keep_mask", "differentiable_forward"]
 
 
-def _fold_scaling(lora_B: Tensor, scaling):
-    """(B', s') with s'·B' = scaling·B and s' a Python float, as the launch helpers take it.
-
-    A float scaling stays as it is. A tensor scaling (0-d, as PEFT's ``prepare_model_for_compiled_hotswap`` makes
-    it) goes into B: an (N, r) product on B's device, so its value is never read on the host (no device sync, and
-    a compiled graph that takes it as an input need not be recompiled when it changes)."""
-    if isinstance(scaling, Tensor):
-        return lora_B * scaling.to(lora_B.dtype), 1.0
-    return lora_B, scaling
-
-
-def _forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton, save_h):
-    """(y, h or None, seed)."""
-    seed = _draw_seed(dropout_p)
-    lora_B, scaling = _fold_scaling(lora_B, scaling)
-    with _backend.kernel_section(use_triton):
-        y, h = _impl(use_triton).lora_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed,
-                                              save_h=save_h)
-    return y, h, seed
-
-
-def _needs(ctx) -> list[bool]:
-    """[dx, dW, dA, dB, dbias]: what autograd asks for; dW and dbias only for tensors that require grad."""
-    nx, nw, na, nb, nbias = ctx.needs_input_grad[:5]
-    return [nx, nw, na, nb, nbias and ctx.has_bias]
-
-
-def _backward(grad_y, x, weight, lora_A, lora_B, h, seed: int, scaling, dropout_p, use_triton, needs):
-    folded_B, s = _fold_scaling(lora_B, scaling)
-    with _backend.kernel_section(use_triton):
-        dx, dW, dA, dB, dbias = _impl(use_triton).lora_backward(grad_y, x, weight, lora_A, folded_B, h, s,
-                                                                dropout_p, seed, *needs)
-    if dB is not None and isinstance(scaling, Tensor):  # dB' is the gradient wrt B' = scaling·B
-        dB = (dB * scaling.to(dB.dtype)).to(lora_B.dtype)
-    return dx, dW, dA, dB, dbias
+def _shape(t: Tensor) -> str:
+    return str(tuple(t.shape))
 
 
 def keep_mask(seed: int, shape, dropout_p: float, device, use_triton: bool) -> Tensor:
@@ -108,151 +60,120 @@ def keep_mask(seed: int, shape, dropout_p: float, device, use_triton: bool) -> T
     return reference.dropout_keep_mask(seed, shape, dropout_p, device)
 
 
+def dropped(x: Tensor, dropout_p: float, seed: int, use_triton: bool) -> Tensor:
+    """drop(x) = x ⊙ keep / (1-p) with the backend's mask for ``seed``, in differentiable ops."""
+    if dropout_p == 0.0:
+        return x
+    keep = keep_mask(seed, x.shape, dropout_p, x.device, use_triton)
+    return torch.where(keep, x * (1.0 / (1.0 - dropout_p)), 0.0)
+
+
 def differentiable_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed: int, use_triton: bool):
     """The op's forward in differentiable PyTorch ops (PEFT's formula, with the op's own dropout mask): what a double
     backward differentiates. The low-rank branch runs in the adapters' dtype, as PEFT's."""
-    xd = x
-    if dropout_p > 0.0:
-        keep = keep_mask(seed, x.shape, dropout_p, x.device, use_triton)
-        xd = torch.where(keep, x * (1.0 / (1.0 - dropout_p)), 0.0)
+    xd = dropped(x, dropout_p, seed, use_triton)
     low = F.linear(F.linear(xd.to(lora_A.dtype), lora_A), lora_B.to(lora_A.dtype))
     low = low * (scaling.to(low.dtype) if isinstance(scaling, Tensor) else scaling)
     return F.linear(x, weight, bias) + low.to(x.dtype)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Eager: an autograd.Function
-# ---------------------------------------------------------------------------------------------------------
-
-class LoRALinearFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton):
-        # scaling: a float, or a 0-d tensor that gets no gradient (PEFT's hot-swap scaling)
-        y, h, seed = _forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton, save_h=True)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, bias, h)
-        ctx.seed, ctx.scaling, ctx.dropout_p, ctx.use_triton = seed, scaling, dropout_p, use_triton
-        ctx.has_bias = bias is not None
-        return y
+class TorchLoRALinear:
+    """The PyTorch implementation (``fastlora.reference``)."""
 
     @staticmethod
-    def backward(ctx, grad_y):
-        x, weight, lora_A, lora_B, bias, h = ctx.saved_tensors
-        needs = _needs(ctx)
-        if not any(needs):
-            return (None,) * 8
-        if torch.is_grad_enabled():  # create_graph=True: a gradient that is differentiated again (op_common)
-            def forward(x, weight, lora_A, lora_B, bias):
-                return differentiable_forward(x, weight, lora_A, lora_B, bias, ctx.scaling, ctx.dropout_p, ctx.seed,
-                                              ctx.use_triton)
+    def forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, *, seed, save):
+        y, h = reference.lora_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, save_h=save)
+        return y, (h,)
 
-            return (*recompute_grads(forward, (x, weight, lora_A, lora_B, bias), needs, grad_y), None, None, None)
-        grads = _backward(grad_y, x, weight, lora_A, lora_B, h, ctx.seed, ctx.scaling, ctx.dropout_p,
-                          ctx.use_triton, needs)
-        return (*grads, None, None, None)
+    @staticmethod
+    def backward(grad_y, x, weight, lora_A, lora_B, bias, h, scaling, dropout_p, *, seed, needs):
+        return reference.lora_backward(grad_y, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, *needs)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Compiled: torch.library custom ops
-# ---------------------------------------------------------------------------------------------------------
+class TritonLoRALinear:
+    """The Triton implementation (``fastlora.kernels.lora_linear``), the same signature."""
 
-@torch.library.custom_op("fastlora::lora_linear_fwd", mutates_args=())
-def _lora_linear_fwd(
-    x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
-    scaling: float, dropout_p: float, use_triton: bool, scale: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (y, h, seed); the seed (a CPU int64 scalar) is saved for the backward's mask. ``scale``, when given,
-    is a 0-d tensor scaling that replaces the float ``scaling`` (a graph input: its value may change between
-    calls of a compiled graph)."""
-    s = scale if scale is not None else scaling
-    y, h, seed = _forward(x, weight, lora_A, lora_B, bias, s, dropout_p, use_triton, save_h=True)
-    return y, h, torch.full((), seed, dtype=torch.int64)
+    @staticmethod
+    def forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, *, seed, save):
+        from fastlora.kernels import lora_linear as kernels
 
+        y, h = kernels.lora_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, save_h=save)
+        return y, (h,)
 
-@_lora_linear_fwd.register_fake
-def _(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton, scale=None):
-    M = x.shape[0]
-    y = x.new_empty(M, weight.shape[0])
-    h = x.new_empty(M, lora_A.shape[0], dtype=reference.h_dtype(x.dtype))
-    return y, h, torch.empty((), dtype=torch.int64, device="cpu")
+    @staticmethod
+    def backward(grad_y, x, weight, lora_A, lora_B, bias, h, scaling, dropout_p, *, seed, needs):
+        from fastlora.kernels import lora_linear as kernels
+
+        return kernels.lora_backward(grad_y, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, *needs)
 
 
-@torch.library.custom_op("fastlora::lora_linear_infer", mutates_args=())
-def _lora_linear_infer(
-    x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
-    scaling: float, dropout_p: float, use_triton: bool, scale: Optional[Tensor] = None,
-) -> Tensor:
-    s = scale if scale is not None else scaling
-    return _forward(x, weight, lora_A, lora_B, bias, s, dropout_p, use_triton, save_h=False)[0]
+class LoRALinearOp(FusedOp):
+    """``y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ``; saves h = drop(x) Aᵀ."""
+
+    name = "lora_linear"
+    tensors = ("input", "weight", "lora_A", "lora_B", "bias")
+    optional = frozenset({"bias"})
+    consts = (("scaling", "float"), ("dropout_p", "float"))
+    saved = ("h",)
+    autocast_args = ("input", "weight", "lora_A", "lora_B", "bias")
+    scaled = "lora_B"
+    torch_impl = TorchLoRALinear
+    triton_impl = "fastlora.autograd:TritonLoRALinear"
+
+    def check(self, a):
+        check_linear_shapes(self.name, a["input"], a["weight"], a["lora_A"], a["lora_B"], a["bias"])
+
+    def check_dtypes(self, a):
+        check_linear_dtypes(self.name, a["input"], a["weight"], a["lora_A"], a["lora_B"], a["bias"])
+
+    def fake(self, x, weight, lora_A, lora_B, bias, scaling, dropout_p):
+        M = x.shape[0]
+        return x.new_empty(M, weight.shape[0]), x.new_empty(M, lora_A.shape[0], dtype=reference.h_dtype(x.dtype))
+
+    def differentiable_forward(self, tensors, saved, consts, seed, use_triton):
+        return differentiable_forward(*tensors, *consts, seed, use_triton)
 
 
-@_lora_linear_infer.register_fake
-def _(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton, scale=None):
-    return x.new_empty(x.shape[0], weight.shape[0])
+def check_linear_shapes(who, input, weight, lora_A, lora_B, bias, N=None, K=None) -> None:
+    """The shapes of a LoRA linear: input (..., K), weight (N, K) (or N, K given: a packed weight), lora_A (r, K),
+    lora_B (N, r), bias (N,)."""
+    if input.dim() < 1:
+        raise ValueError(f"{who}: input must have at least 1 dimension (..., in_features), got a scalar")
+    named = {"lora_A": lora_A, "lora_B": lora_B} if weight is None else {"weight": weight, "lora_A": lora_A,
+                                                                         "lora_B": lora_B}
+    for name, t in named.items():
+        if t.dim() != 2:
+            raise ValueError(f"{who}: {name} must be 2-D, got shape {_shape(t)}")
+    if bias is not None and bias.dim() != 1:
+        raise ValueError(f"{who}: bias must be 1-D (out_features,), got shape {_shape(bias)}")
+    wdesc = f"weight {_shape(weight)}" if weight is not None else f"the weight ({N}, {K})"
+    if weight is not None:
+        N, K = weight.shape
+    r = lora_A.shape[0]
+    if input.shape[-1] != K:
+        raise ValueError(f"{who}: input {_shape(input)} has {input.shape[-1]} features but {wdesc} expects "
+                         f"in_features={K}")
+    if lora_A.shape[1] != K:
+        raise ValueError(f"{who}: lora_A {_shape(lora_A)} must be (r, in_features={K}) to match {wdesc}")
+    if r < 1:
+        raise ValueError(f"{who}: rank must be >= 1, got lora_A {_shape(lora_A)}")
+    if lora_B.shape[1] != r:
+        raise ValueError(f"{who}: rank mismatch: lora_A {_shape(lora_A)} has r={r} but lora_B {_shape(lora_B)} has "
+                         f"r={lora_B.shape[1]}")
+    if lora_B.shape[0] != N:
+        raise ValueError(f"{who}: lora_B {_shape(lora_B)} must be (out_features={N}, r) to match {wdesc}")
+    if bias is not None and bias.shape[0] != N:
+        raise ValueError(f"{who}: bias {_shape(bias)} must be (out_features={N},) to match {wdesc}")
 
 
-@torch.library.custom_op("fastlora::lora_linear_bwd", mutates_args=())
-def _lora_linear_bwd(
-    grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, h: Tensor, seed: Tensor,
-    scaling: float, dropout_p: float, use_triton: bool, needs_grad: list[bool], scale: Optional[Tensor] = None,
-) -> list[Tensor]:
-    """Returns [dx, dW, dA, dB, dbias]; a gradient that is not needed comes back as an empty tensor
-    (custom ops cannot return None)."""
-    s = scale if scale is not None else scaling
-    grads = _backward(grad_y, x, weight, lora_A, lora_B, h, int(seed), s, dropout_p, use_triton, needs_grad)
-    # Contiguous, as the fake kernel promises (a transposed product would otherwise leak its strides).
-    return [g.contiguous() if g is not None else grad_y.new_empty(0) for g in grads]
+def check_linear_dtypes(who, input, weight, lora_A, lora_B, bias) -> None:
+    if weight is not None and weight.dtype != input.dtype:
+        raise TypeError(f"{who}: input dtype {input.dtype} and weight dtype {weight.dtype} differ (as in nn.Linear, "
+                        "they must match; use torch.autocast for mixed precision)")
+    if bias is not None and bias.dtype != input.dtype:
+        raise TypeError(f"{who}: bias dtype {bias.dtype} must match input dtype {input.dtype}")
+    if lora_A.dtype != lora_B.dtype:
+        raise TypeError(f"{who}: lora_A dtype {lora_A.dtype} and lora_B dtype {lora_B.dtype} differ")
 
 
-@_lora_linear_bwd.register_fake
-def _(grad_y, x, weight, lora_A, lora_B, h, seed, scaling, dropout_p, use_triton, needs_grad, scale=None):
-    like = (x, weight, lora_A, lora_B, grad_y.new_empty(weight.shape[0]))
-    return [t.new_empty(t.shape) if need else grad_y.new_empty(0) for t, need in zip(like, needs_grad)]
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton, *rest = inputs
-    scale = rest[0] if rest else None
-    _, h, seed = output
-    ctx.save_for_backward(x, weight, lora_A, lora_B, h, seed, scale)
-    ctx.scaling, ctx.dropout_p, ctx.use_triton = scaling, dropout_p, use_triton
-    ctx.has_bias = bias is not None
-
-
-def _custom_op_backward(ctx, grad_y, grad_h, grad_seed):
-    # h and seed are internal outputs that callers never use: their gradients are ignored.
-    x, weight, lora_A, lora_B, h, seed, scale = ctx.saved_tensors
-    needs = _needs(ctx)
-    if not any(needs):
-        return (None,) * 9
-    grads = _lora_linear_bwd(
-        grad_y, x, weight, lora_A, lora_B, h, seed, ctx.scaling, ctx.dropout_p, ctx.use_triton, needs, scale
-    )
-    return (*[g if need else None for g, need in zip(grads, needs)], None, None, None, None)
-
-
-torch.library.register_autograd("fastlora::lora_linear_fwd", _custom_op_backward, setup_context=_setup_context)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Entry points for fastlora.functional (2-D x)
-# ---------------------------------------------------------------------------------------------------------
-
-def _op_scaling(scaling):
-    """(float, tensor or None) arguments of the custom ops for a float or 0-d tensor scaling."""
-    return (1.0, scaling) if isinstance(scaling, Tensor) else (scaling, None)
-
-
-def lora_linear_train(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton) -> Tensor:
-    """With autograd: saves x, h and the seed. ``scaling``: a float or a 0-d tensor (no gradient)."""
-    if torch.compiler.is_compiling():
-        s, scale = _op_scaling(scaling)
-        return _lora_linear_fwd(x, weight, lora_A, lora_B, bias, s, dropout_p, use_triton, scale)[0]
-    return LoRALinearFunction.apply(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton)
-
-
-def lora_linear_infer(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton) -> Tensor:
-    """Without autograd: saves nothing and skips h's store."""
-    if torch.compiler.is_compiling():
-        s, scale = _op_scaling(scaling)
-        return _lora_linear_infer(x, weight, lora_A, lora_B, bias, s, dropout_p, use_triton, scale)
-    return _forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, use_triton, save_h=False)[0]
+LORA_LINEAR = LoRALinearOp()

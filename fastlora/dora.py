@@ -50,9 +50,10 @@ the correction ((dY − dZ) W) ⊙ (1 − c) on dx: the second base GEMM of the 
 Saved: x, h, z, n, g and the dropout seed (the mask is regenerated, never stored); z is the one (M, N) tensor,
 where PEFT's autograd keeps several. ``B @ A`` appears nowhere, in the forward or the backward.
 
-Eager code runs ``DoRALinearFunction`` (an autograd.Function); code being compiled runs the same forward and
-backward bodies as ``torch.library`` custom ops with fake kernels and a registered autograd, so
-``torch.compile(fullgraph=True)`` traces through without a graph break, as ``fastlora.autograd`` does for LoRA.
+The op is written in the op protocol (``DORA_LINEAR``, a ``fastlora.op_common.FusedOp``): the autograd.Function,
+the custom ops ``fastlora::dora_linear_fwd`` / ``_infer`` / ``_bwd`` (torch.compile without a graph break), autocast,
+the shared checks and the dispatch come from there; this file holds its math (``TorchDoRA`` / ``TritonDoRA``, one
+signature), its checks, what it saves and its differentiable formula.
 
 The Embedding variant (``DoraEmbeddingVariant``) is ``y = g ⊙ (base(x) + s·embed_scale·A[:, x]ᵀ Bᵀ)`` with the
 norm over the vocabulary, i.e. the norm above applied to Wᵀ (D, V): it runs PEFT's own ops with that norm.
@@ -68,12 +69,11 @@ from torch import Tensor
 
 from . import backend as _backend
 from . import reference
-from .autograd import keep_mask
-from .op_common import autocast as _autocast  # the op's autocast rule, as nn.Linear's
-from .op_common import check_dropout, check_scaling, draw_seed, flatten_rows, fold_tensor_scaling, recompute_grads
+from .autograd import check_linear_dtypes, check_linear_shapes, dropped
+from .op_common import FusedOp, check_scaling, fold_tensor_scaling
 
 __all__ = ["dora_linear", "dora_embedding", "dora_weight_norm", "weight_row_sq", "clear_norm_cache",
-           "dora_forward_torch", "dora_backward_torch"]
+           "dora_forward_torch", "dora_backward_torch", "DORA_LINEAR", "DoRALinearOp"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -328,27 +328,13 @@ def _backward_triton(grad_y, x, weight, lora_A, lora_B, h, z, g, norm, scaling, 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# autograd
+# The op
 # ---------------------------------------------------------------------------------------------------------
-
-def _forward(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, use_triton, save, reuse=False):
-    """(y, z, h, norm, g, seed). ``reuse``: a call without autograd, which may reuse the norm (``_norm``)."""
-    seed = draw_seed(dropout_p)
-    norm = _norm(weight, lora_A, lora_B, scaling, use_triton, reuse)  # no grad: detached, as PEFT
-    g = magnitude.detach().to(norm.dtype) / norm
-    fwd = _forward_triton if use_triton else dora_forward_torch
-    with _backend.kernel_section(use_triton):
-        y, z, h = fwd(x, weight, lora_A, lora_B, bias, g, scaling, dropout_p, seed, save)
-    return y, z, h, norm, g, seed
-
 
 def differentiable_forward(x, weight, lora_A, lora_B, magnitude, bias, norm, scaling, dropout_p, seed, use_triton):
     """PEFT's DoRA formula in differentiable PyTorch ops, the norm a constant (``norm``, saved by the forward) and the
     op's own dropout mask: what a double backward differentiates (op_common.recompute_grads)."""
-    xd = x
-    if dropout_p > 0.0:
-        keep = keep_mask(seed, x.shape, dropout_p, x.device, use_triton)
-        xd = torch.where(keep, x * (1.0 / (1.0 - dropout_p)), 0.0)
+    xd = dropped(x, dropout_p, seed, use_triton)
     g = magnitude.to(norm.dtype) / norm
     ld = torch.promote_types(g.dtype, lora_A.dtype)
     low = F.linear(F.linear(xd.to(ld), lora_A.to(ld)), lora_B.to(ld)) * scaling
@@ -356,166 +342,77 @@ def differentiable_forward(x, weight, lora_A, lora_B, magnitude, bias, norm, sca
     return y.to(x.dtype)
 
 
-class DoRALinearFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, use_triton):
-        y, z, h, norm, g, seed = _forward(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p,
-                                          use_triton, save=True)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, h, z, norm, g, magnitude, bias)
-        ctx.seed, ctx.scaling, ctx.dropout_p, ctx.use_triton = seed, scaling, dropout_p, use_triton
-        ctx.has_bias = bias is not None
-        ctx.mag_dtype = magnitude.dtype
-        return y
+class _DoRAImpl:
+    """forward / backward of the op around one implementation's bodies (``use_triton`` picks them)."""
 
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight, lora_A, lora_B, h, z, norm, g, magnitude, bias = ctx.saved_tensors
-        nx, nw, na, nb, nm, nbias = ctx.needs_input_grad[:6]
-        needs = (nx, nw, na, nb, nm, nbias and ctx.has_bias)
-        if not any(needs):
-            return (None,) * 9
-        if torch.is_grad_enabled():  # create_graph=True: a gradient that is differentiated again (op_common)
-            def forward(x, weight, lora_A, lora_B, magnitude, bias):
-                return differentiable_forward(x, weight, lora_A, lora_B, magnitude, bias, norm, ctx.scaling,
-                                              ctx.dropout_p, ctx.seed, ctx.use_triton)
+    use_triton = False
 
-            grads = recompute_grads(forward, (x, weight, lora_A, lora_B, magnitude, bias), needs, grad_y)
-            return (*grads, None, None, None)
-        bwd = _backward_triton if ctx.use_triton else dora_backward_torch
-        with _backend.kernel_section(ctx.use_triton):
-            dx, dW, dA, dB, dm, dbias = bwd(grad_y.contiguous(), x, weight, lora_A, lora_B, h, z, g, norm,
-                                            ctx.scaling, ctx.dropout_p, ctx.seed, needs)
-        if dm is not None:
-            dm = dm.to(ctx.mag_dtype)
-        return dx, dW, dA, dB, dm, dbias, None, None, None
+    @classmethod
+    def forward(cls, x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, *, seed, save):
+        # the norm: detached, as PEFT; a call without autograd (not save) may reuse the previous one (``_norm``)
+        norm = _norm(weight, lora_A, lora_B, scaling, cls.use_triton, reuse=not save)
+        g = magnitude.detach().to(norm.dtype) / norm
+        fwd = _forward_triton if cls.use_triton else dora_forward_torch
+        y, z, h = fwd(x, weight, lora_A, lora_B, bias, g, scaling, dropout_p, seed, save)
+        return y, (z, h, norm, g)
+
+    @classmethod
+    def backward(cls, grad_y, x, weight, lora_A, lora_B, magnitude, bias, z, h, norm, g, scaling, dropout_p, *,
+                 seed, needs):
+        bwd = _backward_triton if cls.use_triton else dora_backward_torch
+        return bwd(grad_y, x, weight, lora_A, lora_B, h, z, g, norm, scaling, dropout_p, seed, needs)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Compiled: torch.library custom ops (torch.compile(fullgraph=True) traces through without a graph break)
-# ---------------------------------------------------------------------------------------------------------
-
-@torch.library.custom_op("fastlora::dora_linear_fwd", mutates_args=())
-def _dora_linear_fwd(
-    x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, bias: Optional[Tensor],
-    scaling: float, dropout_p: float, use_triton: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(y, z, h, norm, g, seed): the seed a CPU int64 scalar."""
-    y, z, h, norm, g, seed = _forward(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, use_triton,
-                                      save=True)
-    return y, z, h, norm, g, torch.full((), seed, dtype=torch.int64)
+class TorchDoRA(_DoRAImpl):
+    """The PyTorch implementation (``dora_forward_torch`` / ``dora_backward_torch``)."""
 
 
-@_dora_linear_fwd.register_fake
-def _(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, use_triton):
-    M, N, r = x.shape[0], weight.shape[0], lora_A.shape[0]
-    acc = acc_dtype(weight.dtype)
-    return (x.new_empty(M, N), x.new_empty(M, N), x.new_empty(M, r, dtype=reference.h_dtype(x.dtype)),
-            weight.new_empty(N, dtype=acc), weight.new_empty(N, dtype=acc),
-            torch.empty((), dtype=torch.int64, device="cpu"))
+class TritonDoRA(_DoRAImpl):
+    """The Triton implementation: fastlora's LoRA kernels plus ``fastlora.kernels.dora``."""
+
+    use_triton = True
 
 
-@torch.library.custom_op("fastlora::dora_linear_infer", mutates_args=())
-def _dora_linear_infer(
-    x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, bias: Optional[Tensor],
-    scaling: float, dropout_p: float, use_triton: bool,
-) -> Tensor:
-    return _forward(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, use_triton, save=False,
-                    reuse=True)[0]
+class DoRALinearOp(FusedOp):
+    """PEFT's DoRA linear; saves z, h, the norm and g."""
+
+    name = "dora_linear"
+    tensors = ("input", "weight", "lora_A", "lora_B", "magnitude", "bias")
+    optional = frozenset({"bias"})
+    consts = (("scaling", "float"), ("dropout_p", "float"))
+    saved = ("z", "h", "norm", "g")
+    autocast_args = ("input", "weight", "lora_A", "lora_B", "bias")
+    scaled = "lora_B"
+    torch_impl = TorchDoRA
+    triton_impl = "fastlora.dora:TritonDoRA"
+
+    def check(self, a):
+        weight, magnitude = a["weight"], a["magnitude"]
+        check_linear_shapes(self.name, a["input"], weight, a["lora_A"], a["lora_B"], a["bias"])
+        N = weight.shape[0]
+        if magnitude.dim() != 1 or magnitude.shape[0] != N:
+            raise ValueError(f"dora_linear: magnitude {_shape(magnitude)} must be (out_features={N},)")
+
+    def check_dtypes(self, a):
+        check_linear_dtypes(self.name, a["input"], a["weight"], a["lora_A"], a["lora_B"], a["bias"])
+
+    def fake(self, x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p):
+        M, N, r = x.shape[0], weight.shape[0], lora_A.shape[0]
+        acc = acc_dtype(weight.dtype)
+        return (x.new_empty(M, N), x.new_empty(M, N), x.new_empty(M, r, dtype=reference.h_dtype(x.dtype)),
+                weight.new_empty(N, dtype=acc), weight.new_empty(N, dtype=acc))
+
+    def differentiable_forward(self, tensors, saved, consts, seed, use_triton):
+        x, weight, lora_A, lora_B, magnitude, bias = tensors
+        norm = saved[2]
+        return differentiable_forward(x, weight, lora_A, lora_B, magnitude, bias, norm, *consts, seed, use_triton)
 
 
-@_dora_linear_infer.register_fake
-def _(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, use_triton):
-    return x.new_empty(x.shape[0], weight.shape[0])
+DORA_LINEAR = DoRALinearOp()
 
-
-@torch.library.custom_op("fastlora::dora_linear_bwd", mutates_args=())
-def _dora_linear_bwd(
-    grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, h: Tensor, z: Tensor, g: Tensor,
-    norm: Tensor, seed: Tensor, scaling: float, dropout_p: float, use_triton: bool, needs_grad: list[bool],
-) -> list[Tensor]:
-    """[dx, dW, dA, dB, dm (in the norm's dtype), dbias]; one not needed comes back as an empty tensor."""
-    bwd = _backward_triton if use_triton else dora_backward_torch
-    with _backend.kernel_section(use_triton):
-        grads = bwd(grad_y.contiguous(), x, weight, lora_A, lora_B, h, z, g, norm, scaling, dropout_p, int(seed),
-                    tuple(needs_grad))
-    return [t.contiguous() if t is not None else grad_y.new_empty(0) for t in grads]
-
-
-@_dora_linear_bwd.register_fake
-def _(grad_y, x, weight, lora_A, lora_B, h, z, g, norm, seed, scaling, dropout_p, use_triton, needs_grad):
-    N = weight.shape[0]
-    like = (x, weight, lora_A, lora_B, norm, grad_y.new_empty(N))
-    return [t.new_empty(t.shape) if need else grad_y.new_empty(0) for t, need in zip(like, needs_grad)]
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, use_triton = inputs
-    _, z, h, norm, g, seed = output
-    ctx.save_for_backward(x, weight, lora_A, lora_B, h, z, norm, g, seed)
-    ctx.scaling, ctx.dropout_p, ctx.use_triton = scaling, dropout_p, use_triton
-    ctx.has_bias, ctx.mag_dtype = bias is not None, magnitude.dtype
-
-
-def _custom_op_backward(ctx, grad_y, grad_z, grad_h, grad_norm, grad_g, grad_seed):
-    # z, h, norm, g and the seed are internal outputs that callers never use: their gradients are ignored
-    x, weight, lora_A, lora_B, h, z, norm, g, seed = ctx.saved_tensors
-    nx, nw, na, nb, nm, nbias = ctx.needs_input_grad[:6]
-    needs = [nx, nw, na, nb, nm, nbias and ctx.has_bias]
-    if not any(needs):
-        return (None,) * 9
-    grads = _dora_linear_bwd(grad_y, x, weight, lora_A, lora_B, h, z, g, norm, seed, ctx.scaling, ctx.dropout_p,
-                             ctx.use_triton, needs)
-    grads = [t if need else None for t, need in zip(grads, needs)]
-    if grads[4] is not None:
-        grads[4] = grads[4].to(ctx.mag_dtype)
-    return (*grads, None, None, None)
-
-
-torch.library.register_autograd("fastlora::dora_linear_fwd", _custom_op_backward, setup_context=_setup_context)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Functional
-# ---------------------------------------------------------------------------------------------------------
 
 def _shape(t: Tensor) -> str:
     return str(tuple(t.shape))
-
-
-def _validate(input, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p) -> None:
-    named = {"input": input, "weight": weight, "lora_A": lora_A, "lora_B": lora_B, "magnitude": magnitude}
-    if bias is not None:
-        named["bias"] = bias
-    for name, t in named.items():
-        if not isinstance(t, Tensor):
-            raise TypeError(f"dora_linear: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"dora_linear: {name} must be a floating-point tensor, got dtype {t.dtype}")
-    if len({t.device for t in named.values()}) > 1:
-        listing = ", ".join(f"{n} on {t.device}" for n, t in named.items())
-        raise ValueError(f"dora_linear: all tensors must be on one device, got {listing}")
-    if input.dim() < 1:
-        raise ValueError("dora_linear: input must have at least 1 dimension (..., in_features), got a scalar")
-    for name in ("weight", "lora_A", "lora_B"):
-        if named[name].dim() != 2:
-            raise ValueError(f"dora_linear: {name} must be 2-D, got shape {_shape(named[name])}")
-    N, K = weight.shape
-    r = lora_A.shape[0]
-    if input.shape[-1] != K:
-        raise ValueError(f"dora_linear: input {_shape(input)} has {input.shape[-1]} features but weight "
-                         f"{_shape(weight)} expects in_features={K}")
-    if lora_A.shape[1] != K or r < 1:
-        raise ValueError(f"dora_linear: lora_A {_shape(lora_A)} must be (r >= 1, in_features={K})")
-    if tuple(lora_B.shape) != (N, r):
-        raise ValueError(f"dora_linear: lora_B {_shape(lora_B)} must be (out_features={N}, r={r})")
-    if magnitude.dim() != 1 or magnitude.shape[0] != N:
-        raise ValueError(f"dora_linear: magnitude {_shape(magnitude)} must be (out_features={N},)")
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
-        raise ValueError(f"dora_linear: bias {_shape(bias)} must be (out_features={N},)")
-    check_dropout(dropout_p, "dora_linear")
-    check_scaling(scaling, input.device, "dora_linear")
-
-
 
 
 def dora_linear(
@@ -541,30 +438,8 @@ def dora_linear(
     and magnitude, and to weight and bias only if they require grad. ``scaling`` is a number or a one-element
     tensor without gradient (PEFT's hot-swap scaling), as in ``lora_linear``. Derivation: ``fastlora.dora``.
     """
-    _validate(input, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p)
-    input, weight, lora_A, lora_B, bias = _autocast(input.device.type, input, weight, lora_A, lora_B, bias)
-    if weight.dtype != input.dtype:
-        raise TypeError(f"dora_linear: input dtype {input.dtype} and weight dtype {weight.dtype} differ (as in "
-                        "nn.Linear, they must match; use torch.autocast for mixed precision)")
-    if bias is not None and bias.dtype != input.dtype:
-        raise TypeError(f"dora_linear: bias dtype {bias.dtype} must match input dtype {input.dtype}")
-    if lora_A.dtype != lora_B.dtype:
-        raise TypeError(f"dora_linear: lora_A dtype {lora_A.dtype} and lora_B dtype {lora_B.dtype} differ")
-
-    p = float(dropout_p) if training else 0.0
-    use_triton = _backend.use_triton(input.device, input.dtype)
-    x2d = flatten_rows(input)
-    lora_B, scaling = fold_tensor_scaling(lora_B, scaling)  # a tensor scaling: into B, autograd-visible
-    args = (x2d, weight, lora_A, lora_B, magnitude, bias, scaling, p, use_triton)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, weight, lora_A, lora_B, magnitude, bias))
-    if torch.compiler.is_compiling():  # custom ops: no graph break
-        y = _dora_linear_fwd(*args)[0] if needs_grad else _dora_linear_infer(*args)
-    elif needs_grad:
-        y = DoRALinearFunction.apply(*args)
-    else:
-        y = _forward(*args, save=False, reuse=True)[0]
-    return y if input.dim() == 2 else y.reshape(*input.shape[:-1], weight.shape[0])
+    return DORA_LINEAR(input, weight, lora_A, lora_B, magnitude, bias, scaling=scaling, dropout_p=dropout_p,
+                       training=training)
 
 
 def dora_embedding(input: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, *,

@@ -47,11 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import backend as _backend
 from . import reference
-from .autograd import keep_mask
-from .op_common import autocast as _autocast
-from .op_common import check_dropout, check_scaling, draw_seed, flatten_rows, fold_tensor_scaling, recompute_grads
+from .autograd import check_linear_dtypes, check_linear_shapes, dropped
+from .op_common import FusedOp
 
 __all__ = [
     "lora_linear_4bit",
@@ -60,6 +58,8 @@ __all__ = [
     "restore_canonical_layout",
     "dispatch_choices",
     "FUSED4BIT_DEFAULT_MAX_M",
+    "LORA_4BIT",
+    "LoRA4bitOp",
 ]
 
 # Under the interpreter (no timing possible) the fused 4-bit GEMM runs up to this many rows.
@@ -104,42 +104,44 @@ def restore_canonical_layout(weight) -> None:
 # The packed weight
 # ---------------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True)
 class _Quant:
-    """What the op needs of a quant_state, checked once: W is (N, K), quantized from ``dtype``."""
-    state: object
+    """What the op needs of a quant_state besides its tensors: W is (N, K), quantized from ``dtype``."""
     N: int
     K: int
     blocksize: int
     quant_type: str
     dtype: torch.dtype
 
-    def absmax(self) -> Tensor:
-        """The per-block scales (N·K/blocksize,) fp32; with double quantization dequantized first, exactly as
-        bitsandbytes' dequantize_4bit does (a tiny vector; recomputed per call, never cached)."""
-        qs = self.state
-        if qs.nested:
-            from bitsandbytes.functional import dequantize_blockwise
-
-            absmax = dequantize_blockwise(qs.absmax, qs.state2)
-            absmax += qs.offset
-            return absmax.float().contiguous()
-        return qs.absmax.float().contiguous()
-
-    def dequantize(self, q: Tensor, dtype: torch.dtype) -> Tensor:
-        """W̃ (N, K) in ``dtype``: bitsandbytes' dequantize_4bit, then a cast (as bnb.matmul_4bit does).
+    def dequantize(self, q: Tensor, absmax: Tensor, dtype: torch.dtype) -> Tensor:
+        """W̃ (N, K) in ``dtype`` from the packed bytes and the fp32 block scales (``absmax_fp32``): bitsandbytes'
+        dequantize_4bit, then a cast (as bnb.matmul_4bit does).
 
         On CPU with K not a multiple of the blocksize, the flat-layout dequantization below instead: bitsandbytes'
         CPU kernel (0.50) indexes blocks per row (row·⌊K/blocksize⌋ + k//blocksize) when K is a multiple of 16
         but not of the blocksize, which disagrees with the layout its own quantize_4bit writes and its reference
         and CUDA implementations read (tests/test_qlora.py shows it); real models have K % blocksize == 0."""
         if q.device.type == "cpu" and self.K % self.blocksize:
-            return _dequantize_flat(q, self.absmax(), _code(self.quant_type, q.device), self.N, self.K,
-                                    self.blocksize, self.dtype).to(dtype)
-        from bitsandbytes.functional import dequantize_4bit
-
-        w = dequantize_4bit(q.view(-1, 1), self.state)
+            return _dequantize_flat(q, absmax, _code(self.quant_type, q.device), self.N, self.K, self.blocksize,
+                                    self.dtype).to(dtype)
+        w = torch.ops.bitsandbytes.dequantize_4bit.default(q.view(-1, 1), absmax, self.blocksize, self.quant_type,
+                                                           [self.N, self.K], self.dtype)
         return w.reshape(self.N, self.K).to(dtype)
+
+
+def absmax_fp32(absmax: Tensor, absmax2: Optional[Tensor], code2: Optional[Tensor], offset: Optional[Tensor],
+                blocksize2: int) -> Tensor:
+    """The per-block scales (N·K/blocksize,) fp32; with double quantization (``absmax2``: the second level's scales,
+    ``code2`` its table) dequantized first, exactly as bitsandbytes' dequantize_4bit does (a small vector; computed
+    per call from the quant_state's own tensors, never cached or saved)."""
+    if absmax2 is None:
+        return absmax.float().contiguous()
+    from bitsandbytes.functional import QuantState, dequantize_blockwise
+
+    state2 = QuantState(absmax=absmax2, code=code2, blocksize=blocksize2, dtype=torch.float32)
+    out = dequantize_blockwise(absmax, state2)
+    out += offset
+    return out.float().contiguous()
 
 
 def _dequantize_flat(q: Tensor, absmax: Tensor, code: Tensor, N: int, K: int, blocksize: int,
@@ -164,7 +166,9 @@ def _code(quant_type: str, device: torch.device) -> Tensor:
 def _packed_bytes(weight: Tensor) -> Tensor:
     """The weight's storage as a flat contiguous uint8 tensor (a view: quant_storage may be another dtype), as a
     plain Tensor (Params4bit is a subclass whose methods would re-wrap results)."""
-    w = torch.Tensor.as_subclass(weight.detach(), torch.Tensor)
+    w = weight.detach()
+    if type(w) is not torch.Tensor:
+        w = torch.Tensor.as_subclass(w, torch.Tensor)
     if w.dtype != torch.uint8:
         w = w.contiguous().view(torch.uint8)
     return w.reshape(-1)
@@ -200,54 +204,14 @@ def _resolve_quant(weight, quant_state) -> _Quant:
                          f"needs {(N * K + 1) // 2} (two 4-bit values per byte)")
     if qs.nested and getattr(qs.state2, "blocksize", None) is None:
         raise ValueError("lora_linear_4bit: a nested quant_state needs state2 (double quantization)")
-    return _Quant(qs, N, K, bs, qs.quant_type, qs.dtype)
+    return qs, _Quant(N, K, bs, qs.quant_type, qs.dtype)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Validation (before any kernel runs)
-# ---------------------------------------------------------------------------------------------------------
-
-def _validate(input, weight, quant: _Quant, lora_A, lora_B, bias, scaling, dropout_p) -> None:
-    named = {"input": input, "lora_A": lora_A, "lora_B": lora_B}
-    if bias is not None:
-        named["bias"] = bias
-    for name, t in named.items():
-        if not isinstance(t, Tensor):
-            raise TypeError(f"lora_linear_4bit: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"lora_linear_4bit: {name} must be a floating-point tensor, got dtype {t.dtype}")
-    devices = {**{n: t.device for n, t in named.items()}, "weight": weight.device,
-               "quant_state.absmax": quant.state.absmax.device}
-    if len(set(devices.values())) > 1:
-        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
-        raise ValueError(f"lora_linear_4bit: all tensors must be on one device, got {listing}")
-    if input.dim() < 1:
-        raise ValueError("lora_linear_4bit: input must have at least 1 dimension (..., in_features), got a scalar")
-    for name in ("lora_A", "lora_B"):
-        if named[name].dim() != 2:
-            raise ValueError(f"lora_linear_4bit: {name} must be 2-D, got shape {tuple(named[name].shape)}")
-    N, K = quant.N, quant.K
-    r = lora_A.shape[0]
-    if input.shape[-1] != K:
-        raise ValueError(f"lora_linear_4bit: input {tuple(input.shape)} has {input.shape[-1]} features but the 4-bit "
-                         f"weight is ({N}, {K}): in_features={K}")
-    if lora_A.shape[1] != K:
-        raise ValueError(f"lora_linear_4bit: lora_A {tuple(lora_A.shape)} must be (r, in_features={K})")
-    if r < 1:
-        raise ValueError(f"lora_linear_4bit: rank must be >= 1, got lora_A {tuple(lora_A.shape)}")
-    if lora_B.shape != (N, r):
-        raise ValueError(f"lora_linear_4bit: lora_B {tuple(lora_B.shape)} must be (out_features={N}, r={r})")
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
-        raise ValueError(f"lora_linear_4bit: bias {tuple(bias.shape)} must be (out_features={N},)")
-    check_dropout(dropout_p, "lora_linear_4bit")
-    check_scaling(scaling, input.device, "lora_linear_4bit")
-
-
-def _check_dtypes(input, lora_A, lora_B, bias) -> None:
-    if bias is not None and bias.dtype != input.dtype:
-        raise TypeError(f"lora_linear_4bit: bias dtype {bias.dtype} must match input dtype {input.dtype}")
-    if lora_A.dtype != lora_B.dtype:
-        raise TypeError(f"lora_linear_4bit: lora_A dtype {lora_A.dtype} and lora_B dtype {lora_B.dtype} differ")
+def _quant_tensors(qs) -> tuple:
+    """(absmax, absmax2, code2, offset, blocksize2): the quant_state's own tensors (no copies)."""
+    if qs.nested:
+        return qs.absmax, qs.state2.absmax, qs.state2.code, qs.offset, int(qs.state2.blocksize)
+    return qs.absmax, None, None, None, 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -325,146 +289,163 @@ def _standin(x: Tensor, rows: int, cols: int) -> Tensor:
     return x.new_zeros(()).expand(rows, cols)
 
 
-def _forward(x, q, quant: _Quant, lora_A, lora_B, bias, scaling, p, seed, save_h, use_triton):
-    """(y, h or None)."""
-    cd = x.dtype
-    if not use_triton:
-        return _forward_torch(x, q, quant, lora_A, lora_B, bias, scaling, p, seed, save_h)
+class TorchLoRA4bit:
+    """The PyTorch implementation: bitsandbytes' dequantization, then ``fastlora.reference``'s math, ordered so that
+    the transient W̃ never coexists with the dropout temporaries."""
 
-    from fastlora.kernels import lora_linear as kernels
-    from fastlora.kernels import qlora as qk
+    @staticmethod
+    def forward(x, q, absmax, absmax2, code2, offset, lora_A, lora_B, bias, N, K, blocksize, quant_type,
+                quant_dtype, blocksize2, scaling, p, *, seed, save):
+        quant = _Quant(N, K, blocksize, quant_type, quant_dtype)
+        cd = x.dtype
+        # h first (the reference op with zero output features), then x W̃ᵀ with W̃ freed at once, then s·h Bᵀ
+        h = reference.lora_forward(x, _standin(x, 0, K), lora_A, lora_B[:0], None, scaling, p, seed, save_h=True)[1]
+        w = quant.dequantize(q, absmax_fp32(absmax, absmax2, code2, offset, blocksize2), cd)
+        y = torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
+        del w
+        ld = reference.low_rank_dtype(cd, lora_A.dtype)  # h was computed in it
+        hs = h.to(ld) * scaling  # s on the (M, r) side: alpha = 0 would hide a NaN in A or B
+        if ld == cd:
+            y.addmm_(hs, lora_B.to(cd).t())
+        else:  # fp32 adapters on a half base: the branch in fp32, rounded once into y (as PEFT)
+            y.add_(torch.mm(hs, lora_B.to(ld).t()))
+        return y, ((h if save else None),)
 
-    def dequant():
-        w = quant.dequantize(q, cd)
-        return kernels.lora_forward(x, w, lora_A, lora_B, bias, scaling, p, seed, save_h=save_h)
-
-    def fused4bit():
-        r = lora_A.shape[0]
-        h = None
-        if p > 0.0 or r > qk.QLORA_FUSED_MAX_R:
-            # The LoRA op with zero output features computes only h = drop(x) Aᵀ: fastlora's shrink kernel, with
-            # the Philox mask that its backward kernels regenerate.
-            h = kernels.lora_forward(x, _standin(x, 0, quant.K), lora_A, lora_B[:0], None, scaling, p, seed,
-                                     save_h=True)[1]
-        y, h = qk.qlora_gemm_forward(x, q, quant.absmax(), _code(quant.quant_type, x.device), quant.blocksize,
-                                     quant.dtype, quant.N, lora_A, lora_B, bias, scaling, h=h, save_h=save_h)
-        return y, (h if save_h else None)
-
-    return _pick("forward", x, quant, lora_A, bias is not None, p, {"fused4bit": fused4bit, "dequant": dequant})
-
-
-def _backward(grad_y, x, q, quant: _Quant, lora_A, lora_B, h, scaling, p, seed, needs, use_triton):
-    """(dx, dA, dB, dbias), None where not needed."""
-    nx, na, nb, nbias = needs
-    cd = grad_y.dtype
-    standin = _standin(x, quant.N, quant.K)
-
-    def via_dense(impl):
-        w = quant.dequantize(q, cd) if nx else standin  # dequantized again, only when dx is wanted
-        dx, _, dA, dB, dbias = impl.lora_backward(grad_y, x, w, lora_A, lora_B, h, scaling, p, seed,
-                                                  nx, False, na, nb, nbias)
-        return dx, dA, dB, dbias
-
-    if not use_triton:
-        return _backward_torch(grad_y, x, q, quant, lora_A, lora_B, h, scaling, p, seed, needs)
-
-    from fastlora.kernels import lora_linear as kernels
-    from fastlora.kernels import qlora as qk
-
-    def fused4bit():
-        _, _, dA, dB, dbias = kernels.lora_backward(grad_y, x, standin, lora_A, lora_B, h, scaling, p, seed,
-                                                    False, False, na, nb, nbias)
+    @staticmethod
+    def backward(grad_y, x, q, absmax, absmax2, code2, offset, lora_A, lora_B, bias, h, N, K, blocksize, quant_type,
+                 quant_dtype, blocksize2, scaling, p, *, seed, needs):
+        """dA, dB, db first (no W̃ needed), then dx = dY W̃ with W̃ dequantized again and freed before the masked
+        low-rank term (dh A) ⊙ m / (1-p) is added."""
+        nx, na, nb, nbias = needs[0], needs[6], needs[7], needs[8]
+        cd = grad_y.dtype
+        _, _, dA, dB, dbias = reference.lora_backward(grad_y, x, _standin(x, N, K), lora_A, lora_B, h, scaling, p,
+                                                      seed, False, False, na, nb, nbias)
         dx = None
         if nx:
-            dh = torch.mm(grad_y.float(), lora_B.float()).mul_(scaling)  # (M, r) fp32: cheap at small M
-            dx = qk.qlora_gemm_dx(grad_y, q, quant.absmax(), _code(quant.quant_type, x.device), quant.blocksize,
-                                  quant.dtype, quant.K, dh, lora_A, p, seed)
-        return dx, dA, dB, dbias
-
-    return _pick("backward", x, quant, lora_A, nbias, p,
-                 {"fused4bit": fused4bit, "dequant": lambda: via_dense(kernels)})
-
-
-def _forward_torch(x, q, quant: _Quant, lora_A, lora_B, bias, scaling, p, seed, save_h):
-    """fastlora.reference's math, ordered so that the transient W̃ never coexists with the dropout temporaries:
-    h first (the reference op with zero output features), then x W̃ᵀ with W̃ freed at once, then s·h Bᵀ."""
-    cd = x.dtype
-    h = reference.lora_forward(x, _standin(x, 0, quant.K), lora_A, lora_B[:0], None, scaling, p, seed,
-                               save_h=True)[1]
-    w = quant.dequantize(q, cd)
-    y = torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
-    del w
-    ld = reference.low_rank_dtype(cd, lora_A.dtype)  # h was computed in it
-    hs = h.to(ld) * scaling  # s on the (M, r) side: alpha = 0 would hide a NaN in A or B
-    if ld == cd:
-        y.addmm_(hs, lora_B.to(cd).t())
-    else:  # fp32 adapters on a half base: the branch in fp32, rounded once into y (as PEFT)
-        y.add_(torch.mm(hs, lora_B.to(ld).t()))
-    return y, (h if save_h else None)
+            quant = _Quant(N, K, blocksize, quant_type, quant_dtype)
+            w = quant.dequantize(q, absmax_fp32(absmax, absmax2, code2, offset, blocksize2), cd)
+            dx = torch.mm(grad_y, w)  # (M, K)
+            del w
+            ld = reference.low_rank_dtype(cd, lora_A.dtype)  # dh and the low-rank term in it, as the reference's
+            dh = torch.mm(grad_y.to(ld), lora_B.to(ld)).mul_(scaling)  # (M, r)
+            if p == 0.0:
+                dx.add_(torch.mm(dh, lora_A.to(ld)))
+            else:  # the reference's mask, regenerated from the seed
+                keep = reference.dropout_keep_mask(seed, x.shape, p, x.device)
+                dx.add_(torch.mm(dh, (lora_A * (1.0 / (1.0 - p))).to(ld)).masked_fill_(~keep, 0.0))
+        return dx, None, None, None, None, None, dA, dB, dbias
 
 
-def _backward_torch(grad_y, x, q, quant: _Quant, lora_A, lora_B, h, scaling, p, seed, needs):
-    """fastlora.reference's gradients: dA, dB, db first (no W̃ needed), then dx = dY W̃ with W̃ dequantized again
-    and freed before the masked low-rank term (dh A) ⊙ m / (1-p) is added."""
-    nx, na, nb, nbias = needs
-    cd = grad_y.dtype
-    _, _, dA, dB, dbias = reference.lora_backward(grad_y, x, _standin(x, quant.N, quant.K), lora_A, lora_B, h,
-                                                  scaling, p, seed, False, False, na, nb, nbias)
-    dx = None
-    if nx:
-        w = quant.dequantize(q, cd)
-        dx = torch.mm(grad_y, w)  # (M, K)
-        del w
-        ld = reference.low_rank_dtype(cd, lora_A.dtype)  # dh and the low-rank term in it, as the reference's
-        dh = torch.mm(grad_y.to(ld), lora_B.to(ld)).mul_(scaling)  # (M, r)
-        if p == 0.0:
-            dx.add_(torch.mm(dh, lora_A.to(ld)))
-        else:  # the reference's mask, regenerated from the seed
-            keep = reference.dropout_keep_mask(seed, x.shape, p, x.device)
-            dx.add_(torch.mm(dh, (lora_A * (1.0 / (1.0 - p))).to(ld)).masked_fill_(~keep, 0.0))
-    return dx, dA, dB, dbias
-
-
-def differentiable_forward(x, q, quant: _Quant, lora_A, lora_B, bias, scaling, p, seed, use_triton):
-    """The op's formula in differentiable PyTorch ops, W̃ a constant and the op's own dropout mask: what a double
-    backward differentiates (op_common.recompute_grads)."""
-    xd = x
-    if p > 0.0:
-        keep = keep_mask(seed, x.shape, p, x.device, use_triton)
-        xd = torch.where(keep, x * (1.0 / (1.0 - p)), 0.0)
-    low = F.linear(F.linear(xd.to(lora_A.dtype), lora_A), lora_B.to(lora_A.dtype)) * scaling
-    return F.linear(x, quant.dequantize(q, x.dtype), bias) + low.to(x.dtype)
-
-
-class LoRALinear4bitFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, q, lora_A, lora_B, bias, quant, scaling, dropout_p, use_triton):
-        seed = draw_seed(dropout_p)
-        with _backend.kernel_section(use_triton):
-            y, h = _forward(x, q, quant, lora_A, lora_B, bias, scaling, dropout_p, seed, True, use_triton)
-        ctx.save_for_backward(x, q, lora_A, lora_B, bias, h)  # q is the packed parameter itself: no copy
-        ctx.quant, ctx.seed, ctx.scaling, ctx.dropout_p, ctx.use_triton = quant, seed, scaling, dropout_p, use_triton
-        ctx.has_bias = bias is not None
-        return y
+class TritonLoRA4bit:
+    """The Triton implementation, two compositions picked per call (``_pick``): ``fused4bit`` (the 4-bit GEMM of
+    ``fastlora.kernels.qlora``, W dequantized in registers) and ``dequant`` (a transient W̃, then the LoRA kernels)."""
 
     @staticmethod
-    def backward(ctx, grad_y):
-        x, q, lora_A, lora_B, bias, h = ctx.saved_tensors
-        nx, _, na, nb, nbias = ctx.needs_input_grad[:5]
-        needs = (nx, na, nb, nbias and ctx.has_bias)
-        if not any(needs):
-            return (None,) * 9
-        if torch.is_grad_enabled():  # create_graph=True: a gradient that is differentiated again (op_common)
-            def forward(x, lora_A, lora_B, bias):
-                return differentiable_forward(x, q, ctx.quant, lora_A, lora_B, bias, ctx.scaling, ctx.dropout_p,
-                                              ctx.seed, ctx.use_triton)
+    def forward(x, q, absmax, absmax2, code2, offset, lora_A, lora_B, bias, N, K, blocksize, quant_type,
+                quant_dtype, blocksize2, scaling, p, *, seed, save):
+        from fastlora.kernels import lora_linear as kernels
+        from fastlora.kernels import qlora as qk
 
-            dx, dA, dB, dbias = recompute_grads(forward, (x, lora_A, lora_B, bias), needs, grad_y)
-        else:
-            with _backend.kernel_section(ctx.use_triton):
-                dx, dA, dB, dbias = _backward(grad_y.contiguous(), x, q, ctx.quant, lora_A, lora_B, h, ctx.scaling,
-                                              ctx.dropout_p, ctx.seed, needs, ctx.use_triton)
-        return dx, None, dA, dB, dbias, None, None, None, None
+        quant = _Quant(N, K, blocksize, quant_type, quant_dtype)
+        x = x.contiguous()
+        cd = x.dtype
+        scales = absmax_fp32(absmax, absmax2, code2, offset, blocksize2)
+
+        def dequant():
+            w = quant.dequantize(q, scales, cd)
+            return kernels.lora_forward(x, w, lora_A, lora_B, bias, scaling, p, seed, save_h=save)
+
+        def fused4bit():
+            r = lora_A.shape[0]
+            h = None
+            if p > 0.0 or r > qk.QLORA_FUSED_MAX_R:
+                # The LoRA op with zero output features computes only h = drop(x) Aᵀ: fastlora's shrink kernel, with
+                # the Philox mask that its backward kernels regenerate.
+                h = kernels.lora_forward(x, _standin(x, 0, K), lora_A, lora_B[:0], None, scaling, p, seed,
+                                         save_h=True)[1]
+            y, h = qk.qlora_gemm_forward(x, q, scales, _code(quant_type, x.device), blocksize, quant_dtype, N,
+                                         lora_A, lora_B, bias, scaling, h=h, save_h=save)
+            return y, (h if save else None)
+
+        y, h = _pick("forward", x, quant, lora_A, bias is not None, p, {"fused4bit": fused4bit, "dequant": dequant})
+        return y, (h,)
+
+    @staticmethod
+    def backward(grad_y, x, q, absmax, absmax2, code2, offset, lora_A, lora_B, bias, h, N, K, blocksize, quant_type,
+                 quant_dtype, blocksize2, scaling, p, *, seed, needs):
+        from fastlora.kernels import lora_linear as kernels
+        from fastlora.kernels import qlora as qk
+
+        nx, na, nb, nbias = needs[0], needs[6], needs[7], needs[8]
+        quant = _Quant(N, K, blocksize, quant_type, quant_dtype)
+        x = x.contiguous()
+        cd = grad_y.dtype
+        standin = _standin(x, N, K)
+        scales = absmax_fp32(absmax, absmax2, code2, offset, blocksize2) if nx else None
+
+        def dequant():
+            w = quant.dequantize(q, scales, cd) if nx else standin  # dequantized again, only when dx is wanted
+            dx, _, dA, dB, dbias = kernels.lora_backward(grad_y, x, w, lora_A, lora_B, h, scaling, p, seed,
+                                                         nx, False, na, nb, nbias)
+            return dx, dA, dB, dbias
+
+        def fused4bit():
+            _, _, dA, dB, dbias = kernels.lora_backward(grad_y, x, standin, lora_A, lora_B, h, scaling, p, seed,
+                                                        False, False, na, nb, nbias)
+            dx = None
+            if nx:
+                dh = torch.mm(grad_y.float(), lora_B.float()).mul_(scaling)  # (M, r) fp32: cheap at small M
+                dx = qk.qlora_gemm_dx(grad_y, q, scales, _code(quant_type, x.device), blocksize, quant_dtype, K, dh,
+                                      lora_A, p, seed)
+            return dx, dA, dB, dbias
+
+        dx, dA, dB, dbias = _pick("backward", x, quant, lora_A, nbias, p, {"fused4bit": fused4bit, "dequant": dequant})
+        return dx, None, None, None, None, None, dA, dB, dbias
+
+
+class LoRA4bitOp(FusedOp):
+    """``y = x W̃ᵀ + b + s·(drop(x) Aᵀ) Bᵀ`` over a packed 4-bit W; saves h. The quant_state enters as its own tensors
+    (packed bytes, block scales and, with double quantization, the second level's scales, table and offset) and
+    its sizes, so the custom ops see nothing but tensors and numbers."""
+
+    name = "lora_linear_4bit"
+    tensors = ("input", "packed", "absmax", "absmax2", "code2", "offset", "lora_A", "lora_B", "bias")
+    optional = frozenset({"absmax2", "code2", "offset", "bias"})
+    not_floating = frozenset({"packed", "absmax"})  # absmax is uint8 with double quantization
+    no_grad = frozenset({"packed", "absmax", "absmax2", "code2", "offset"})
+    any_device = frozenset({"code2", "offset"})  # bitsandbytes moves them where it reads them
+    consts = (("out_features", "int"), ("in_features", "int"), ("blocksize", "int"), ("quant_type", "str"),
+              ("quant_dtype", "ScalarType"), ("blocksize2", "int"), ("scaling", "float"), ("dropout_p", "float"))
+    saved = ("h",)
+    autocast_args = ("input", "lora_A", "lora_B", "bias")
+    scaled = "lora_B"
+    torch_impl = TorchLoRA4bit
+    triton_impl = "fastlora.qlora:TritonLoRA4bit"
+
+    def check(self, a):
+        check_linear_shapes(self.name, a["input"], None, a["lora_A"], a["lora_B"], a["bias"], N=a["out_features"],
+                            K=a["in_features"])
+
+    def check_dtypes(self, a):
+        check_linear_dtypes(self.name, a["input"], None, a["lora_A"], a["lora_B"], a["bias"])
+
+    def fake(self, x, *rest):
+        lora_A, N = rest[5], rest[8]
+        M = x.shape[0]
+        return x.new_empty(M, N), x.new_empty(M, lora_A.shape[0], dtype=reference.h_dtype(x.dtype))
+
+    def differentiable_forward(self, tensors, saved, consts, seed, use_triton):
+        """The op's formula in differentiable PyTorch ops, W̃ a constant and the op's own dropout mask."""
+        x, q, absmax, absmax2, code2, offset, lora_A, lora_B, bias = tensors
+        N, K, blocksize, quant_type, quant_dtype, blocksize2, scaling, p = consts
+        w = _Quant(N, K, blocksize, quant_type, quant_dtype).dequantize(
+            q, absmax_fp32(absmax, absmax2, code2, offset, blocksize2), x.dtype)
+        xd = dropped(x, p, seed, use_triton)
+        low = F.linear(F.linear(xd.to(lora_A.dtype), lora_A), lora_B.to(lora_A.dtype)) * scaling
+        return F.linear(x, w, bias) + low.to(x.dtype)
+
+
+LORA_4BIT = LoRA4bitOp()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -475,8 +456,8 @@ def dequantize_weight(weight, quant_state=None, dtype: Optional[torch.dtype] = N
     """W̃ (out, in): bitsandbytes' dequantize_4bit of a Params4bit (or packed tensor + quant_state), in ``dtype``
     (default: the dtype it was quantized from). For merging and exporting; the op never keeps one."""
     _bnb()
-    quant = _resolve_quant(weight, quant_state)
-    return quant.dequantize(_packed_bytes(weight), dtype or quant.dtype)
+    qs, quant = _resolve_quant(weight, quant_state)
+    return quant.dequantize(_packed_bytes(weight), absmax_fp32(*_quant_tensors(qs)), dtype or quant.dtype)
 
 
 def lora_linear_4bit(
@@ -503,23 +484,9 @@ def lora_linear_4bit(
     ``lora_linear``. No dequantized copy of the weight is kept between calls or saved for the backward.
     """
     _bnb()
-    quant = _resolve_quant(weight, quant_state)
-    _validate(input, weight, quant, lora_A, lora_B, bias, scaling, dropout_p)
-    input, lora_A, lora_B, bias = _autocast(input.device.type, input, lora_A, lora_B, bias)
-    _check_dtypes(input, lora_A, lora_B, bias)
-
-    p = float(dropout_p) if training else 0.0
-    use_triton = _backend.use_triton(input.device, input.dtype)
-    q = _packed_bytes(weight)
-    x2d = flatten_rows(input)
-    if use_triton:
-        x2d = x2d.contiguous()
-    lora_B, scaling = fold_tensor_scaling(lora_B, scaling)  # a tensor scaling: into B, autograd-visible
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, lora_A, lora_B, bias))
-    if needs_grad:
-        y = LoRALinear4bitFunction.apply(x2d, q, lora_A, lora_B, bias, quant, scaling, p, use_triton)
-    else:
-        with _backend.kernel_section(use_triton):
-            y = _forward(x2d, q, quant, lora_A, lora_B, bias, scaling, p, draw_seed(p), False, use_triton)[0]
-    return y if input.dim() == 2 else y.reshape(*input.shape[:-1], quant.N)
+    qs, quant = _resolve_quant(weight, quant_state)
+    absmax, absmax2, code2, offset, blocksize2 = _quant_tensors(qs)
+    return LORA_4BIT(input, _packed_bytes(weight), absmax, absmax2, code2, offset, lora_A, lora_B, bias,
+                     out_features=quant.N, in_features=quant.K, blocksize=quant.blocksize, quant_type=quant.quant_type,
+                     quant_dtype=quant.dtype, blocksize2=blocksize2, scaling=scaling, dropout_p=dropout_p,
+                     training=training)

@@ -104,27 +104,6 @@ def test_compile_dynamic_lengths_do_not_recompile_each_time():
     assert counter.frame_count <= 2, f"recompiled {counter.frame_count} times for 6 lengths"
 
 
-def test_custom_ops_pass_opcheck():
-    # torch.library's own consistency checks: schema, fake (meta) kernel, autograd registration.
-    from fastlora import autograd as ag
-
-    x = torch.randn(5, 8, requires_grad=True)
-    W = torch.randn(6, 8)
-    A = torch.randn(3, 8, requires_grad=True)
-    B = torch.randn(6, 3, requires_grad=True)
-    b = torch.randn(6)
-    torch.library.opcheck(ag._lora_linear_fwd, (x, W, A, B, b, 0.5, 0.0, False),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    torch.library.opcheck(ag._lora_linear_infer, (x.detach(), W, A.detach(), B.detach(), None, 0.5, 0.0, False),
-                          test_utils=("test_schema", "test_faketensor"))
-    h = torch.randn(5, 3)
-    seed = torch.zeros((), dtype=torch.int64)
-    for needs in ([True, False, True, True, False], [False, True, False, True, True]):
-        torch.library.opcheck(ag._lora_linear_bwd, (torch.randn(5, 6), x.detach(), W, A.detach(), B.detach(), h,
-                                                    seed, 0.5, 0.0, False, needs),
-                              test_utils=("test_schema", "test_faketensor"))
-
-
 @pytest.mark.parametrize("path", PATHS, indirect=True, ids=lambda p: "-".join(p))
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_activation_checkpointing_same_gradients(path, dropout):

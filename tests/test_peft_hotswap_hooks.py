@@ -144,18 +144,3 @@ def test_compiled_training_with_a_tensor_scaling_follows_its_value():
             want = step(fastlora.lora_linear, value)
             for a, e, name in zip(got, want, ("y", "dA", "dB")):
                 assert_same(a, e, 1e-5, 1e-5, f"{name} at scaling {value}")
-
-
-def test_custom_ops_with_a_tensor_scaling_pass_opcheck():
-    from fastlora import autograd as ag
-
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(5, 4, generator=g, requires_grad=True)
-    W, b = torch.randn(6, 4, generator=g), torch.randn(6, generator=g)
-    A = torch.randn(3, 4, generator=g, requires_grad=True)
-    B = torch.randn(6, 3, generator=g, requires_grad=True)
-    scale = torch.tensor(0.75)
-    torch.library.opcheck(ag._lora_linear_fwd, (x, W, A, B, b, 1.0, 0.0, False, scale),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    torch.library.opcheck(ag._lora_linear_infer, (x.detach(), W, A.detach(), B.detach(), None, 1.0, 0.0, False,
-                                                  scale))

@@ -12,6 +12,20 @@ import torch
 from .providers import Runner, _sync
 
 
+def _with_quant_states(params):
+    """The parameters, and the tensors of a bitsandbytes 4-bit parameter's quant_state (block scales, tables: held by
+    the parameter, so an op that saves them saves no memory)."""
+    for t in params:
+        yield t
+        qs = getattr(t, "quant_state", None)
+        if qs is None:
+            continue
+        yield from (getattr(qs, name, None) for name in ("absmax", "code", "offset"))
+        state2 = getattr(qs, "state2", None)
+        if state2 is not None:
+            yield from (getattr(state2, name, None) for name in ("absmax", "code"))
+
+
 def saved_activation_bytes(runner: Runner, include_input: bool = True) -> int | None:
     """Bytes that autograd saves for backward in one training forward: each storage once, the parameters
     (weight, bias, adapters and views of them) excluded. 0 in inference mode. With ``include_input=False``
@@ -20,7 +34,7 @@ def saved_activation_bytes(runner: Runner, include_input: bool = True) -> int | 
     if not runner.case.training:
         return 0
     x = runner.pool_x[0]
-    held = list(runner.params) + ([] if include_input else [x])
+    held = list(_with_quant_states(runner.params)) + ([] if include_input else [x])
     param_ptrs = {t.untyped_storage().data_ptr() for t in held if t is not None}
     seen: dict[int, int] = {}
 

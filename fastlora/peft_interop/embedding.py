@@ -1,15 +1,15 @@
-"""The fuser for PEFT's ``lora.Embedding`` on a plain ``nn.Embedding``: the base lookup and each adapter's
-``s · Aᵀ[ids] Bᵀ`` through ``fastlora.lora_embedding`` (one in-place ``addmm_`` per adapter, nothing (…, dim)
-allocated beside the output)."""
+"""The fuser for PEFT's ``lora.Embedding`` on a plain ``nn.Embedding``: the base lookup and the first adapter's
+``s · Aᵀ[ids] Bᵀ`` through ``fastlora.lora_embedding``, each further adapter's added in place (one ``addmm_`` per
+adapter, nothing (…, dim) allocated beside the output)."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..functional import add_embedding_update
+from ..embedding import add_embedding_update
+from ..functional import lora_embedding
 from . import registry
 from .linear import variant_name
 
@@ -48,8 +48,11 @@ def forward(layer: nn.Module, x: torch.Tensor, adapters: list[str]) -> torch.Ten
     """PEFT's ``lora.Embedding.forward(x)`` for these active adapters."""
     base = layer.get_base_layer()
     opts = (base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
-    result = F.embedding(x, base.weight, *opts)
-    for a in adapters:
+    first, rest = adapters[0], adapters[1:]
+    result = lora_embedding(x, base.weight, layer.lora_embedding_A[first], layer.lora_embedding_B[first],
+                            scaling=layer.scaling[first], padding_idx=opts[0], max_norm=opts[1], norm_type=opts[2],
+                            scale_grad_by_freq=opts[3], sparse=opts[4])
+    for a in rest:
         result = add_embedding_update(result, x, layer.lora_embedding_A[a], layer.lora_embedding_B[a],
                                       layer.scaling[a], opts)
     return result

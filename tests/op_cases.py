@@ -1,0 +1,137 @@
+"""One small call of every fused op, for the tests that hold for all of them (tests/test_ops_protocol.py: tensor
+scaling, torch.compile(fullgraph=True), autocast, the meta device, torch.library.opcheck of the custom ops).
+
+A new op adds a builder below and one line to ``CASES``. A builder ``make(device, dtype, dropout)`` returns an
+``OpCall``: the public function with its arguments (``run(**overrides)`` calls it, e.g. ``run(scaling=t)``), the
+op and the arguments it is called with (``op_args`` / ``op_kwargs``: what ``FusedOp.__call__`` takes, for opcheck),
+the leaves that get gradients, and ``reference(**overrides)``: PEFT's formula in differentiable PyTorch ops
+(without dropout), the oracle of the autocast test.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastlora
+
+
+@dataclasses.dataclass
+class OpCall:
+    fn: Callable                 # the public function
+    args: tuple                  # its positional arguments
+    kwargs: dict                 # its keyword arguments (``scaling`` among them)
+    op: object                   # the FusedOp
+    op_args: tuple               # the tensors FusedOp.__call__ takes
+    op_kwargs: dict              # its consts (and ``training``)
+    leaves: tuple                # tensors that require grad
+    reference: Callable          # reference(**overrides) -> y
+
+    def run(self, **overrides):
+        return self.fn(*self.args, **{**self.kwargs, **overrides})
+
+
+@dataclasses.dataclass(frozen=True)
+class OpCase:
+    name: str
+    make: Callable  # make(device, dtype, dropout) -> OpCall
+    meta: Optional[str] = None  # why the meta device does not apply (None: it does)
+    dropout: bool = True  # the op has dropout
+
+    def __str__(self):
+        return self.name
+
+
+def _rand(g, *shape, scale=1.0):
+    return torch.randn(*shape, generator=g) * scale
+
+
+def _leaf(t, device, dtype):
+    return t.to(device=device, dtype=dtype).requires_grad_()
+
+
+def lora_linear_case(device="cpu", dtype=torch.float32, dropout=0.0) -> OpCall:
+    g = torch.Generator().manual_seed(0)
+    x = _leaf(_rand(g, 2, 3, 8), device, dtype)
+    W, b = _rand(g, 6, 8, scale=0.3).to(device, dtype), _rand(g, 6).to(device, dtype)
+    A, B = _leaf(_rand(g, 3, 8, scale=0.3), device, dtype), _leaf(_rand(g, 6, 3), device, dtype)
+    kwargs = dict(scaling=0.75, dropout_p=dropout)
+
+    def reference(scaling=0.75, **_):
+        return F.linear(x, W, b) + F.linear(F.linear(x, A), B) * scaling
+
+    return OpCall(fastlora.lora_linear, (x, W, A, B, b), kwargs, fastlora.autograd.LORA_LINEAR, (x, W, A, B, b),
+                  kwargs, (x, A, B), reference)
+
+
+def lora_embedding_case(device="cpu", dtype=torch.float32, dropout=0.0) -> OpCall:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 10, (2, 3), generator=g).to(device)
+    W = _rand(g, 10, 6).to(device, dtype)
+    A, B = _leaf(_rand(g, 3, 10), device, dtype), _leaf(_rand(g, 6, 3), device, dtype)
+    kwargs = dict(scaling=0.75, padding_idx=1)
+    op_kwargs = dict(scaling=0.75, padding_idx=1, max_norm=None, norm_type=2.0, scale_grad_by_freq=False,
+                     sparse=False)
+
+    def reference(scaling=0.75, **_):
+        return F.embedding(ids, W, padding_idx=1) + F.embedding(ids, A.t(), padding_idx=1) @ B.t() * scaling
+
+    from fastlora.embedding import LORA_EMBEDDING
+
+    return OpCall(fastlora.lora_embedding, (ids, W, A, B), kwargs, LORA_EMBEDDING, (ids, W, A, B), op_kwargs,
+                  (A, B), reference)
+
+
+def dora_linear_case(device="cpu", dtype=torch.float32, dropout=0.0) -> OpCall:
+    from fastlora.dora import DORA_LINEAR
+
+    g = torch.Generator().manual_seed(0)
+    x = _leaf(_rand(g, 2, 3, 8), device, dtype)
+    W, b = _rand(g, 6, 8, scale=0.3).to(device, dtype), _rand(g, 6).to(device, dtype)
+    A, B = _leaf(_rand(g, 3, 8, scale=0.3), device, dtype), _leaf(_rand(g, 6, 3), device, dtype)
+    m = _leaf(_rand(g, 6).abs() + 0.5, device, dtype)
+    kwargs = dict(scaling=0.75, dropout_p=dropout)
+
+    def reference(scaling=0.75, **_):
+        norm = torch.linalg.vector_norm(W + scaling * (B @ A), dim=1).detach()
+        base = F.linear(x, W)
+        # PEFT returns its base layer's output dtype (the autocast dtype under autocast)
+        return ((m / norm) * (base + F.linear(F.linear(x, A), B) * scaling) + b).to(base.dtype)
+
+    return OpCall(fastlora.dora_linear, (x, W, A, B, m, b), kwargs, DORA_LINEAR, (x, W, A, B, m, b), kwargs,
+                  (x, A, B, m), reference)
+
+
+def lora_linear_4bit_case(device="cpu", dtype=torch.float32, dropout=0.0) -> OpCall:
+    bnbF = pytest.importorskip("bitsandbytes.functional")
+    from fastlora import qlora
+
+    g = torch.Generator().manual_seed(0)
+    N, K = 16, 64  # K a multiple of the blocksize: bitsandbytes' CPU dequantization reads it right
+    q, qs = bnbF.quantize_4bit(_rand(g, N, K, scale=0.3), blocksize=64, quant_type="nf4", compress_statistics=True)
+    W = bnbF.dequantize_4bit(q, qs)
+    x = _leaf(_rand(g, 2, 3, K), device, dtype)
+    A, B = _leaf(_rand(g, 3, K, scale=0.2), device, dtype), _leaf(_rand(g, N, 3), device, dtype)
+    b = _rand(g, N).to(device, dtype)
+    kwargs = dict(quant_state=qs, scaling=0.75, dropout_p=dropout)
+    absmax, absmax2, code2, offset, blocksize2 = qlora._quant_tensors(qs)
+    op_args = (x, qlora._packed_bytes(q), absmax, absmax2, code2, offset, A, B, b)
+    op_kwargs = dict(out_features=N, in_features=K, blocksize=64, quant_type="nf4", quant_dtype=torch.float32,
+                     blocksize2=blocksize2, scaling=0.75, dropout_p=dropout)
+
+    def reference(scaling=0.75, **_):
+        return F.linear(x, W.to(x.dtype), b) + F.linear(F.linear(x, A), B) * scaling
+
+    return OpCall(fastlora.lora_linear_4bit, (x, q, A, B, b), kwargs, qlora.LORA_4BIT, op_args, op_kwargs, (x, A, B),
+                  reference)
+
+
+CASES = [
+    OpCase("lora_linear", lora_linear_case),
+    OpCase("lora_embedding", lora_embedding_case, dropout=False),
+    OpCase("dora_linear", dora_linear_case),
+    OpCase("lora_linear_4bit", lora_linear_4bit_case, meta="bitsandbytes quantizes on a real device"),
+]
