@@ -37,7 +37,9 @@ os.environ["FASTLORA_AUTOTUNE"] = "1"
 import torch  # noqa: E402
 import triton  # noqa: E402
 
+from fastlora.kernels import common as kc  # noqa: E402
 from fastlora.kernels import lora_linear as kl  # noqa: E402
+from fastlora.kernels import resources  # noqa: E402
 
 SM90_SMEM_LIMIT = 227 * 1024  # H100 / H200: the opt-in maximum of dynamic shared memory per block
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -85,16 +87,16 @@ def problems(grid):
 def recording():
     """Replace the launch step by a recorder; the SM count is an H100's."""
     launches = []
-    saved_launch, saved_sm = kl._launch, kl._sm_count
+    saved_launch, saved_sm = kl._launch, kc.sm_count
 
     def record(name, tuned, fixed_fn, fixed_cfgs, grid, m_bucket, *args, **kwargs):
         launches.append((name, tuned, fixed_cfgs, m_bucket, args, kwargs))
 
-    kl._launch, kl._sm_count = record, (lambda device: 132)
+    kl._launch, kc.sm_count = record, (lambda device, off_cuda=4: 132)
     try:
         yield launches
     finally:
-        kl._launch, kl._sm_count = saved_launch, saved_sm
+        kl._launch, kc.sm_count = saved_launch, saved_sm
 
 
 def run_problem(pb, base):
@@ -143,8 +145,7 @@ def _do_not_specialize(jit):
     return out
 
 
-_MODELS = {"gemm_lora": kl.gemm_resources, "lora_shrink": kl.shrink_resources, "lora_grad_dy": kl.dy_resources,
-           "lora_grad_a": kl.grad_a_resources}
+_MODELS = resources.MODELS
 
 
 def build_specs(launch, pick="all"):
@@ -323,7 +324,7 @@ def main(argv=None):
         def demand(spec):
             tile = {k: spec["consts"][k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in spec["consts"]}
             cfg = triton.Config(tile, num_warps=spec["warps"], num_stages=spec["stages"])
-            return kl._overflow(_MODELS[spec["kernel"]](cfg, {**spec["nargs"], **spec["consts"]}))
+            return resources.overflow(_MODELS[spec["kernel"]](cfg, {**spec["nargs"], **spec["consts"]}))
 
         chosen = sorted(specs, key=demand, reverse=True)[:args.worst] if args.worst else []
         rest = [s for s in specs if s not in chosen]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .autograd import LORA_LINEAR
-from .embedding import LORA_EMBEDDING, add_embedding_update  # noqa: F401  (add_embedding_update: the PEFT fuser's)
+from .embedding import LORA_EMBEDDING
 from .op_common import autocast as _autocast
 
 __all__ = ["lora_linear", "lora_linear_multi", "lora_embedding"]

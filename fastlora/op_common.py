@@ -174,7 +174,8 @@ class FusedOp:
     saved: tuple = ()                     # names of the tensors the forward saves for the backward
     autocast_args: tuple = ()             # tensor arguments cast to the autocast dtype
     scaled: Optional[str] = None          # the tensor argument a tensor ``scaling`` is folded into
-    dropout: Optional[str] = "dropout_p"  # the const holding the dropout probability (None: the op has no dropout)
+    dropout: Optional[str] = "dropout_p"  # the const holding the dropout probability, a float or a list of floats
+    #                                       ("float[]": one per adapter); None: the op has no dropout
     torch_impl: Any = None                # the PyTorch implementation (an object or class with forward / backward)
     triton_impl: Optional[str] = None     # "module:Name" of the Triton one (None: the op always runs PyTorch)
 
@@ -237,7 +238,9 @@ class FusedOp:
             listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
             raise ValueError(f"{who}: all tensors must be on one device, got {listing}")
         if self.dropout is not None:
-            check_dropout(a[self.dropout], who)
+            p = a[self.dropout]
+            for q in (p if isinstance(p, (list, tuple)) else (p,)):  # a list: one probability per adapter / group
+                check_dropout(q, who)
         if "scaling" in a:
             check_scaling(a["scaling"], a[self.tensors[0]].device, who)
 
@@ -253,7 +256,11 @@ class FusedOp:
         dropout off unless training, rows flattened, a tensor scaling folded in."""
         a = self._checked(tensors, consts)
         if self.dropout is not None:
-            a[self.dropout] = float(a[self.dropout]) if training else 0.0
+            p = a[self.dropout]
+            if isinstance(p, (list, tuple)):
+                a[self.dropout] = [float(q) if training else 0.0 for q in p]
+            else:
+                a[self.dropout] = float(p) if training else 0.0
         x = a[self.tensors[0]]
         use_triton = self.triton_impl is not None and _backend.use_triton(x.device, self.compute_dtype(a))
         a[self.tensors[0]] = self.flatten(x)
@@ -293,7 +300,11 @@ class FusedOp:
         return self.forward(tensors, consts, use_triton, save=False)[0]
 
     def dropout_p(self, consts: tuple) -> float:
-        return consts[self._const_names.index(self.dropout)] if self.dropout is not None else 0.0
+        """The op's dropout probability (the largest, for a list): a seed is drawn when it is > 0."""
+        if self.dropout is None:
+            return 0.0
+        p = consts[self._const_names.index(self.dropout)]
+        return max(p, default=0.0) if isinstance(p, (list, tuple)) else p
 
     def forward(self, tensors, consts, use_triton, save: bool):
         """(y, saved, seed): the seed drawn, the implementation run inside the kernel section."""

@@ -16,31 +16,20 @@ Conventions as in ``lora_linear.py``: explicit strides, masked loads/stores, int
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from . import common as kc
 from .dropout import PHILOX_ROUNDS, dropout_threshold, philox_keep
 
 __all__ = ["dora_weight_norm", "scale_columns", "grad_scale", "dropout_scale"]
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _on_device(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _r_block(r: int) -> int:
     """Rank chunk of the norm kernel: W is read once per chunk. 64 in the interpreter, so that the tests'
     r = 70 exercises the chunked path; 128 on GPU (a (32, 128) fp32 tile is 32 registers a thread)."""
-    return min(max(16, triton.next_power_of_2(r)), 64 if _interpreted() else 128)
+    return kc.r_block(r, 64 if kc.interpreted() else 128)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -210,7 +199,7 @@ def dropout_scale_kernel(
 
 def _ew_blocks():
     """(BLOCK_M, BLOCK_N, num_warps) of the elementwise kernels."""
-    return (16, 32, 4) if _interpreted() else (32, 128, 4)
+    return (16, 32, 4) if kc.interpreted() else (32, 128, 4)
 
 
 def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
@@ -226,9 +215,9 @@ def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.T
     A32 = lora_A.detach().to(torch.float32)
     aat = torch.mm(A32, A32.t()).contiguous()  # (r, r): tiny
     if N > 0:
-        block_n, block_k = (16, 32) if _interpreted() else (32, 128)
+        block_n, block_k = (16, 32) if kc.interpreted() else (32, 128)
         rb = _r_block(r)
-        with _on_device(dev):
+        with kc.on_device(dev):
             dora_norm_kernel[(triton.cdiv(N, block_n),)](
                 weight, lora_A, lora_B, aat, sq, norm,
                 N, K, r,
@@ -255,7 +244,7 @@ def scale_columns(z: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None, r
         g32 = g.to(torch.float32).contiguous()
         b = bias.contiguous() if bias is not None else g32
         r = rest if rest is not None else z
-        with _on_device(z.device):
+        with kc.on_device(z.device):
             dora_scale_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
                 z, g32, b, r, y, M, N,
                 z.stride(0), z.stride(1), r.stride(0), r.stride(1), y.stride(0), y.stride(1),
@@ -264,18 +253,10 @@ def scale_columns(z: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None, r
     return y
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _splits(M: int, N: int, bn: int, device) -> tuple[int, int]:
     """(splits, rows_per_split) so that column tiles × row splits fill the device."""
     col_tiles = triton.cdiv(N, bn)
-    if device.type == "cuda":
-        sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    else:
-        sms = 2  # the interpreter: a few splits, so that the split path runs on CPU too
+    sms = kc.sm_count(device, off_cuda=2)  # the interpreter: a few splits, so that the split path runs on CPU too
     splits = max(1, min(triton.cdiv(2 * sms, col_tiles), triton.cdiv(M, 64)))
     rows = triton.cdiv(M, splits)
     return triton.cdiv(M, rows), rows
@@ -300,7 +281,7 @@ def grad_scale(dy: torch.Tensor, z: torch.Tensor, g: torch.Tensor, need_dz=True,
     dummy = g32
     dz_a, rest_a = (t if t is not None else dy for t in (dz, rest))
     pdg_a, psum_a = (t if t is not None else dummy.view(1, -1) for t in (pdg, psum))
-    with _on_device(dev):
+    with kc.on_device(dev):
         dora_grad_scale_kernel[(triton.cdiv(N, bn), splits)](
             dy, z, g32, dz_a, rest_a, pdg_a, psum_a,
             M, N, rows,
@@ -325,7 +306,7 @@ def dropout_scale(x: torch.Tensor, seed: int, p: float, keep_scale: float, drop_
         accumulate = False
     if M and K:
         bm, bk, nw = _ew_blocks()
-        with _on_device(x.device):
+        with kc.on_device(x.device):
             dropout_scale_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](
                 x, out, M, K, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
                 int(seed), dropout_threshold(p), float(keep_scale), float(drop_scale),

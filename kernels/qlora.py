@@ -12,8 +12,9 @@ vector of N·K/blocksize fp32, tiny next to W).
 ``gemm_4bit_lora_kernel`` is ``gemm_lora_kernel`` (kernels/lora_linear.py) with its ``b`` operand read from the
 packed weight through element strides: the forward reads Wᵀ (reduction index k, output index n: flat
 ``k + n·K``), the backward's dX = dY W + drop'(dh A) reads W (reduction index n, output index k: flat ``n·K + k``).
-The low-rank term, bias and Philox dropout mask are handled exactly as there (the mask is the same function of
-(seed, row, column), so it matches the shrink kernel's forward mask bit for bit).
+The low-rank term and the Philox dropout mask are the same @triton.jit helpers as there (``low_rank_prologue``,
+``fused_shrink_epilogue`` of kernels/lora_kernels.py; the mask is the same function of (seed, row, column), so it
+matches the shrink kernel's forward mask bit for bit).
 
 Layout of this file: kernel → launch helpers (``qlora_gemm_forward`` / ``qlora_gemm_dx``). No autograd here: the
 op, its gradients and the dispatch between this kernel and "dequantize once, then the fused kernels" live in
@@ -22,15 +23,14 @@ op, its gradients and the dispatch between this kernel and "dequantize once, the
 from __future__ import annotations
 
 import collections
-import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .dropout import PHILOX_ROUNDS, dropout_threshold, philox_keep
-from .lora_linear import low_rank_fp32, low_rank_dot
+from . import common as kc
+from .dropout import PHILOX_ROUNDS
+from .lora_kernels import dot, fused_shrink_epilogue, low_rank_prologue
 
 __all__ = ["gemm_4bit_lora_kernel", "qlora_gemm_forward", "qlora_gemm_dx", "launch_counts", "QLORA_FUSED_MAX_R"]
 
@@ -41,11 +41,6 @@ QLORA_FUSED_MAX_R = 64
 launch_counts: collections.Counter = collections.Counter()
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -147,17 +142,10 @@ def gemm_4bit_lora_kernel(
         q_idx = offs_k[:, None] * qstride_k + qcols[None, :] * qstride_n
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if not FUSE_SHRINK:
-        for r0 in range(0, R, R_BLOCK):
-            rr = r0 + offs_r
-            l = tl.load(l_ptr + rows[:, None] * stride_lm + rr.to(tl.int64)[None, :] * stride_lr,
-                        mask=rr[None, :] < R, other=0.0)
-            u = tl.load(u_ptr + rr.to(tl.int64)[:, None] * stride_ur + cols[None, :] * stride_un,
-                        mask=rr[:, None] < R, other=0.0)
-            acc = low_rank_dot(l.to(tl.float32) * scaling, u, acc, cdt, LO_FP32, DOT_PRECISION)
-        if LO_DROPOUT:
-            keep = philox_keep(seed, drop_thr, offs_m, pid_n * BLOCK_N, BLOCK_M, BLOCK_N, N_ROUNDS)
-            acc = tl.where(keep, acc * inv_keep, 0.0)
+    if not FUSE_SHRINK:  # the rank-R term (masked for dX) as the accumulator's initial value, as gemm_lora_kernel
+        acc = low_rank_prologue(acc, l_ptr, u_ptr, rows, cols, offs_m, pid_n * BLOCK_N, R,
+                                stride_lm, stride_lr, stride_ur, stride_un, scaling, seed, drop_thr, inv_keep, cdt,
+                                LO_DROPOUT, LO_FP32, DOT_PRECISION, BLOCK_M, BLOCK_N, R_BLOCK, N_ROUNDS)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
 
@@ -177,22 +165,17 @@ def gemm_4bit_lora_kernel(
             scale_idx = q_idx
         w = dequant_4bit_tile(q_ptr, absmax_ptr, code, q_idx, k_ok[:, None], scale_idx, BLOCKSIZE,
                               SCALE_AXIS, W_DTYPE)
-        acc = _dot(a, w.to(cdt), acc, DOT_PRECISION)
+        acc = dot(a, w.to(cdt), acc, DOT_PRECISION)
         if FUSE_SHRINK:
             s = tl.load(s_ptrs, mask=r_ok & k_ok[:, None], other=0.0)
-            l_acc = _dot(a, s.to(cdt), l_acc, DOT_PRECISION)
+            l_acc = dot(a, s.to(cdt), l_acc, DOT_PRECISION)
             s_ptrs += BLOCK_K * stride_sk
         a_ptrs += BLOCK_K * stride_ak
         q_idx += BLOCK_K * qstride_k
 
     if FUSE_SHRINK:
-        if STORE_L:
-            if pid_n == 0:
-                l_ptrs = l_ptr + offs_m.to(tl.int64)[:, None] * stride_lm + offs_r.to(tl.int64)[None, :] * stride_lr
-                tl.store(l_ptrs, l_acc.to(l_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & r_ok)
-        u = tl.load(u_ptr + offs_r.to(tl.int64)[:, None] * stride_ur + cols[None, :] * stride_un,
-                    mask=offs_r[:, None] < R, other=0.0)
-        acc = low_rank_dot(l_acc * scaling, u, acc, cdt, LO_FP32, DOT_PRECISION)
+        acc = fused_shrink_epilogue(acc, l_acc, l_ptr, u_ptr, offs_m, cols, M, R, pid_n, stride_lm, stride_lr,
+                                    stride_ur, stride_un, scaling, cdt, STORE_L, LO_FP32, DOT_PRECISION, R_BLOCK)
 
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
@@ -202,15 +185,11 @@ def gemm_4bit_lora_kernel(
 # Launch helpers
 # ---------------------------------------------------------------------------------------------------------
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _config(M: int, N: int = 0, sms: int = 0) -> dict:
     """Tiles for an (M, N) output: tiny under the interpreter (its cost grows with the tile); on a GPU, short row
     tiles, and column tiles narrow enough that a small M still launches at least one program per SM (``sms``) to
     stream the packed weight at full bandwidth: 64 columns, or 32 where 64 would leave SMs idle."""
-    if _interpreted():
+    if kc.interpreted():
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2)
     bm = 16 if M <= 16 else (32 if M <= 32 else 64)
     bn = 64 if triton.cdiv(M, bm) * triton.cdiv(N, 64) >= sms else 32
@@ -219,39 +198,12 @@ def _config(M: int, N: int = 0, sms: int = 0) -> dict:
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, num_warps=4, num_stages=4)
 
 
-@functools.lru_cache(maxsize=None)
-def _sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 0
-    return _sms(device.index if device.index is not None else torch.cuda.current_device())
-
-
 # W's flat indices (plus a tile's overhang) at or above this use int64 arithmetic in the kernel
 IDX32_LIMIT = 2**31
 
 
 def _idx64(N: int, K: int) -> bool:
     return (N + 256) * (K + 256) >= IDX32_LIMIT
-
-
-def _r_block(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not _interpreted():
-        return "tf32"
-    return "ieee"
-
-
-def _guard(device: torch.device):
-    import contextlib
-
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _check_packed(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, n_elements: int, blocksize: int):
@@ -290,10 +242,10 @@ def qlora_gemm_forward(x, q, absmax, code, blocksize: int, w_dtype: torch.dtype,
         return y, h
     h_arg = h if h is not None else y  # dummy pointer when h is neither read nor stored
     bias_arg = bias.contiguous() if bias is not None else y
-    cfg = _config(M, N, _sm_count(x.device))
+    cfg = _config(M, N, kc.sm_count(x.device, off_cuda=0))
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     launch_counts["gemm_4bit_lora"] += 1
-    with _guard(x.device):
+    with kc.on_device(x.device):
         gemm_4bit_lora_kernel[grid](
             # a = x (M, K); deq (K, N) = Wᵀ; L = h (M, r); U = Bᵀ (r, N); S = Aᵀ (K, r)
             x, q, absmax, code, y, bias_arg, h_arg, lora_B, lora_A,
@@ -305,8 +257,8 @@ def qlora_gemm_forward(x, q, absmax, code, blocksize: int, w_dtype: torch.dtype,
             BLOCKSIZE=blocksize, W_DTYPE=_TL_DTYPES[w_dtype],
             # K tiles inside one quantization block per column: one scale per column and tile
             SCALE_AXIS=1 if K % blocksize == 0 and blocksize % cfg["BLOCK_K"] == 0 else 0, IDX64=_idx64(N, K),
-            R_BLOCK=_r_block(r) if fuse else (16 if r <= 16 else 32), LO_FP32=low_rank_fp32(x.dtype, lora_B.dtype),
-            DOT_PRECISION=_dot_precision(x.dtype), N_ROUNDS=PHILOX_ROUNDS, **cfg,
+            R_BLOCK=kc.r_block(r) if fuse else (16 if r <= 16 else 32), LO_FP32=kc.low_rank_fp32(x.dtype, lora_B.dtype),
+            DOT_PRECISION=kc.dot_precision(x.dtype), N_ROUNDS=PHILOX_ROUNDS, **cfg,
         )
     return y, h
 
@@ -322,11 +274,11 @@ def qlora_gemm_dx(grad_y, q, absmax, code, blocksize: int, w_dtype: torch.dtype,
     if M == 0 or K == 0:
         return dx
     p = float(dropout_p)
-    thr, inv_keep = (dropout_threshold(p), 1.0 / (1.0 - p)) if p > 0.0 else (0, 1.0)
-    cfg = _config(M, K, _sm_count(grad_y.device))
+    thr, inv_keep = kc.dropout_args(p)
+    cfg = _config(M, K, kc.sm_count(grad_y.device, off_cuda=0))
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"]),)
     launch_counts["gemm_4bit_lora_dx"] += 1
-    with _guard(grad_y.device):
+    with kc.on_device(grad_y.device):
         gemm_4bit_lora_kernel[grid](
             # a = dY (M, N); deq (N, K) = W; L = dh (M, r); U = A (r, K)
             grad_y, q, absmax, code, dx, dx, dh, lora_A, lora_A,
@@ -338,7 +290,7 @@ def qlora_gemm_dx(grad_y, q, absmax, code, blocksize: int, w_dtype: torch.dtype,
             BLOCKSIZE=blocksize, W_DTYPE=_TL_DTYPES[w_dtype], R_BLOCK=16 if r <= 16 else 32,
             # output (k) tiles inside one quantization block per row n: one scale per row and tile
             SCALE_AXIS=2 if K % blocksize == 0 and blocksize % cfg["BLOCK_N"] == 0 else 0, IDX64=_idx64(N, K),
-            LO_FP32=low_rank_fp32(grad_y.dtype, lora_A.dtype),
-            DOT_PRECISION=_dot_precision(grad_y.dtype), N_ROUNDS=PHILOX_ROUNDS, **cfg,
+            LO_FP32=kc.low_rank_fp32(grad_y.dtype, lora_A.dtype),
+            DOT_PRECISION=kc.dot_precision(grad_y.dtype), N_ROUNDS=PHILOX_ROUNDS, **cfg,
         )
     return dx

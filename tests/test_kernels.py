@@ -17,7 +17,10 @@ from helpers import assert_close, assert_low_precision_close
 
 kernels = pytest.importorskip("fastlora.kernels.lora_linear")
 from fastlora.kernels.dropout import dropout_keep_mask  # noqa: E402
+from fastlora.kernels import common as kc  # noqa: E402
+from fastlora.kernels import lora_configs as cfgs  # noqa: E402
 from fastlora.kernels import lora_linear as kl  # noqa: E402
+from fastlora.kernels import resources as res  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -319,17 +322,18 @@ def test_autotune_pruning_keeps_valid_configs():
             for lod in (False, True):
                 for rb in (16, 32):
                     args = {"M_BUCKET": m, "a_ptr": a, "K": 4096}
-                    cfgs = kl._prune_gemm(kl._GEMM_CONFIGS, args, LO_DROPOUT=lod, R_BLOCK=rb)
-                    assert cfgs
-                    assert len(kl._prune_gemm(kl._GEMM_CONFIGS, {**args, "K": 0}, LO_DROPOUT=lod, R_BLOCK=rb)) == 1
-                    assert all(c.kwargs["BLOCK_M"] <= max(16, m) for c in cfgs)
-                    assert all(c.fastlora_small_m == (m <= kl.FUSED_SHRINK_MAX_M) for c in cfgs)
-    for configs in (kl._SHRINK_CONFIGS, kl._DY_CONFIGS, kl._GRAD_A_CONFIGS):
+                    kept = res.prune_gemm_lora(cfgs.GEMM_CONFIGS, args, LO_DROPOUT=lod, R_BLOCK=rb)
+                    assert kept
+                    assert len(res.prune_gemm_lora(cfgs.GEMM_CONFIGS, {**args, "K": 0}, LO_DROPOUT=lod, R_BLOCK=rb)) == 1
+                    assert all(c.kwargs["BLOCK_M"] <= max(16, m) for c in kept)
+                    assert all(c.fastlora_small_m == (m <= kl.FUSED_SHRINK_MAX_M) for c in kept)
+    for configs, hook in ((cfgs.SHRINK_CONFIGS, res.prune_lora_shrink), (cfgs.DY_CONFIGS, res.prune_lora_grad_dy),
+                          (cfgs.GRAD_A_CONFIGS, res.prune_lora_grad_a)):
         for m in (16, 4096):
             for rb in (16, 64, 128):
-                assert kl._prune_rank(configs, {"M_BUCKET": m}, R_BLOCK=rb)
-    assert [kl._m_bucket(m) for m in (1, 16, 17, 1000)] == [16, 16, 32, 1024]
-    assert [kl._r_block(r) for r in (1, 3, 16, 17, 100, 128, 130)] == [16, 16, 16, 32, 128, 128, 128]
+                assert hook(configs, {"M_BUCKET": m}, R_BLOCK=rb)
+    assert [kc.m_bucket(m) for m in (1, 16, 17, 1000)] == [16, 16, 32, 1024]
+    assert [kc.r_block(r, cfgs.R_CHUNK_MAX) for r in (1, 3, 16, 17, 100, 128, 130)] == [16, 16, 16, 32, 128, 128, 128]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -154,34 +154,36 @@ def _meta(dtype):
 def test_finding_1_the_decode_shrink_config_that_crashed_is_priced_right_and_never_kept():
     """M <= 16, r = 128, fp32 adapters on bf16: the old fallback (16×256, 4 stages) needs 408 KB of shared
     memory (measured in an sm_90 build); the model prices it the same and the pruning no longer keeps it."""
-    from fastlora.kernels import lora_linear as kl
+    from fastlora.kernels import lora_configs as cfgs
+    from fastlora.kernels import resources as res
 
-    old = next(c for c in kl._SHRINK_CONFIGS if c.kwargs == {"BLOCK_M": 16, "BLOCK_K": 256})
+    old = next(c for c in cfgs.SHRINK_CONFIGS if c.kwargs == {"BLOCK_M": 16, "BLOCK_K": 256})
     args = dict(M_BUCKET=16, R_BLOCK=128, x_ptr=_meta(torch.bfloat16), a_ptr=_meta(torch.float32),
                 HAS_DROPOUT=False)
-    smem, _ = kl.shrink_resources(old, args)
+    smem, _ = res.shrink_resources(old, args)
     assert smem == 3 * (16 * 256 * 2 + 256 * 128 * 4) == 408 * 1024
-    kept = kl._prune_rank(kl._SHRINK_CONFIGS, args)
+    kept = res.prune_lora_shrink(cfgs.SHRINK_CONFIGS, args)
     assert old not in kept and kept
-    assert all(kl.shrink_resources(c, args)[0] <= kl.SMEM_LIMIT for c in kept)
+    assert all(res.shrink_resources(c, args)[0] <= res.SMEM_LIMIT for c in kept)
     # as the launch sees it (bf16 dot, aligned K): the 8-warp 16×64 config that builds in 68 KB without spills
     # is kept on its merits, not as a fallback
     launch = dict(args, K=4096, stride_xm=4096, stride_ar=4096, DOT_PRECISION="ieee")
-    assert any(c.kwargs == {"BLOCK_M": 16, "BLOCK_K": 64} and kl._fits(kl.shrink_resources(c, launch))
-               for c in kl._prune_rank(kl._SHRINK_CONFIGS, launch))
+    assert any(c.kwargs == {"BLOCK_M": 16, "BLOCK_K": 64} and res.fits(res.shrink_resources(c, launch))
+               for c in res.prune_lora_shrink(cfgs.SHRINK_CONFIGS, launch))
 
 
 def test_fallback_is_chosen_by_the_resource_model_not_by_one_field():
-    from fastlora.kernels import lora_linear as kl
+    from fastlora.kernels import lora_configs as cfgs
+    from fastlora.kernels import resources as res
 
     args = dict(M_BUCKET=4096, R_BLOCK=128, x_ptr=_meta(torch.float32), a_ptr=_meta(torch.float32),
                 HAS_DROPOUT=True)
-    too_big = [kl._cfg(4, 6, BLOCK_M=16, BLOCK_K=512), kl._cfg(8, 5, BLOCK_M=64, BLOCK_K=128)]
-    assert not any(kl._fits(kl.shrink_resources(c, args)) for c in too_big)
-    (chosen,) = kl._prune_rank(too_big, args)
+    too_big = [cfgs.cfg(4, 6, BLOCK_M=16, BLOCK_K=512), cfgs.cfg(8, 5, BLOCK_M=64, BLOCK_K=128)]
+    assert not any(res.fits(res.shrink_resources(c, args)) for c in too_big)
+    (chosen,) = res.prune_lora_shrink(too_big, args)
     # the smallest BLOCK_M (the old rule) overflows most; the model picks the other and shortens its pipeline
     assert chosen.kwargs == {"BLOCK_M": 64, "BLOCK_K": 128} and chosen.num_stages < 5
-    assert kl._fits(kl.shrink_resources(chosen, args))
+    assert res.fits(res.shrink_resources(chosen, args))
 
 
 # Shared memory of sm_90 builds (triton 3.9 and 3.6 agree), by benchmarks/offline_build.py: (kernel, config
@@ -206,18 +208,19 @@ SMEM_MEASURED = [
 @pytest.mark.parametrize("case", SMEM_MEASURED, ids=lambda c: f"{c[0]}-{c[1]}-R{c[2]}-{c[6]}")
 def test_resource_model_prices_shared_memory_as_measured_builds(case):
     """The model's shared memory is never below a measured sm_90 build and at most 8 KB above it."""
-    from fastlora.kernels import lora_linear as kl
+    from fastlora.kernels import lora_configs as cfgs
+    from fastlora.kernels import resources as res
 
     kind, (bm, bn, bk, warps, stages), rb, dt, adt, flags, measured = case
     tile = {"BLOCK_M": bm, **({"BLOCK_N": bn} if bn else {}), **({"BLOCK_K": bk} if bk else {})}
-    c = kl._cfg(warps, stages, **tile)
+    c = cfgs.cfg(warps, stages, **tile)
     x, a = _meta(dt), _meta(adt)
     args = dict(R_BLOCK=rb, **flags)
     args.update({"gemm": dict(a_ptr=x, s_ptr=a, u_ptr=a), "shrink": dict(x_ptr=x, a_ptr=a),
                  "dy": dict(dy_ptr=x, b_ptr=a, h_ptr=_meta(torch.float32)),
                  "grad_a": dict(dh_ptr=_meta(torch.float32), x_ptr=x)}[kind])
-    model = {"gemm": kl.gemm_resources, "shrink": kl.shrink_resources, "dy": kl.dy_resources,
-             "grad_a": kl.grad_a_resources}[kind]
+    model = {"gemm": res.gemm_resources, "shrink": res.shrink_resources, "dy": res.dy_resources,
+             "grad_a": res.grad_a_resources}[kind]
     smem, _ = model(c, args)
     assert measured <= smem <= measured + 8 * 1024, (smem, measured)
 
@@ -225,13 +228,15 @@ def test_resource_model_prices_shared_memory_as_measured_builds(case):
 @pytest.mark.parametrize("kind", ["gemm", "shrink", "dy", "grad_a"])
 def test_pruning_keeps_only_configs_that_fit_the_model(kind):
     """Over M classes, ranks, dtypes (half / fp32 adapters), dropout and the small-M path."""
+    from fastlora.kernels import lora_configs as cfgs
     from fastlora.kernels import lora_linear as kl
+    from fastlora.kernels import resources as res
 
     configs, prune, model = {
-        "gemm": (kl._GEMM_CONFIGS, kl._prune_gemm, kl.gemm_resources),
-        "shrink": (kl._SHRINK_CONFIGS, kl._prune_rank, kl.shrink_resources),
-        "dy": (kl._DY_CONFIGS, kl._prune_rank, kl.dy_resources),
-        "grad_a": (kl._GRAD_A_CONFIGS, kl._prune_rank, kl.grad_a_resources),
+        "gemm": (cfgs.GEMM_CONFIGS, res.prune_gemm_lora, res.gemm_resources),
+        "shrink": (cfgs.SHRINK_CONFIGS, res.prune_lora_shrink, res.shrink_resources),
+        "dy": (cfgs.DY_CONFIGS, res.prune_lora_grad_dy, res.dy_resources),
+        "grad_a": (cfgs.GRAD_A_CONFIGS, res.prune_lora_grad_a, res.grad_a_resources),
     }[kind]
     for m in (16, 64, 2048, 8192):
         for dt in (torch.float16, torch.float32):
@@ -255,21 +260,22 @@ def test_pruning_keeps_only_configs_that_fit_the_model(kind):
                         assert kept, (kind, args)
                         for c in kept:
                             smem, regs = model(c, args)
-                            assert smem <= kl._SMEM_BUDGET and regs <= kl._REG_BUDGET, (kind, c, args)
+                            assert smem <= res.SMEM_BUDGET and regs <= res.REG_BUDGET, (kind, c, args)
 
 
 def test_autotune_top_k_bounds_the_first_run(monkeypatch):
     """FASTLORA_AUTOTUNE_TOP_K=k (gpu_check.sh's bounded first run) keeps the first k configs that fit."""
-    from fastlora.kernels import lora_linear as kl
+    from fastlora.kernels import lora_configs as cfgs
+    from fastlora.kernels import resources as res
 
     args = dict(M_BUCKET=4096, K=4096, a_ptr=_meta(torch.bfloat16), R_BLOCK=16, LO_DROPOUT=False)
-    full = kl._prune_gemm(kl._GEMM_CONFIGS, args)
+    full = res.prune_gemm_lora(cfgs.GEMM_CONFIGS, args)
     assert len(full) > 2
     monkeypatch.setenv("FASTLORA_AUTOTUNE_TOP_K", "2")
-    assert kl._prune_gemm(kl._GEMM_CONFIGS, args) == full[:2]
+    assert res.prune_gemm_lora(cfgs.GEMM_CONFIGS, args) == full[:2]
     monkeypatch.setenv("FASTLORA_AUTOTUNE_TOP_K", "many")
     with pytest.raises(ValueError, match="FASTLORA_AUTOTUNE_TOP_K"):
-        kl._prune_gemm(kl._GEMM_CONFIGS, args)
+        res.prune_gemm_lora(cfgs.GEMM_CONFIGS, args)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from helpers import assert_close
 
 kernels = pytest.importorskip("fastlora.kernels.lora_linear")
 from fastlora.kernels.dropout import dropout_keep_mask  # noqa: E402
+from fastlora.kernels import common as kc  # noqa: E402
+from fastlora.kernels import lora_configs as cfgs  # noqa: E402
 from fastlora.kernels import lora_linear as kl  # noqa: E402
 
 pytestmark = [pytest.mark.skipif(torch.cuda.is_available(), reason="CPU lane: the CUDA timer runs in gpu_check.sh"),
@@ -137,12 +139,12 @@ def test_without_a_timer_off_cuda_the_kernels_run_untimed(monkeypatch):
 
 def test_dy_pass_splits_columns_when_row_tiles_cannot_fill_the_device(monkeypatch):
     """Decode and M = 2048 on a 132-SM card: the dY pass gets ~2 waves of programs from column splits."""
-    monkeypatch.setattr(kl, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(kc, "sm_count", lambda device, off_cuda=4: 132)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the GPU alignment of column ranges
     cpu = torch.device("cpu")
     for M, N, r in ((1, 4096, 16), (16, 4096, 16), (2048, 4096, 16), (2048, 8192, 256)):
         splits, cols = kl._dy_splits(M, N, r, cpu)
-        programs = -(-M // (16 if M <= 64 else 64)) * -(-r // kl._r_block(r)) * splits
+        programs = -(-M // (16 if M <= 64 else 64)) * -(-r // kc.r_block(r, cfgs.R_CHUNK_MAX)) * splits
         assert programs >= min(132, N // kl._DY_COL_ALIGN) and cols % kl._DY_COL_ALIGN == 0
         assert splits * cols >= N > (splits - 1) * cols
     assert kl._dy_splits(16384, 4096, 16, cpu) == (1, 4096)  # 256 row tiles of 64 fill it: no partial sums

@@ -336,6 +336,7 @@ def test_autotuned_launches_are_serialized(monkeypatch):
     """Triton's Autotuner keeps the arguments of the call it is tuning in ``self.nargs`` (reset_to_zero zeroes
     what that names): two threads making a first call would zero each other's dB. Autotuned launches hold a lock."""
     pytest.importorskip("triton")
+    from fastlora.kernels import common as kc
     from fastlora.kernels import lora_linear as kl
 
     seen = []
@@ -344,7 +345,7 @@ def test_autotuned_launches_are_serialized(monkeypatch):
         def __getitem__(self, grid):
             return lambda *a, **k: seen.append(kl._AUTOTUNE_LOCK.locked())
 
-    monkeypatch.setattr(kl, "_autotune_enabled", lambda: True)
+    monkeypatch.setattr(kc, "autotune_enabled", lambda: True)
     kl._launch("probe", Tuned(), None, None, (1,), 16)
     assert seen == [True]
     assert not kl._AUTOTUNE_LOCK.locked()
