@@ -29,7 +29,8 @@ Implementations, picked per call:
 * ``dequant`` (Triton): dequantize into a transient buffer with bitsandbytes, then the fused kernels of
   ``fastlora.kernels`` (``lora_forward`` / ``lora_backward``): the large-M path, where the GEMM is compute-bound.
 
-Between the two Triton paths: on CUDA the first call for a shape class (phase, bucketed M, N, K, r, dtypes,
+Between the two Triton paths, the measured-choice dispatcher (``fastlora.kernels.dispatch.MeasuredChoice``, the
+same as the LoRA GEMMs'): on CUDA the first call for a shape class (phase, bucketed M, N, K, r, dtypes,
 quantization) times both and caches the faster (``dispatch_choices()`` shows the cache); under the interpreter,
 M ≤ 64 takes ``fused4bit`` and larger M ``dequant``. ``FASTLORA_QLORA_PATH=fused4bit|dequant`` forces one.
 
@@ -38,8 +39,6 @@ bitsandbytes is optional for fastlora as a whole; this module imports it on firs
 from __future__ import annotations
 
 import functools
-import os
-import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -218,66 +217,34 @@ def _quant_tensors(qs) -> tuple:
 # Path choice: measured on CUDA, by M under the interpreter
 # ---------------------------------------------------------------------------------------------------------
 
-class _TimedChoice:
-    """The faster of several equivalent callables, measured once per key on CUDA (warm-up, then the median of
-    three timed runs each) and cached. (fastlora.kernels has no shared dispatch helper in this branch: this is
-    the small one the 4-bit op needs.)"""
-
-    def __init__(self, reps: int = 3, sync: Callable[[], None] = torch.cuda.synchronize):
-        self.reps = reps
-        self.sync = sync  # waits for the device: the timings are of finished work
-        self.cache: dict = {}
-
-    def run(self, key, candidates: dict[str, Callable[[], object]]):
-        name = self.cache.get(key)
-        if name is not None:
-            return candidates[name]()
-        times, outs = {}, {}
-        for name, fn in candidates.items():
-            outs[name] = fn()  # warm-up: compilation, autotuning, allocator
-            self.sync()
-            samples = []
-            for _ in range(self.reps):
-                t0 = time.perf_counter()
-                fn()
-                self.sync()
-                samples.append(time.perf_counter() - t0)
-            times[name] = sorted(samples)[len(samples) // 2]
-        best = min(times, key=times.get)
-        self.cache[key] = best
-        return outs[best]
+_PATH_CHOICE = None  # the MeasuredChoice between the two Triton paths, made on first use (it imports triton)
 
 
-_CHOICE = _TimedChoice()
+def _path_choice():
+    global _PATH_CHOICE
+    if _PATH_CHOICE is None:
+        from fastlora.kernels.dispatch import MeasuredChoice
+
+        # where nothing can be timed (the interpreter), M <= 64 takes the 4-bit GEMM (key[1]: the bucketed M)
+        _PATH_CHOICE = MeasuredChoice("FASTLORA_QLORA_PATH", _PATHS,
+                                      lambda key: "fused4bit" if key[1] <= FUSED4BIT_DEFAULT_MAX_M else "dequant")
+    return _PATH_CHOICE
 
 
 def dispatch_choices() -> dict:
     """The measured choices so far: {(phase, M bucket, N, K, r, dtype, adapter dtype, quant_type, blocksize,
-    bias, dropout): "fused4bit" | "dequant"}."""
-    return dict(_CHOICE.cache)
-
-
-def _forced_path() -> Optional[str]:
-    path = os.environ.get("FASTLORA_QLORA_PATH", "auto").lower()
-    if path == "auto":
-        return None
-    if path not in _PATHS:
-        raise ValueError(f"FASTLORA_QLORA_PATH must be 'auto' or one of {_PATHS}, got {path!r}")
-    return path
+    bias, dropout, device): "fused4bit" | "dequant"}."""
+    return dict(_PATH_CHOICE.choices) if _PATH_CHOICE is not None else {}
 
 
 def _pick(phase: str, x: Tensor, quant: _Quant, lora_A: Tensor, has_bias: bool, p: float,
           candidates: dict[str, Callable[[], object]]):
-    forced = _forced_path()
-    if forced is not None:
-        return candidates[forced]()
-    M = x.shape[0]
-    if x.device.type != "cuda":  # the interpreter: no timing worth the name
-        return candidates["fused4bit" if M <= FUSED4BIT_DEFAULT_MAX_M else "dequant"]()
-    m_bucket = max(16, 1 << max(0, (M - 1).bit_length()))
+    """Run the faster Triton path for this problem class (``fastlora.kernels.dispatch``: measured once per key on
+    CUDA, pinned by FASTLORA_QLORA_PATH, by M under the interpreter)."""
+    m_bucket = max(16, 1 << max(0, (x.shape[0] - 1).bit_length()))
     key = (phase, m_bucket, quant.N, quant.K, lora_A.shape[0], x.dtype, lora_A.dtype, quant.quant_type,
-           quant.blocksize, has_bias, p > 0.0)
-    return _CHOICE.run(key, candidates)
+           quant.blocksize, has_bias, p > 0.0, str(x.device))
+    return _path_choice().run(key, candidates, x.device)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -27,8 +27,8 @@ Backward
   4. dW = dYᵀ x via cuBLAS (torch.mm), only when W requires grad (frozen in LoRA): nothing to fuse into it.
 
 The two large GEMMs run as the fused Triton kernel or as cuBLAS on top of a Triton pass for the bias and low-rank
-terms: ``gemm_dispatch`` times both per problem on first use (``FASTLORA_BASE_GEMM=auto``, the default) or
-follows ``FASTLORA_BASE_GEMM=triton|cublas``. Configs are pruned by a resource model (shared memory, registers)
+terms: ``gemm_dispatch`` (a ``kernels/dispatch.py`` MeasuredChoice) times both per problem on first use
+(``FASTLORA_BASE_GEMM=auto``, the default) or follows ``FASTLORA_BASE_GEMM=triton|cublas``. Configs are pruned by a resource model (shared memory, registers)
 checked against offline sm_90 builds (benchmarks/offline_build.py); ``FASTLORA_AUTOTUNE=0`` (and the
 interpreter) use one fixed config per M class instead of autotuning.
 
@@ -36,9 +36,7 @@ interpreter) use one fixed config per M class instead of autotuning.
 from __future__ import annotations
 
 import collections
-import os
 import threading
-import warnings
 
 import torch
 import triton
@@ -46,11 +44,12 @@ import triton
 from . import common as kc
 from . import lora_configs as cfgs
 from . import resources as res
+from .dispatch import MeasuredChoice
 from .dropout import PHILOX_ROUNDS
 from .lora_configs import FUSED_SHRINK_MAX_M, FUSED_SHRINK_MAX_R, R_CHUNK_MAX
 from .lora_kernels import gemm_lora_kernel, lora_grad_a_kernel, lora_grad_dy_kernel, lora_shrink_kernel
 
-__all__ = ["lora_forward", "lora_backward", "launch_counts", "base_gemm", "gemm_dispatch", "GemmDispatch",
+__all__ = ["lora_forward", "lora_backward", "launch_counts", "base_gemm", "gemm_dispatch", "new_gemm_dispatch",
            "FUSED_SHRINK_MAX_M"]
 
 # Kernel launches by name: tests read it to prove the kernels ran rather than a fallback.
@@ -88,81 +87,24 @@ _grad_a_tuned = triton.autotune(cfgs.GRAD_A_CONFIGS, key=["M_BUCKET", "K", "R", 
 BASE_GEMM_MODES = ("auto", "triton", "cublas")
 
 
-def base_gemm() -> str:
-    """Who runs the two large GEMMs (x@Wᵀ forward, dY@W backward), from ``FASTLORA_BASE_GEMM``:
+def new_gemm_dispatch(timer=None) -> MeasuredChoice:
+    """The measured choice of who runs the two large GEMMs (x@Wᵀ forward, dY@W backward), pinned by
+    ``FASTLORA_BASE_GEMM``:
 
     ``triton``: the fused kernel, bias and low-rank terms in its accumulator (for M <= 64 without dropout, the
     shrink too: one launch); ``cublas``: Triton kernels write h and the bias + low-rank term, then torch.addmm_
     adds the GEMM on top, reading that term as cuBLAS's C operand (one extra read and write of (M, N));
-    ``auto`` (the default): per problem, the faster of the two as measured on the first call (``gemm_dispatch``).
-    """
-    mode = os.environ.get("FASTLORA_BASE_GEMM", "auto").lower()
-    if mode not in BASE_GEMM_MODES:
-        raise ValueError(f"FASTLORA_BASE_GEMM must be one of {BASE_GEMM_MODES}, got {mode!r}")
-    return mode
+    ``auto`` (the default): per problem, the faster of the two as measured on the first call; the fused kernel
+    where nothing can be timed (the interpreter: the kernels are what is tested)."""
+    return MeasuredChoice("FASTLORA_BASE_GEMM", BASE_GEMM_MODES[1:], "triton", timer)
 
 
-def _cuda_timer(name, fn):
-    """Median milliseconds of ``fn`` on the current CUDA stream (CUDA events, L2 flushed between runs)."""
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=10, rep=40, return_mode="median")
+gemm_dispatch = new_gemm_dispatch()
 
 
-class GemmDispatch:
-    """The choice between compositions of a large GEMM ("triton" fused, "cublas"), made per problem key by
-    timing each candidate once, as autotuning does, and cached for the process.
-
-    ``choose(key, candidates, device)`` returns the name to run: the ``FASTLORA_BASE_GEMM`` override when it is
-    not ``auto``; else the cached choice; else, where timing is possible (CUDA outside graph capture, or any
-    device with an injected ``timer``), the fastest candidate by ``timer(name, fn)``; else "triton" (the
-    interpreter: the kernels are what is under test). ``fn`` runs the full composition, so timing it also
-    writes the outputs.
-    """
-
-    def __init__(self, timer=None):
-        self.timer = timer
-        self.choices: dict = {}
-        self.timings: dict = {}
-
-    def _can_time(self, device) -> bool:
-        if self.timer is not None:
-            return True
-        return device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
-
-    def choose(self, key, candidates, device) -> str:
-        mode = base_gemm()
-        if mode != "auto":
-            return mode
-        if key in self.choices:
-            return self.choices[key]
-        if not self._can_time(device):
-            return "triton"
-        timer = self.timer or _cuda_timer
-        times, errors = {}, {}
-        for name, fn in candidates.items():
-            try:
-                times[name] = float(timer(name, fn))
-            except Exception as exc:  # noqa: BLE001 - a candidate that cannot run loses; all failing: raise
-                times[name], errors[name] = float("inf"), exc
-        if len(errors) == len(candidates):
-            raise next(iter(errors.values()))
-        for name, exc in errors.items():
-            warnings.warn(f"fastlora: the {name!r} composition failed on {key} and is not used: {exc!r}")
-        choice = min(times, key=times.get)
-        self.choices[key], self.timings[key] = choice, times
-        return choice
-
-    def report(self):
-        """[(key, choice, {name: ms})] of every timed problem, for gpu_check.sh."""
-        return [(k, self.choices[k], self.timings[k]) for k in self.choices]
-
-    def clear(self):
-        self.choices.clear()
-        self.timings.clear()
-
-
-gemm_dispatch = GemmDispatch()
+def base_gemm() -> str:
+    """``FASTLORA_BASE_GEMM``: "auto" (measured per problem), "triton" or "cublas" (validated)."""
+    return gemm_dispatch.forced() or "auto"
 
 
 def _dispatch_key(op, x, weight, lora_A, r, bias, p, mb):

@@ -41,7 +41,7 @@ def dispatch(monkeypatch):
     monkeypatch.setenv("FASTLORA_AUTOTUNE", "0")
 
     def install(ms):
-        d = kl.GemmDispatch(timer=FakeTimer(ms))
+        d = kl.new_gemm_dispatch(timer=FakeTimer(ms))
         monkeypatch.setattr(kl, "gemm_dispatch", d)
         return d
 
@@ -131,7 +131,7 @@ def test_environment_overrides_the_measurement(dispatch, mode, monkeypatch):
 
 def test_without_a_timer_off_cuda_the_kernels_run_untimed(monkeypatch):
     monkeypatch.delenv("FASTLORA_BASE_GEMM", raising=False)
-    d = kl.GemmDispatch()
+    d = kl.new_gemm_dispatch()
     assert d.choose(("k",), {"triton": None, "cublas": None}, torch.device("cpu")) == "triton"
     assert d.report() == []
     assert kl.base_gemm() == "auto"

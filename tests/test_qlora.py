@@ -320,28 +320,54 @@ def test_weight_rounded_to_its_quantized_dtype_before_fp32_compute(path):
     assert_close(y, y64, 2e-5, 2e-5, "y")
 
 
-def test_timed_choice_keeps_the_faster_path_per_key():
-    """The CUDA dispatch between the two Triton paths (device sync replaced by a no-op here): each candidate is
-    timed once per key, the faster one is cached and is the only one run afterwards; its result is returned."""
-    import time
-
+def test_the_path_is_measured_per_key_by_the_shared_dispatcher_never_while_tracing(monkeypatch):
+    """The choice between the two Triton paths is fastlora.kernels.dispatch's MeasuredChoice (the LoRA GEMMs' one):
+    with a timer (the CUDA one replaced by a fake here) each path is timed once per key and the faster cached and
+    run; FASTLORA_QLORA_PATH pins it; under torch.compile the timing happens when the custom op runs, never
+    while the graph is traced."""
+    monkeypatch.delenv("FASTLORA_QLORA_PATH", raising=False)
+    choice = qlora._path_choice()
     calls = []
 
-    def slow():
-        calls.append("slow")
-        time.sleep(0.004)
-        return "slow result"
+    def timer(name, fn):
+        calls.append(name)
+        fn()
+        return {"fused4bit": 2.0, "dequant": 1.0}[name]
 
-    def fast():
-        calls.append("fast")
-        return "fast result"
+    monkeypatch.setattr(choice, "timer", timer)
+    monkeypatch.setattr(choice, "choices", {})
+    monkeypatch.setattr(choice, "timings", {})
+    previous = fastlora.get_backend()
+    fastlora.set_backend("triton")
+    try:
+        q, qs, Wd = quantized(24, 64, "nf4")
+        x, A, B, _ = make(5, 64, 24, 3, torch.float32, bias=False)
+        y = fastlora.lora_linear_4bit(x, q, A, B, quant_state=qs)
+        assert sorted(calls) == ["dequant", "fused4bit"] and list(qlora.dispatch_choices().values()) == ["dequant"]
+        calls.clear()
+        assert_close(fastlora.lora_linear_4bit(x, q, A, B, quant_state=qs), y, 0, 0, "cached path")
+        assert calls == []
+        monkeypatch.setenv("FASTLORA_QLORA_PATH", "fused4bit")
+        assert choice.choose(("forward", 16), {}, x.device) == "fused4bit"
+        monkeypatch.setenv("FASTLORA_QLORA_PATH", "fastest")
+        with pytest.raises(ValueError, match="FASTLORA_QLORA_PATH"):
+            choice.choose(("forward", 16), {}, x.device)
+        monkeypatch.delenv("FASTLORA_QLORA_PATH")
+        choice.choices.clear()
 
-    choice = qlora._TimedChoice(reps=2, sync=lambda: None)
-    assert choice.run("k", {"slow": slow, "fast": fast}) == "fast result"
-    assert choice.cache == {"k": "fast"} and calls.count("slow") == 3
-    calls.clear()
-    assert choice.run("k", {"slow": slow, "fast": fast}) == "fast result" and calls == ["fast"]
-    assert choice.run("other", {"a": slow}) == "slow result" and choice.cache["other"] == "a"
+        def backend(gm, example_inputs):
+            assert calls == [], "a path was timed while the graph was traced"
+            assert any("lora_linear_4bit_fwd" in str(n.target) for n in gm.graph.nodes), gm.graph
+            return gm.forward
+
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda x: fastlora.lora_linear_4bit(x, q, A, B, quant_state=qs), backend=backend,
+                                 fullgraph=True)
+        assert_close(compiled(x), y, 1e-6, 1e-6, "compiled")
+        assert sorted(calls) == ["dequant", "fused4bit"], "the custom op measures when it runs"
+    finally:
+        fastlora.set_backend(previous)
+        torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("K,blocksize", [(128, 64), (99, 64)])
