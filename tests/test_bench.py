@@ -526,12 +526,12 @@ def test_cpu_ratios_come_with_an_interval_no_narrower_than_runs_reproduce(monkey
     than ± 1.96 · CPU_RATIO_SD (what separate runs of one case showed), even when one run's samples agree to
     0.01%; the comparison reports it as the noise. The samples are made up (time_case is replaced)."""
     from fastlora.bench import run
-    from fastlora.bench.timing import CPU_RATIO_SD, _stats
+    from fastlora.bench.timing import CPU_RATIO_SD, sample_stats
 
     def fake_time_case(runners, **kw):
         out = {}
         for p, scale in zip(runners, (1.0, 1.2, 0.9)):
-            stats = _stats([scale * 1e-3 * (1 + 1e-4 * (i % 7)) for i in range(40)], 1)
+            stats = sample_stats([scale * 1e-3 * (1 + 1e-4 * (i % 7)) for i in range(40)], 1)
             out[p] = {**stats, "timer": "interleaved host timer", "busy": False}
         return out
 
@@ -708,3 +708,60 @@ def test_the_report_says_what_other_processes_did():
     assert "1 case(s) could not get enough clean rounds" in note and "in 1 case(s) other processes ran beside" in note
     assert bench.report.busy_note(case(32, rounds=9, contended_rounds=0, busy=False)) is None
     assert "machine busy: other processes kept it waiting" in bench.render_text(_report(rows, ["fastlora", "peft"]))
+
+
+def test_bench_package_has_no_import_cycle_and_no_private_cross_module_import():
+    """Every import between fastlora.bench's modules (at module level or inside functions) forms a DAG, and none
+    takes a private name (``_x``) from another module: each module is usable, and testable, on its own."""
+    import ast
+    import os
+
+    import fastlora.bench as pkg
+
+    folder = os.path.dirname(pkg.__file__)
+    graph, private = {}, []
+    for fname in sorted(os.listdir(folder)):
+        if not fname.endswith(".py") or fname == "__init__.py":
+            continue
+        name = fname[:-3]
+        tree = ast.parse(open(os.path.join(folder, fname), encoding="utf-8").read())
+        deps = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                deps.add(node.module)
+                private += [f"{name} <- {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+        graph[name] = deps
+    assert not private, private
+    state = {}
+
+    def visit(node, path):
+        if state.get(node) == "done":
+            return
+        assert state.get(node) != "open", f"import cycle: {' -> '.join(path + [node])}"
+        state[node] = "open"
+        for dep in graph.get(node, ()):
+            visit(dep, path + [node])
+        state[node] = "done"
+
+    for module in graph:
+        visit(module, [])
+
+
+def test_dora_check_is_a_script_over_fastlora_bench(tmp_path, capsys):
+    """benchmarks/dora_check.py times, measures memory and saved bytes through fastlora.bench (as qlora_check.py):
+    a dry run on a tiny CPU shape writes every provider's timing and the ratios."""
+    import importlib.util
+    import json
+    import os
+
+    pytest.importorskip("peft")
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "dora_check.py")
+    spec = importlib.util.spec_from_file_location("fastlora_dora_check", path)
+    dora_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dora_check)
+    assert dora_check.main(["--device", "cpu", "--dtype", "float32", "--shapes", "8x32x24", "--dropout", "0",
+                            "--budget", "0.005", "--out", str(tmp_path)]) == 0
+    (row,) = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert all(row[f"{p}_ms"] > 0 for p in dora_check.PROVIDERS), row
+    assert row["fastlora_dora_saved_mib"] is not None and row["fastlora_dora_over_lora"] > 0
+    assert "fastlora DoRA/LoRA" in capsys.readouterr().out

@@ -19,8 +19,8 @@ One small module per job:
 * ``cli``        the command line.
 """
 from .cases import (DTYPE_NAMES, DTYPES, MODES, SHAPE_PRESETS, SUITE_GRIDS, Case, default_suite_grid, lora_flops,
-                    make_cases, parse_shapes, suite_cases, suite_settings)
-from .cli import CLI_DESCRIPTION, CLI_EPILOG, EXIT_CODES, add_arguments, main, resolve_device, run_cli
+                    make_cases, parse_shapes, suite_cases)
+from .cli import CLI_DESCRIPTION, CLI_EPILOG, EXIT_CODES, add_arguments, main, resolve_device, run_cli, suite_settings
 from .memory import peak_memory_bytes, saved_activation_bytes
 from .model import (MODEL_PRESETS, MODEL_PROVIDERS, ModelCase, build_model_runners, measure_model_case, model_cases,
                     model_goals, ratio_stats)

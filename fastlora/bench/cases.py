@@ -10,7 +10,6 @@ Also here: the shape presets, the grids of the CLI and of the pytest-benchmark s
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 
@@ -165,27 +164,3 @@ def suite_cases(device: str, dtype: str | None = None, grid: str | None = None) 
         return cases
     shapes = SHAPE_PRESETS["cpu-quick"] + (SHAPE_PRESETS["square-2048"] if grid == "full" else ())
     return make_cases(shapes, [16], [0.0, 0.1], MODES, dtype, device)
-
-
-def suite_settings(environ=None) -> tuple[str, str | None, str, list[str]]:
-    """(device, dtype, grid, providers) of the pytest-benchmark suite from its environment knobs
-    (FASTLORA_BENCH_DEVICE, _DTYPE, _GRID, _PROVIDERS; see benchmarks/conftest.py)."""
-    from .cli import resolve_device
-    from .providers import DEFAULT_PROVIDERS, PROVIDERS
-
-    env = os.environ if environ is None else environ
-    device = resolve_device(env.get("FASTLORA_BENCH_DEVICE", "auto"))
-    dtype = env.get("FASTLORA_BENCH_DTYPE") or None
-    if dtype is not None:
-        if dtype not in DTYPES:
-            raise ValueError(f"FASTLORA_BENCH_DTYPE must be one of {sorted(DTYPES)}, got {dtype!r}")
-        dtype = DTYPE_NAMES[DTYPES[dtype]]
-    grid = env.get("FASTLORA_BENCH_GRID") or default_suite_grid(device)
-    if grid not in SUITE_GRIDS:
-        raise ValueError(f"FASTLORA_BENCH_GRID must be one of {SUITE_GRIDS}, got {grid!r}")
-    default = PROVIDERS if torch.device(device).type == "cuda" else DEFAULT_PROVIDERS
-    providers = [p.strip() for p in env.get("FASTLORA_BENCH_PROVIDERS", ",".join(default)).split(",") if p.strip()]
-    bad = [p for p in providers if p not in PROVIDERS]
-    if bad or not providers:
-        raise ValueError(f"FASTLORA_BENCH_PROVIDERS: unknown {bad or providers!r}; choose from {', '.join(PROVIDERS)}")
-    return device, dtype, grid, providers

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 import time
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .cases import DTYPE_NAMES, DTYPES, MODES, SHAPE_PRESETS, make_cases, parse_shapes
+from .cases import DTYPE_NAMES, DTYPES, MODES, SHAPE_PRESETS, SUITE_GRIDS, default_suite_grid, make_cases, parse_shapes
 from .model import MODEL_PRESETS, MODEL_PROVIDERS, run_model_cli
 from .providers import DEFAULT_PROVIDERS, PROVIDERS
 from .report import goals_verdict, render_text, write_outputs
@@ -231,3 +232,24 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv
     return run_cli(args)
+
+
+def suite_settings(environ=None) -> tuple[str, str | None, str, list[str]]:
+    """(device, dtype, grid, providers) of the pytest-benchmark suite from its environment knobs
+    (FASTLORA_BENCH_DEVICE, _DTYPE, _GRID, _PROVIDERS; see benchmarks/conftest.py)."""
+    env = os.environ if environ is None else environ
+    device = resolve_device(env.get("FASTLORA_BENCH_DEVICE", "auto"))
+    dtype = env.get("FASTLORA_BENCH_DTYPE") or None
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise ValueError(f"FASTLORA_BENCH_DTYPE must be one of {sorted(DTYPES)}, got {dtype!r}")
+        dtype = DTYPE_NAMES[DTYPES[dtype]]
+    grid = env.get("FASTLORA_BENCH_GRID") or default_suite_grid(device)
+    if grid not in SUITE_GRIDS:
+        raise ValueError(f"FASTLORA_BENCH_GRID must be one of {SUITE_GRIDS}, got {grid!r}")
+    default = PROVIDERS if torch.device(device).type == "cuda" else DEFAULT_PROVIDERS
+    providers = [p.strip() for p in env.get("FASTLORA_BENCH_PROVIDERS", ",".join(default)).split(",") if p.strip()]
+    bad = [p for p in providers if p not in PROVIDERS]
+    if bad or not providers:
+        raise ValueError(f"FASTLORA_BENCH_PROVIDERS: unknown {bad or providers!r}; choose from {', '.join(PROVIDERS)}")
+    return device, dtype, grid, providers

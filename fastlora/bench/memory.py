@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from .providers import Runner, _sync
+from .providers import Runner, sync
 
 
 def _with_quant_states(params):
@@ -79,7 +79,7 @@ def peak_memory_bytes(runner: Runner) -> int | None:
     events, summed in time order. None where neither is available."""
     device = runner.device
     if device.type == "cuda":
-        _sync(device)
+        sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         runner.step()

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from .memory import peak_memory_bytes, saved_activation_bytes
-from .providers import _sync
+from .providers import sync
 from .timing import time_case
 
 MODEL_PROVIDERS = ("fastlora", "fastlora_compiled", "peft", "compiled", "base")
@@ -150,7 +150,7 @@ class ModelRunner:
 
     def step(self) -> None:
         self.call()
-        _sync(self.device)
+        sync(self.device)
 
 
 def _adamw(params):
@@ -388,29 +388,29 @@ def _goal_line(g) -> str:
 
 
 def render_model_text(report: dict) -> str:
-    from .report import _text_table, _wrap, busy_note
+    from .report import busy_note, text_table, wrap
 
     meta = report["meta"]
-    parts = [_wrap(f"fastlora bench --model on {meta['device']} ({meta['device_name']}), torch {meta['torch']}, "
+    parts = [wrap(f"fastlora bench --model on {meta['device']} ({meta['device_name']}), torch {meta['torch']}, "
                    f"{meta['date_utc']}; timer: {meta['timer']}; ratios: {meta['ratios']}")]
     for desc in dict.fromkeys(meta["cases"]):
-        parts += ["", _wrap(desc)]
-    parts += ["", _text_table(MODEL_HEADER, model_table(report["results"]), left=2)]
+        parts += ["", wrap(desc)]
+    parts += ["", text_table(MODEL_HEADER, model_table(report["results"]), left=2)]
     parts += _loss_lines(report["results"])
     if report["goals"]:
         parts += ["", "Goals (medians of per-round ratios; ≤ is better):"] + ["  " + _goal_line(g)
                                                                                  for g in report["goals"]]
     busy = busy_note(report["results"])
     if busy:
-        parts += ["", _wrap(busy)]
+        parts += ["", wrap(busy)]
     errors = sorted({f"  {MODEL_NAMES[r['provider']]}: {r['error']}" for r in report["results"] if r.get("error")})
     if errors:
-        parts += ["", "Errors:"] + [_wrap(e) for e in errors]
+        parts += ["", "Errors:"] + [wrap(e) for e in errors]
     return "\n".join(parts)
 
 
 def render_model_markdown(report: dict) -> str:
-    from .report import _md_table, busy_note
+    from .report import busy_note, md_table
 
     meta = report["meta"]
     lines = ["# fastlora bench --model", "", f"- command: `{meta['command']}`",
@@ -418,7 +418,7 @@ def render_model_markdown(report: dict) -> str:
              f"- torch {meta['torch']}, triton {meta['triton']}, fastlora {meta['fastlora']}, "
              f"{meta['torch_threads']} torch threads; timer: {meta['timer']}; ratios: {meta['ratios']}"]
     lines += [f"- {desc}" for desc in dict.fromkeys(meta["cases"])]
-    lines += ["", _md_table(MODEL_HEADER, model_table(report["results"]), left=2)]
+    lines += ["", md_table(MODEL_HEADER, model_table(report["results"]), left=2)]
     lines += [f"\n{line}" for line in _loss_lines(report["results"])]
     if report["goals"]:
         lines += ["", "Goals (medians of per-round ratios; ≤ is better):", ""]
@@ -457,9 +457,9 @@ def run_model_cli(args, device: str, stream=None) -> int:
         torch.set_num_threads(args.threads)
     min_reps = 5 if args.quick else 21
     budget = args.budget if args.budget is not None else 0.5
-    from .report import _wrap
+    from .report import wrap
 
-    print(_wrap(f"fastlora bench --model {preset}: {len(cases)} case(s) × {len(providers)} providers on {device} "
+    print(wrap(f"fastlora bench --model {preset}: {len(cases)} case(s) × {len(providers)} providers on {device} "
                 f"({dtype}), at least {min_reps} interleaved rounds; results to {args.out}/"), file=stream)
     t0 = time.perf_counter()
     rows = []

@@ -12,8 +12,7 @@ import math
 from pathlib import Path
 
 from .cases import MODES
-from .providers import FLOOR, PROVIDERS
-from .report import NAMES
+from .providers import FLOOR, NAMES, PROVIDERS
 from .summary import DROPOUT, MODE, M, comparisons
 from .timing import NOISY_SPREAD
 

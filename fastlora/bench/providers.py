@@ -45,7 +45,14 @@ def _cache_bytes(device: torch.device) -> int:
         return 32 * 2**20
 
 
-def _sync(device: torch.device) -> None:
+# Display names of the providers (reports, plots)
+NAMES = {"fastlora": "fastlora", "peft": "PEFT math", "peft_layer": "PEFT layer", "naive": "W+BA",
+         "base": "frozen linear", "compiled": "compiled"}
+SHORT = {**NAMES, "peft": "PEFT", "peft_layer": "layer"}  # terminal headers: "vs PEFT", "vs layer"
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing elsewhere."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -92,7 +99,7 @@ class Runner:
     def step(self) -> None:
         """One step, synchronized: what a host timer (pytest-benchmark, the CPU lane) may time."""
         self.call()
-        _sync(self.device)
+        sync(self.device)
 
 
 def _peft_layer(case: Case, weight, bias, lora_A, lora_B):

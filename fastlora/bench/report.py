@@ -13,14 +13,11 @@ import textwrap
 from pathlib import Path
 
 from .cases import MODES
-from .providers import FLOOR
+from .providers import FLOOR, NAMES, SHORT
 from .summary import DROPOUT, MODE, comparisons, group_by_case
 from .timing import NOISY_SPREAD
 
 WIDTH = 120
-NAMES = {"fastlora": "fastlora", "peft": "PEFT math", "peft_layer": "PEFT layer", "naive": "W+BA",
-         "base": "frozen linear", "compiled": "compiled"}
-SHORT = {**NAMES, "peft": "PEFT", "peft_layer": "layer"}  # terminal headers: "vs PEFT", "vs layer"
 EXCLUDED_MARK, NOISY_MARK = "†", "?"
 
 NOTE_EXCLUDED = (f"{EXCLUDED_MARK} the peer could not run this case as asked (W+BA cannot apply dropout, so it was "
@@ -169,7 +166,7 @@ def summary_lines(summary) -> list[list[str]]:
 
 def summary_table(summary) -> str:
     """The geometric means of ``summarize()`` as a fixed-width table."""
-    return _text_table(SUMMARY_HEADER, summary_lines(summary), left=2)
+    return text_table(SUMMARY_HEADER, summary_lines(summary), left=2)
 
 
 GOALS_HEADER = ["goal", "counts", "value", "95% band", "wanted", "verdict"]
@@ -207,7 +204,7 @@ def goal_lines(summary) -> list[list[str]]:
 
 
 def goals_table(summary) -> str:
-    return _text_table(GOALS_HEADER, goal_lines(summary), left=2)
+    return text_table(GOALS_HEADER, goal_lines(summary), left=2)
 
 
 def goals_verdict(summary) -> tuple[str, str | None]:
@@ -227,7 +224,7 @@ def goals_verdict(summary) -> tuple[str, str | None]:
     return "met", f"Goals {goals[0]['set']}: all {len(goals)} met."
 
 
-def _text_table(header, body, left: int = 0) -> str:
+def text_table(header, body, left: int = 0) -> str:
     """Fixed-width columns, right-aligned except the first ``left``."""
     widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i < left else c.rjust(w)  # noqa: E731
@@ -235,13 +232,13 @@ def _text_table(header, body, left: int = 0) -> str:
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in body])
 
 
-def _md_table(header, body, left: int = 0) -> str:
+def md_table(header, body, left: int = 0) -> str:
     align = "|".join(":---" if i < left else "---:" for i in range(len(header)))
     lines = ["| " + " | ".join(header) + " |", "|" + align + "|"]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
 
 
-def _wrap(text: str) -> str:
+def wrap(text: str) -> str:
     return textwrap.fill(text, WIDTH, subsequent_indent="  ", break_on_hyphens=False)
 
 
@@ -316,25 +313,25 @@ def render_text(report: dict) -> str:
     if meta.get("interrupted"):
         parts.append("INTERRUPTED: partial results (the run was stopped before every case was measured)")
     for title, header, body in text_tables(report["results"], meta["providers"]):
-        parts += ["", _wrap(title), _text_table(header, body)]
-    parts += ["", _wrap(NOTE_NOISE)]
+        parts += ["", wrap(title), text_table(header, body)]
+    parts += ["", wrap(NOTE_NOISE)]
     if report["summary"]:
-        parts += ["", _wrap(SUMMARY_TITLE), summary_table(report["summary"])]
+        parts += ["", wrap(SUMMARY_TITLE), summary_table(report["summary"])]
         if any(s.get("goal") for s in report["summary"]):
             verdict, sentence = goals_verdict(report["summary"])
-            parts += ["", _wrap(GOALS_TITLE), goals_table(report["summary"]), _wrap(sentence)]
+            parts += ["", wrap(GOALS_TITLE), goals_table(report["summary"]), wrap(sentence)]
     excluded, noisy = _flags(report["results"])
     if excluded:
-        parts += ["", _wrap(NOTE_EXCLUDED)]
+        parts += ["", wrap(NOTE_EXCLUDED)]
     busy = busy_note(report["results"])
     if busy:
-        parts += ["", _wrap(busy)]
+        parts += ["", wrap(busy)]
     if noisy:
-        parts += ["", _wrap(f"WARNING: {noisy} comparison(s) rest on noisy timings. " + NOTE_NOISY)]
-        parts += [_wrap("  " + line) for line in _noisy_reasons(report["results"])]
+        parts += ["", wrap(f"WARNING: {noisy} comparison(s) rest on noisy timings. " + NOTE_NOISY)]
+        parts += [wrap("  " + line) for line in _noisy_reasons(report["results"])]
     errors = sorted({f"  {r['provider']}: {r['error']}" for r in report["results"] if r.get("error")})
     if errors:
-        parts += ["", "Errors:"] + [_wrap(e) for e in errors]
+        parts += ["", "Errors:"] + [wrap(e) for e in errors]
     return "\n".join(parts)
 
 
@@ -362,13 +359,13 @@ def render_markdown(report: dict) -> str:
     ]
     if report["summary"]:
         lines += ["", "## Summary", "", SUMMARY_TITLE.split(": ", 1)[1] + ".", "",
-                  _md_table(SUMMARY_HEADER, summary_lines(report["summary"]), left=2)]
+                  md_table(SUMMARY_HEADER, summary_lines(report["summary"]), left=2)]
         if any(s.get("goal") for s in report["summary"]):
             verdict, sentence = goals_verdict(report["summary"])
             lines += ["", "## Goals", "", GOALS_TITLE.split(": ", 1)[1] + ".", "",
-                      _md_table(GOALS_HEADER, goal_lines(report["summary"]), left=2), "", sentence]
+                      md_table(GOALS_HEADER, goal_lines(report["summary"]), left=2), "", sentence]
     for mode, header, body in markdown_tables(report["results"], meta["providers"]):
-        lines += ["", f"## {mode}", "", _md_table(header, body)]
+        lines += ["", f"## {mode}", "", md_table(header, body)]
     excluded, noisy = _flags(report["results"])
     if excluded:
         lines += ["", NOTE_EXCLUDED]

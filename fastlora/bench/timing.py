@@ -184,7 +184,7 @@ def _sample(runner: Runner, inner: int) -> tuple[float, float | None]:
     return wall / inner, waited
 
 
-def _stats(samples: list[float], inner: int) -> dict:
+def sample_stats(samples: list[float], inner: int) -> dict:
     ordered = sorted(samples)
     q = len(ordered) // 4
     return {"median_s": statistics.median(ordered), "min_s": ordered[0], "iqr_s": ordered[-1 - q] - ordered[q],
@@ -284,7 +284,7 @@ def time_interleaved(runners: dict, *, budget_s: float = 0.5, min_reps: int = 5,
                 else None)
     for name in every:
         kept = every[name] if few_clean else clean[name]
-        stats = _stats(kept, inners[name])
+        stats = sample_stats(kept, inners[name])
         stats.update(rounds_s=list(kept), rounds=rounds, contended_rounds=contended, busy=busy_why is not None,
                      busy_why=busy_why, others_cores=None if others is None else round(others, 3),
                      cpu_wait_measured=measured)
@@ -334,7 +334,7 @@ def time_cuda(runner: Runner, *, budget_s: float = 0.5, warmup_s: float = 0.1) -
     else:
         times_ms = do_bench(runner.call, warmup=warmup_ms, rep=rep_ms, return_mode="all")
         method = "triton.testing.do_bench"
-    stats = _stats([t / 1e3 for t in times_ms], 1)
+    stats = sample_stats([t / 1e3 for t in times_ms], 1)
     stats["timer"] = method
     return stats
 
