@@ -11,8 +11,7 @@ __all__ = ["cfg", "GEMM_CONFIGS", "GEMM_FIXED", "SHRINK_CONFIGS", "SHRINK_FIXED"
 
 # The small-M path (shrink folded into the GEMM) is used up to this many rows, without dropout.
 FUSED_SHRINK_MAX_M = 64
-# Largest rank kept in registers by the fused shrink; above it the separate shrink kernel runs (sm_90 builds of
-# the fused path at R_BLOCK = 64 spill ~1 KB at 16×64×128, offline_build.py).
+# Largest rank kept in registers by the fused shrink; above it the separate shrink kernel runs (C10 in NOTES.md).
 FUSED_SHRINK_MAX_R = 32
 # Rank chunk of the shrink / dY / dA kernels: larger ranks run as several programs over r.
 R_CHUNK_MAX = 128
@@ -37,7 +36,7 @@ GEMM_CONFIGS = [
     cfg(8, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),  # what fits odd K and fp32 (FMA / TF32) operands
     # small M (decode / inference): bound by reading W, so narrow N tiles give enough programs
     cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, small_m=True),
-    cfg(4, 4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, small_m=True),  # 16×32×256: dX spills (sm_90)
+    cfg(4, 4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, small_m=True),  # not 16×32×256 (C11)
     cfg(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, small_m=True),
     cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, small_m=True),
     cfg(4, 3, BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, small_m=True),
@@ -53,7 +52,7 @@ GEMM_FIXED = {
 
 # The shrink is a memory-bound pass over x: short row tiles give enough programs to fill the device.
 SHRINK_CONFIGS = [
-    # 8 warps: sm_90 builds with 4 warps spill at R = 128 and at odd K even at 80-128 registers (offline_build.py)
+    # 8 warps (C7)
     cfg(8, 4, BLOCK_M=16, BLOCK_K=256),
     cfg(8, 3, BLOCK_M=16, BLOCK_K=64),  # large ranks with fp32 adapters at M <= 16: a short (BK, R) tile
     cfg(8, 4, BLOCK_M=32, BLOCK_K=128),
@@ -73,10 +72,10 @@ DY_CONFIGS = [
     cfg(4, 3, BLOCK_M=64, BLOCK_N=64),
     cfg(8, 3, BLOCK_M=64, BLOCK_N=64),
     cfg(4, 3, BLOCK_M=64, BLOCK_N=128),
-    cfg(8, 3, BLOCK_M=128, BLOCK_N=64),  # 128×128 (8 warps) spilled at every rank in sm_90 builds: dropped
+    cfg(8, 3, BLOCK_M=128, BLOCK_N=64),  # no 128×128 (C11)
     cfg(8, 3, BLOCK_M=32, BLOCK_N=64),  # fp32 and odd N at large ranks
     cfg(8, 3, BLOCK_M=16, BLOCK_N=32),  # exact fp32 (FMA dots)
-    cfg(8, 4, BLOCK_M=32, BLOCK_N=128, small_m=True),  # 4 warps spilled at R = 64
+    cfg(8, 4, BLOCK_M=32, BLOCK_N=128, small_m=True),  # 8 warps (C11)
     cfg(4, 4, BLOCK_M=16, BLOCK_N=128, small_m=True),
     cfg(8, 4, BLOCK_M=16, BLOCK_N=64, small_m=True),
 ]
@@ -86,7 +85,7 @@ DY_FIXED = {
     "large": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),
 }
 
-GRAD_A_CONFIGS = [  # 8 warps: 4-warp builds spilled with dropout even at 80 registers (sm_90, offline_build.py)
+GRAD_A_CONFIGS = [  # 8 warps (C11)
     cfg(8, 3, BLOCK_M=64, BLOCK_K=64),
     cfg(8, 3, BLOCK_M=128, BLOCK_K=64),
     cfg(8, 4, BLOCK_M=64, BLOCK_K=32),

@@ -156,7 +156,7 @@ def fixed_config(tuned, fixed_cfgs, m_bucket, args, kwargs) -> dict:
 
 def _rank_chunk(r: int, dtype: torch.dtype) -> int:
     """Rank chunk of the shrink / dY / dA kernels: up to 128, 64 for fp32 inputs (fp32 operand tiles pass through
-    registers: R = 128 spilled in sm_90 builds)."""
+    registers: C12 in benchmarks/NOTES.md)."""
     return kc.r_block(r, 64 if dtype == torch.float32 else R_CHUNK_MAX)
 
 

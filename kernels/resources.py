@@ -18,10 +18,10 @@ SMEM_LIMIT = 227 * 1024  # H100 / H200 (sm_90): the opt-in maximum of shared mem
 # Planned pipeline buffers may use this much; the rest is the compiler's: layout-conversion scratch, barriers
 SMEM_BUDGET = SMEM_LIMIT - 16 * 1024
 # fp32 values per thread that a config's live tiles may take: sm_90 allows 255 registers per thread and
-# addresses, masks and loop state take the rest (calibrated on offline builds: above it, ptxas spills)
+# addresses, masks and loop state take the rest (calibration C1 in benchmarks/NOTES.md)
 REG_BUDGET = 160
 # What a config that offline builds showed to spill counts as: far over the budget, so that a fallback (the least
-# overflowing config) never picks it
+# overflowing config) never picks it. The rules that use it are the measured ones, C2-C9 in NOTES.md.
 MEASURED_SPILL = 2 * REG_BUDGET
 
 _DEFAULT_ESIZE = {"a": 2, "b": 2, "s": 2, "u": 2, "l": 4}
@@ -49,26 +49,23 @@ def _unaligned(args, loop_dim: str) -> bool:
 def _operands_in_registers(args, loop_dim: str, esize: int, storage_esize: int | None = None) -> float:
     """Weight (fp32 registers per operand element) of operand tiles that pass through registers, for a dot in a
     dtype of ``esize`` bytes on an operand stored in ``storage_esize`` bytes: exact fp32 products (IEEE: FMA
-    dots, not tensor cores; 128×128 tiles spilled up to 48 KB) and TF32 (operands converted in registers;
-    16×32×128 spilled on 4 warps at weight 3), and unaligned problems (odd K = 1000, N = 1537 in the sampled
-    sm_90 builds: 256×128, 32×128×128 fused and the R = 128 shrink spilled at 255 registers). 0 where the
-    tiles stream through shared memory."""
+    dots, not tensor cores), TF32 (operands converted in registers), and unaligned problems (no 16-byte vector
+    loads). 0 where the tiles stream through shared memory. The weights: calibration C2 in NOTES.md."""
     if esize == 4 and loop_dim in args:
         return 6.0 if args.get("DOT_PRECISION", "ieee") == "ieee" else 4.0
     return 1.5 * (storage_esize or esize) / 2 if _unaligned(args, loop_dim) else 0.0
 
 
 def _fma_32_row_spill(args, esize: int, bm: int) -> bool:
-    """Measured (sm_90, triton 3.9 and 3.6): fp32 dots (FMA, and TF32 with dropout) on 32-row tiles spill 4-16 B
-    at 64-80 registers in the shrink and dY kernels (ptxas's choice, not a count the model sees); 16- and
-    64-row tiles do not."""
+    """fp32 dots on 32-row tiles of the shrink and dY kernels spill where the count says they fit (ptxas's choice,
+    not a count the model sees): calibration C3 in NOTES.md."""
     return bm == 32 and esize == 4
 
 
 def _pipeline_smem(c, tile_bytes: int, wgmma: bool = False) -> int:
-    """Shared memory of a K loop's software pipeline (measured on sm_90 builds, triton 3.6 and 3.9): num_stages
-    buffers of the loop's operand tiles where the dot runs on Hopper's wgmma (BLOCK_M >= 64, operands read from
-    shared memory), num_stages - 1 where it runs on mma (operands in registers)."""
+    """Shared memory of a K loop's software pipeline: num_stages buffers of the loop's operand tiles where the dot
+    runs on Hopper's wgmma (BLOCK_M >= 64, operands read from shared memory), num_stages - 1 where it runs on mma
+    (operands in registers). Calibration C4 in NOTES.md."""
     return (c.num_stages if wgmma else max(1, c.num_stages - 1)) * tile_bytes
 
 
@@ -76,7 +73,7 @@ def gemm_resources(c, args):
     """(shared bytes, live fp32 values per thread) of ``gemm_lora_kernel`` under config ``c``.
 
     Shared memory matches sm_90 builds to the byte at the calibration points of
-    tests/test_kernels_compile.py; the register count is an estimate whose budget was calibrated on them."""
+    tests/test_kernels_compile.py; the register count is an estimate whose budget (C1) was calibrated on them."""
     bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
     rb = args.get("R_BLOCK", 16)
     ea = _esize(args, "a_ptr", 2)
@@ -93,14 +90,11 @@ def gemm_resources(c, args):
         live = acc + bm * rb + rb * bn + (acc if args.get("LO_DROPOUT") else 0)
     live += _operands_in_registers(args, "K", ea) * (bm * bk + bk * bn)
     if args.get("LO_FP32") and bm >= 128 and c.num_stages >= 4:
-        # measured (sm_90, triton 3.9, fp16 with fp32 adapters): the fp32 (TF32) rank-r prologue spills 8-52 B at
-        # 255 registers on 128×128×64 (4 warps) and 256×128×64 (8 warps) with 4 stages; 3 stages do not
-        live = MEASURED_SPILL * _threads(c)
+        live = MEASURED_SPILL * _threads(c)  # C5: the fp32 (TF32) rank-r prologue at 128+ rows and 4+ stages
     if fused:
         live += _operands_in_registers(args, "K", ea, _esize(args, "s_ptr", ea)) * bk * rb
         if c.num_warps < 8 and _unaligned(args, "K"):
-            # measured: the fused path at odd K spills 4-192 B on 4 warps (16×32×128 at 168 registers)
-            live = MEASURED_SPILL * _threads(c)
+            live = MEASURED_SPILL * _threads(c)  # C6: the fused shrink at odd K on 4 warps
     return smem, _regs_per_thread(live, c)
 
 
@@ -118,9 +112,7 @@ def shrink_resources(c, args):
     # the dot runs in x's dtype; the adapters are converted to it (counted above), loaded in their own
     live += _operands_in_registers(args, "K", ex) * bm * bk + _operands_in_registers(args, "K", ex, ea) * bk * rb
     if (rb >= 128 and bm < 64 and bk >= 64 and c.num_warps < 8) or _fma_32_row_spill(args, ex, bm):
-        # measured (sm_90, triton 3.9): 16×64 and 32×64 row tiles at R = 128 spill 8-24 B with 4 warps at 80-168
-        # registers, where 8 warps do not; ptxas's choice, not a count this model can see
-        live = MEASURED_SPILL * _threads(c)
+        live = MEASURED_SPILL * _threads(c)  # C7: short row tiles at R = 128 on 4 warps; C3
     return smem, _regs_per_thread(live, c)
 
 
@@ -129,9 +121,8 @@ def dy_resources(c, args):
     edy, eb = _esize(args, "dy_ptr", 2), _esize(args, "b_ptr", 2)
     # pipeline of dY (BM, BN) and B (BN, R) tiles, and the fp32 dB part (BN, R) re-laid out for its atomics
     smem = max(1, c.num_stages - 1) * (bm * bn * edy + bn * rb * eb) + bn * rb * 4
-    # dh (BM, R) fp32 accumulator and h (BM, R) through the loop; dY (BM, BN) and, for dB, its transpose
-    # (128×128 at R = 64 spilled at 255 registers without it), and the dB part twice: once from the dot, once in
-    # the atomics' layout (32×128 at R = 128 spilled)
+    # dh (BM, R) fp32 accumulator and h (BM, R) through the loop; dY (BM, BN) and, for dB, its transpose, and
+    # the dB part twice: once from the dot, once in the atomics' layout (C8)
     need_db = args.get("NEED_DB", True)
     live = (2 * bm * rb + (2 * bn * rb if need_db else 0) + bm * bn * (2 if need_db else 1)
             + (bn * rb if eb != edy else 0))
@@ -146,13 +137,12 @@ def grad_a_resources(c, args):
     ex = _esize(args, "x_ptr", 2)
     lo32 = bool(args.get("LO_FP32"))
     # pipeline of dh (BM, R) fp32 and x (BM, BK) tiles, and the (masked) x operand of the dot; with fp32 operands
-    # (LO_FP32: TF32 dots) the dot runs on wgmma from 64 rows, with num_stages buffers (sm_90 builds: 112-256 KB,
-    # to the KB at R = 64 and 128)
+    # (LO_FP32: TF32 dots) the dot runs on wgmma from 64 rows, with num_stages buffers (C4)
     smem = _pipeline_smem(c, bm * rb * 4 + bm * bk * ex, wgmma=lo32 and bm >= 64) + bm * bk * ex
     live = rb * bk + bm * rb + bm * bk * (2 if args.get("HAS_DROPOUT") else 1)
     live += _operands_in_registers(args, "K", ex) * (bm * bk + bm * rb)
     if lo32 and args.get("HAS_DROPOUT") and bm == 64 and bk == 32:
-        live = MEASURED_SPILL * _threads(c)  # measured: 8 B spilled at 80 registers (sm_90, triton 3.9)
+        live = MEASURED_SPILL * _threads(c)  # C9: dA with fp32 operands and dropout at 64×32
     return smem, _regs_per_thread(live, c)
 
 

@@ -195,19 +195,21 @@ def run_leaves(fn, tensors, trainable, grad_y, **kwargs):
     return y.detach(), [None if t is None else t.grad for t in leaves]
 
 
-def lora_inputs(M, K, N, r, dtype=torch.float32, adapter_dtype=None, bias=True, seed=0, device="cpu"):
+def lora_inputs(M, K, N, r, dtype=torch.float32, adapter_dtype=None, bias=True, seed=0, device="cpu", lead=None):
     """(x, weight, lora_A, lora_B, bias or None, dY) from a seeded generator, scaled so that every term of
-    y = x Wᵀ + b + s·(x Aᵀ) Bᵀ is O(1); |b| ~ 3, so that a dropped bias is far outside any tolerance."""
+    y = x Wᵀ + b + s·(x Aᵀ) Bᵀ is O(1); |b| ~ 3, so that a dropped bias is far outside any tolerance. ``lead``:
+    x's leading shape (default (M,)), dY's too."""
     g = torch.Generator().manual_seed(seed)
     adt = adapter_dtype or dtype
 
     def rnd(*shape, scale=1.0, dt=dtype, shift=0.0):
         return (torch.randn(*shape, generator=g) * scale + shift).to(device=device, dtype=dt)
 
-    x = rnd(M, K)
+    rows = tuple(lead) if lead else (M,)
+    x = rnd(*rows, K)
     weight = rnd(N, K, scale=K**-0.5)
     lora_A = rnd(r, K, scale=K**-0.5, dt=adt)
-    lora_B = rnd(N, r, scale=0.5, dt=adt)
+    lora_B = rnd(N, r, scale=0.5, dt=adt)  # nonzero B so that dA is not trivially zero
     b = rnd(N, shift=3.0) if bias else None
-    grad = rnd(M, N)
+    grad = rnd(*rows, N)
     return x, weight, lora_A, lora_B, b, grad

@@ -13,7 +13,7 @@ import torch
 import fastlora
 from fastlora import reference
 import philox_reference
-from helpers import assert_close, assert_low_precision_close
+from helpers import assert_close, assert_low_precision_close, lora_inputs
 
 kernels = pytest.importorskip("fastlora.kernels.lora_linear")
 from fastlora.kernels.dropout import dropout_keep_mask  # noqa: E402
@@ -39,20 +39,8 @@ FP32_TOL = (torch.float32, 2e-5, 2e-5)
 LOW_ATOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-def _make(M, K, N, r, dtype, adapter_dtype=None, bias=True, seed=0, lead=None, device=DEVICE):
-    g = torch.Generator().manual_seed(seed)
-    adapter_dtype = adapter_dtype or dtype
-
-    def rnd(*shape, scale=1.0, dt=dtype):
-        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dt)
-
-    x = rnd(*(lead or (M,)), K)
-    weight = rnd(N, K, scale=K**-0.5)
-    lora_A = rnd(r, K, scale=K**-0.5, dt=adapter_dtype)
-    lora_B = rnd(N, r, scale=0.5, dt=adapter_dtype)  # nonzero B so that dA is not trivially zero
-    b = rnd(N) if bias else None
-    grad = rnd(*(lead or (M,)), N)
-    return x, weight, lora_A, lora_B, b, grad
+def _make(M, K, N, r, dtype, adapter_dtype=None, bias=True, seed=0, lead=None):
+    return lora_inputs(M, K, N, r, dtype, adapter_dtype, bias, seed, device=DEVICE, lead=lead)
 
 
 def _run(fn, x, weight, lora_A, lora_B, bias, grad, want_weight_grad, **kw):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastlora import reference
-from helpers import assert_close
+from helpers import assert_close, lora_inputs
 
 kernels = pytest.importorskip("fastlora.kernels.lora_linear")
 from fastlora.kernels.dropout import dropout_keep_mask  # noqa: E402
@@ -48,18 +48,6 @@ def dispatch(monkeypatch):
     return install
 
 
-def _problem(M, K, N, r, dtype=torch.float32, adt=None, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    adt = adt or dtype
-    x = torch.randn(M, K, generator=g).to(dtype)
-    w = (torch.randn(N, K, generator=g) * K**-0.5).to(dtype)
-    a = (torch.randn(r, K, generator=g) * K**-0.5).to(adt)
-    b = (torch.randn(N, r, generator=g) * 0.5).to(adt)
-    bias_t = torch.randn(N, generator=g).to(dtype) if bias else None
-    dy = torch.randn(M, N, generator=g).to(dtype)
-    return x, w, a, b, bias_t, dy
-
-
 def _check_outputs(x, w, a, b, bias, dy, p=0.0, seed=3):
     """Forward and backward through the kernels against the fp64 oracle (fp32 inputs)."""
     y, h = kernels.lora_forward(x, w, a, b, bias, 0.5, p, seed)
@@ -85,7 +73,7 @@ def test_the_faster_composition_runs_and_is_correct(dispatch, winner, M, monkeyp
     for name in ("_forward_cublas", "_forward_triton", "_forward_fused_small_m"):
         fn = getattr(kl, name)
         monkeypatch.setattr(kl, name, lambda *a, _fn=fn, _n=name: (ran.append(_n), _fn(*a))[1])
-    _check_outputs(*_problem(M, 24, 20, 3))
+    _check_outputs(*lora_inputs(M, 24, 20, 3))
     assert sorted(d.timer.calls) == ["cublas", "cublas", "triton", "triton"], "each candidate timed once per op"
     assert {c for _, c, _ in d.report()} == {winner}
     # after the timing runs, the winner ran once more: its outputs are the ones returned
@@ -95,7 +83,7 @@ def test_the_faster_composition_runs_and_is_correct(dispatch, winner, M, monkeyp
 
 def test_choice_is_cached_per_key_and_m_bucket(dispatch):
     d = dispatch({"triton": 1.0, "cublas": 2.0})
-    x, w, a, b, bias, _ = _problem(70, 16, 12, 2)
+    x, w, a, b, bias, _ = lora_inputs(70, 16, 12, 2)
     kernels.lora_forward(x, w, a, b, bias, 1.0, 0.0, 0)
     assert len(d.timer.calls) == 2
     kernels.lora_forward(x[:66], w, a, b, bias, 1.0, 0.0, 0)  # same M bucket (128): no new timing
@@ -109,7 +97,7 @@ def test_choice_is_cached_per_key_and_m_bucket(dispatch):
 
 def test_forward_and_dx_have_distinct_keys_even_when_k_equals_n(dispatch):
     d = dispatch({"triton": 1.0, "cublas": 2.0})
-    x, w, a, b, _, dy = _problem(70, 16, 16, 2, bias=False)
+    x, w, a, b, _, dy = lora_inputs(70, 16, 16, 2, bias=False)
     y, h = kernels.lora_forward(x, w, a, b, None, 1.0, 0.0, 0)
     kernels.lora_backward(dy, x, w, a, b, h, 1.0, 0.0, 0, True, False, False, False, False)
     keys = [k for k, _, _ in d.report()]
@@ -124,7 +112,7 @@ def test_environment_overrides_the_measurement(dispatch, mode, monkeypatch):
     monkeypatch.setenv("FASTLORA_BASE_GEMM", mode)
     ran = []
     monkeypatch.setattr(kl, "_dx_gemm", lambda *a, _fn=kl._dx_gemm, **k: (ran.append(k["k_loop"]), _fn(*a, **k)))
-    _check_outputs(*_problem(70, 16, 12, 2, bias=False), p=0.2)
+    _check_outputs(*lora_inputs(70, 16, 12, 2, bias=False), p=0.2)
     assert d.timer.calls == [] and d.report() == []
     assert ran == [mode == "triton"], "cublas: the Triton pass skips its loop and cuBLAS adds dY @ W"
 

@@ -15,16 +15,7 @@ import torch.nn as nn
 from torch.nn.modules import module as _nn_module
 
 from . import registry
-from . import embedding, linear  # noqa: F401  (registers the fusers)
-
-try:  # the 4-bit and DoRA fusers, where present
-    from . import bnb  # noqa: F401
-except ImportError:  # pragma: no cover - depends on the branch / environment
-    pass
-try:
-    from . import dora  # noqa: F401
-except ImportError:  # pragma: no cover
-    pass
+from . import bnb, dora, embedding, linear  # noqa: F401  (registers the fusers; none imports peft or bitsandbytes)
 
 __all__ = ["get_peft_model", "from_pretrained", "accelerate_peft", "fused_layers", "is_accelerated"]
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ..op_common import autocast_enabled
 from ..qlora import is_linear4bit, lora_linear_4bit, restore_canonical_layout
-from .registry import Fuser, dropout_p, dropout_reason, nested_base_reason, register
+from .registry import Fuser, active_dropout_p, dropout_reason, nested_base_reason, register, variant_name
 
 __all__ = ["FUSER_4BIT", "FUSER_8BIT"]
 
@@ -37,22 +37,6 @@ def _peft_class(name: str):
     return getattr(mod, name, None) if mod is not None else None
 
 
-def _dropout_p(dropout: nn.Module) -> Optional[float]:
-    """p of PEFT's lora_dropout entry in its current mode (0 for nn.Identity or an nn.Dropout in eval mode), or
-    None for any other module."""
-    p = dropout_p(dropout)
-    return p if p is None or dropout.training else 0.0
-
-
-def _variant(layer, adapter: str) -> Optional[str]:
-    variant = getattr(layer, "lora_variant", {}).get(adapter)
-    if variant is not None:
-        return "DoRA" if "Dora" in type(variant).__name__ else f"LoRA variant {type(variant).__name__}"
-    if getattr(layer, "use_dora", {}).get(adapter, False):
-        return "DoRA"
-    return None
-
-
 # ---------------------------------------------------------------------------------------------------------
 # 4-bit
 # ---------------------------------------------------------------------------------------------------------
@@ -65,7 +49,7 @@ def claims_4bit(layer: nn.Module, adapter: str) -> bool:
 def why_not_4bit(layer: nn.Module, adapter: str) -> Optional[str]:
     if adapter not in layer.lora_A:
         return f"no LoRA adapter {adapter!r}"
-    variant = _variant(layer, adapter)
+    variant = variant_name(layer, adapter)
     if variant is not None:
         return f"{variant} on a 4-bit base"
     if type(layer.lora_A[adapter]) is not nn.Linear or type(layer.lora_B[adapter]) is not nn.Linear:
@@ -116,7 +100,7 @@ def forward_4bit(layer: nn.Module, x: torch.Tensor, adapters: List[str]) -> torc
         return base(x)
     inp_dtype = x.dtype
     xc, bias = _base_input(base, x)
-    ps = [_dropout_p(layer.lora_dropout[a]) for a in names]
+    ps = [active_dropout_p(layer.lora_dropout[a]) for a in names]
     As = [layer.lora_A[a].weight for a in names]
     Bs = [layer.lora_B[a].weight for a in names]
     rest: list[str] = []

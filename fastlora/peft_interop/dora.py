@@ -20,22 +20,18 @@ import torch.nn as nn
 
 from ..dora import dora_embedding, dora_linear
 from ..op_common import autocast_enabled
-from .registry import Fuser, dropout_p, dropout_reason, nested_base_reason, register
+from .registry import Fuser, active_dropout_p, dropout_reason, is_conv1d, lora_variant, nested_base_reason, register
 
 __all__ = ["claims", "why_not", "forward", "FUSER"]
 
 
-def _variant(layer: nn.Module, adapter: str):
-    return getattr(layer, "lora_variant", {}).get(adapter)
-
-
 def _kind(layer: nn.Module, adapter: str) -> Optional[str]:
     """"linear", "embedding", "conv", "other" for a DoRA adapter, None for anything else."""
-    variant = _variant(layer, adapter)
+    variant = lora_variant(layer, adapter)
     if variant is None:
-        if getattr(layer, "use_dora", {}).get(adapter, False):  # peft < 0.15 marks DoRA in use_dora only
-            return "other"
         return None
+    if variant == "DoRA":  # peft < 0.15 marks DoRA in use_dora only
+        return "other"
     try:
         from peft.tuners.lora import variants as v
     except ImportError:  # pragma: no cover - peft without the variants module
@@ -53,15 +49,6 @@ def _kind(layer: nn.Module, adapter: str) -> Optional[str]:
 def claims(layer: nn.Module, adapter: str) -> bool:
     """Adapter ``adapter`` of ``layer`` is a PEFT DoRA adapter (of any layer type)."""
     return _kind(layer, adapter) is not None
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    """transformers' Conv1D (GPT-2): y = bias + x @ weight with weight (in, out), i.e. a linear with Wᵀ."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - without transformers there is no Conv1D
-        return False
-    return type(module).forward is Conv1D.forward and getattr(module, "bias", None) is not None
 
 
 def _plain_float_weight(module: nn.Module) -> bool:
@@ -89,7 +76,7 @@ def why_not(layer: nn.Module, adapter: str) -> Optional[str]:
             return "DoRA on a quantized base weight"
         return None
     if getattr(layer, "fan_in_fan_out", False):
-        if not _is_conv1d(base):
+        if not (is_conv1d(base) and getattr(base, "bias", None) is not None):
             return f"DoRA with fan_in_fan_out on a base layer {type(base).__name__}"
     elif type(base) is not nn.Linear and type(base).forward is not nn.Linear.forward:
         return f"DoRA on a base layer {type(base).__name__} (quantized or custom)"
@@ -120,7 +107,7 @@ def _forward_linear(layer: nn.Module, x: torch.Tensor, adapters: List[str]) -> t
     first, rest = adapters[0], adapters[1:]
     dropout = layer.lora_dropout[first]
     training = bool(layer.training and dropout.training)
-    p = dropout_p(dropout) if training else 0.0  # lora_dropout=1.0 runs fused in eval: no dropout then
+    p = active_dropout_p(dropout) if training else 0.0  # lora_dropout=1.0 runs fused in eval: no dropout then
     result = dora_linear(x, weight, layer.lora_A[first].weight, layer.lora_B[first].weight,
                          layer.lora_magnitude_vector[first].weight, bias, scaling=layer.scaling[first],
                          dropout_p=p, training=training)

@@ -11,7 +11,7 @@ import torch.nn as nn
 from ..embedding import add_embedding_update
 from ..functional import lora_embedding
 from . import registry
-from .linear import variant_name
+from .registry import variant_name
 
 __all__ = ["claims", "why_not", "forward", "FUSER"]
 

@@ -15,31 +15,13 @@ import torch.nn as nn
 from ..functional import lora_linear_multi
 from ..op_common import autocast_enabled
 from . import registry
-from .registry import dropout_p, dropout_reason  # noqa: F401  (dropout_p: imported from here by other fusers)
+from .registry import active_dropout_p, dropout_reason, is_conv1d, variant_name
 
 __all__ = ["claims", "why_not", "forward", "FUSER"]
 
 
 def _peft_linear():
     return registry.peft_lora_class("Linear")
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' Conv1D (GPT-2): weight (in, out), ``y = x @ weight + bias``."""
-    cls = type(module)
-    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
-
-
-def variant_name(layer, adapter: str) -> Optional[str]:
-    """"DoRA" or the name of another LoRA variant on ``adapter``; None for plain LoRA."""
-    variants = layer.__dict__.get("lora_variant")
-    if variants is None:  # peft < 0.15 marks DoRA in use_dora only
-        return "DoRA" if layer.__dict__.get("use_dora", {}).get(adapter, False) else None
-    variant = variants.get(adapter)
-    if variant is None:
-        return None
-    name = type(variant).__name__
-    return "DoRA" if "Dora" in name else f"LoRA variant {name}"
 
 
 def base_kind_reason(base: nn.Module) -> Optional[str]:
@@ -118,7 +100,7 @@ def forward(layer: nn.Module, x: torch.Tensor, adapters: list[str]) -> torch.Ten
         As.append(layer.lora_A[a].weight)
         Bs.append(layer.lora_B[a].weight)
         ss.append(layer.scaling[a])
-        ps.append(dropout_p(dropout) if dropout.training else 0.0)
+        ps.append(active_dropout_p(dropout))
     return lora_linear_multi(x, weight, As, Bs, bias, scalings=ss, dropout_ps=ps, training=True)
 
 

@@ -25,7 +25,8 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn as nn
 
-__all__ = ["Fuser", "register", "fusers", "fuser_for"]
+__all__ = ["Fuser", "register", "fusers", "fuser_for", "nested_base_reason", "dropout_p", "active_dropout_p",
+           "dropout_reason", "lora_variant", "variant_name", "is_conv1d", "peft_lora_class"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,40 @@ def dropout_p(dropout: nn.Module) -> Optional[float]:
     if type(dropout) is nn.Dropout:
         return float(dropout.p)
     return None
+
+
+def active_dropout_p(dropout: nn.Module) -> Optional[float]:
+    """p of PEFT's lora_dropout entry in its current mode: 0 for nn.Identity or an nn.Dropout in eval mode, None for
+    anything else."""
+    p = dropout_p(dropout)
+    return p if p is None or dropout.training else 0.0
+
+
+def lora_variant(layer: nn.Module, adapter: str):
+    """The LoRA variant object of ``adapter`` (PEFT >= 0.15: ``layer.lora_variant``), "DoRA" where an older PEFT
+    marks DoRA in ``use_dora`` only, or None for plain LoRA."""
+    variants = layer.__dict__.get("lora_variant")
+    if variants is None:  # peft < 0.15 marks DoRA in use_dora only
+        return "DoRA" if layer.__dict__.get("use_dora", {}).get(adapter, False) else None
+    return variants.get(adapter)
+
+
+def variant_name(layer: nn.Module, adapter: str) -> Optional[str]:
+    """"DoRA" or the name of another LoRA variant on ``adapter``; None for plain LoRA."""
+    variant = lora_variant(layer, adapter)
+    if variant is None or variant == "DoRA":
+        return variant
+    name = type(variant).__name__
+    return "DoRA" if "Dora" in name else f"LoRA variant {name}"
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2) with its own forward: weight (in, out), ``y = x @ weight + bias``. Checked
+    without importing transformers."""
+    for cls in type(module).__mro__:
+        if cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers"):
+            return type(module).forward is cls.forward
+    return False
 
 
 def dropout_reason(dropout: nn.Module) -> Optional[str]:
