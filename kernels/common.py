@@ -1,7 +1,6 @@
 """Launch helpers every kernel file shares (LoRA, 4-bit, DoRA, and the ops that come next): where and how the
 kernels run (interpreter, autotuning, device guard, SM count) and the small decisions every launcher makes the same
-way (M bucket, rank padding, dot precision, the dtype of the low-rank products, stride-safe views, dropout
-arguments). No kernels here."""
+way (M bucket, rank padding, dot precision, the dtype of the low-rank products, stride-safe views). No kernels here."""
 from __future__ import annotations
 
 import contextlib
@@ -11,10 +10,8 @@ import os
 import torch
 import triton
 
-from .dropout import dropout_threshold
-
 __all__ = ["interpreted", "autotune_enabled", "on_device", "sm_count", "m_bucket", "r_block", "dot_precision",
-           "low_rank_fp32", "kernel_view", "dropout_args", "SUPPORTED", "MAX_STRIDE"]
+           "low_rank_fp32", "kernel_view", "SUPPORTED", "MAX_STRIDE"]
 
 SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 # Strides up to this bound keep every in-loop pointer step (BLOCK <= 256 times a stride) within int32; an
@@ -80,10 +77,3 @@ def kernel_view(t: torch.Tensor) -> torch.Tensor:
     if t.dim() == 2 and all(abs(s) < MAX_STRIDE and s >= 0 for s in t.stride()):
         return t
     return t.contiguous()
-
-
-def dropout_args(p: float):
-    """(Philox threshold, 1/(1-p)) of a dropout probability; (0, 1.0) without dropout."""
-    if p > 0.0:
-        return dropout_threshold(p), 1.0 / (1.0 - p)
-    return 0, 1.0

@@ -9,11 +9,11 @@ stay below 2³² on their own, so nothing overflows however large M·K is. An el
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from .common import on_device
 
 __all__ = ["PHILOX_ROUNDS", "dropout_threshold", "philox_keep", "dropout_keep_mask"]
 
@@ -25,6 +25,13 @@ PHILOX_ROUNDS = 7
 def dropout_threshold(p: float) -> int:
     """The uint32 threshold below which a Philox word drops its element."""
     return min(int(round(float(p) * 2.0**32)), 2**32 - 1)
+
+
+def dropout_args(p: float):
+    """(Philox threshold, 1/(1-p)) of a dropout probability, as the kernels take them; (0, 1.0) without dropout."""
+    if p > 0.0:
+        return dropout_threshold(p), 1.0 / (1.0 - p)
+    return 0, 1.0
 
 
 @triton.jit
@@ -63,8 +70,7 @@ def dropout_keep_mask(seed: int, shape, p: float, device, dtype=torch.bool) -> t
         out.fill_(1)
     elif M > 0 and K > 0:
         grid = (triton.cdiv(M, 32), triton.cdiv(K, 64))
-        guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-        with guard:
+        with on_device(device):
             _keep_mask_kernel[grid](out, M, K, out.stride(0), out.stride(1), int(seed), dropout_threshold(p),
                                     BLOCK_M=32, BLOCK_K=64, N_ROUNDS=PHILOX_ROUNDS)
     return out.bool() if dtype == torch.bool else out.to(dtype)

@@ -45,7 +45,7 @@ from . import common as kc
 from . import lora_configs as cfgs
 from . import resources as res
 from .dispatch import MeasuredChoice
-from .dropout import PHILOX_ROUNDS
+from .dropout import PHILOX_ROUNDS, dropout_args
 from .lora_configs import FUSED_SHRINK_MAX_M, FUSED_SHRINK_MAX_R, R_CHUNK_MAX
 from .lora_kernels import gemm_lora_kernel, lora_grad_a_kernel, lora_grad_dy_kernel, lora_shrink_kernel
 
@@ -221,7 +221,7 @@ def _shrink(x, lora_A, h, p, seed, mb):
     """h (M, r) = drop(x) @ Aᵀ, fp32 accumulate."""
     M, K = x.shape
     r = lora_A.shape[0]
-    thr, inv_keep = kc.dropout_args(p)
+    thr, inv_keep = dropout_args(p)
     _launch(
         "lora_shrink", _shrink_tuned, _shrink_fixed, cfgs.SHRINK_FIXED,
         lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(r, _rank_chunk(r, x.dtype))), mb,
@@ -334,7 +334,7 @@ def _grad_a(dh, x, p, seed, prec, mb, lo_fp32=False):
     M, K = x.shape
     r = dh.shape[1]
     rb = _rank_chunk(r, x.dtype)
-    thr, inv_keep = kc.dropout_args(p)
+    thr, inv_keep = dropout_args(p)
     nominal_bk = 64
     programs = triton.cdiv(K, nominal_bk) * triton.cdiv(r, rb)
     splits = max(1, min(triton.cdiv(2 * kc.sm_count(x.device), programs), triton.cdiv(M, 256)))
@@ -357,7 +357,7 @@ def _dx_gemm(grad_y, weight, lora_A, dh, dx, p, seed, prec, mb, k_loop):
     (cuBLAS adds it onto the masked low-rank term)."""
     M, N = grad_y.shape
     K, r = weight.shape[1], lora_A.shape[0]
-    thr, inv_keep = kc.dropout_args(p)
+    thr, inv_keep = dropout_args(p)
     _launch(
         "gemm_lora", _gemm_dx_tuned, _gemm_fixed, cfgs.GEMM_FIXED,
         lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),), mb,

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from . import common as kc
-from .dropout import PHILOX_ROUNDS
+from .dropout import PHILOX_ROUNDS, dropout_args
 from .lora_kernels import dot, fused_shrink_epilogue, low_rank_prologue
 
 __all__ = ["gemm_4bit_lora_kernel", "qlora_gemm_forward", "qlora_gemm_dx", "launch_counts", "QLORA_FUSED_MAX_R"]
@@ -274,7 +274,7 @@ def qlora_gemm_dx(grad_y, q, absmax, code, blocksize: int, w_dtype: torch.dtype,
     if M == 0 or K == 0:
         return dx
     p = float(dropout_p)
-    thr, inv_keep = kc.dropout_args(p)
+    thr, inv_keep = dropout_args(p)
     cfg = _config(M, K, kc.sm_count(grad_y.device, off_cuda=0))
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"]),)
     launch_counts["gemm_4bit_lora_dx"] += 1

@@ -194,7 +194,7 @@ MUTANTS = [
            "need_dh = needs_input or needs_A",
            "need_dh = needs_input",
            (COMBOS,), k="trainable_combination and triton", why="dA with a frozen input has no dh"),
-    Mutant("dropout_inverse_keep_wrong", KC,
+    Mutant("dropout_inverse_keep_wrong", DROP,
            "return dropout_threshold(p), 1.0 / (1.0 - p)",
            "return dropout_threshold(p), 1.0 - p",
            (PATHS,), k="even_k", why="kept elements multiplied by (1-p) instead of divided"),
