@@ -56,7 +56,8 @@ the shared checks and the dispatch come from there; this file holds its math (``
 signature), its checks, what it saves and its differentiable formula.
 
 The Embedding variant (``DoraEmbeddingVariant``) is ``y = g ⊙ (base(x) + s·embed_scale·A[:, x]ᵀ Bᵀ)`` with the
-norm over the vocabulary, i.e. the norm above applied to Wᵀ (D, V): it runs PEFT's own ops with that norm.
+norm over the vocabulary, i.e. the norm above applied to Wᵀ (D, V): ``DORA_EMBEDDING``, its gradients derived in
+``TorchDoRAEmbedding``.
 """
 from __future__ import annotations
 
@@ -70,10 +71,11 @@ from torch import Tensor
 from . import backend as _backend
 from . import reference
 from .autograd import check_linear_dtypes, check_linear_shapes, dropped
-from .op_common import FusedOp, check_scaling, fold_tensor_scaling
+from .op_common import FusedOp
 
 __all__ = ["dora_linear", "dora_embedding", "dora_weight_norm", "weight_row_sq", "clear_norm_cache",
-           "dora_forward_torch", "dora_backward_torch", "DORA_LINEAR", "DoRALinearOp"]
+           "dora_forward_torch", "dora_backward_torch", "DORA_LINEAR", "DoRALinearOp", "DORA_EMBEDDING",
+           "DoRAEmbeddingOp"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -442,38 +444,151 @@ def dora_linear(
                        training=training)
 
 
+class TorchDoRAEmbedding:
+    """The DoRA embedding's math in PyTorch ops (PEFT's ``DoraEmbeddingVariant``), with ids (M,), the table W (V, D),
+    a = Aᵀ[ids] (M, r), e the embed scale (1 without), g = m / n (n detached, over the vocabulary)::
+
+        y  = g ⊙ base + g ⊙ (s·e·a Bᵀ)           (M, D)   a saved; base is the caller's W[ids]
+        d base = g ⊙ dY,   dm = Σ_rows dY ⊙ (base + s·e·a Bᵀ) / n
+        dB = s·e·(g ⊙ dY)ᵀ a,   dA = (scatter-add of s·e·(g ⊙ dY) B over ids)ᵀ   (aten.embedding_backward)
+
+    The norm is fastlora's (kernels where the backend picks them); the lookups take nn.Embedding's options."""
+
+    use_triton = False
+
+    @classmethod
+    def forward(cls, ids, weight, lora_A, lora_B, magnitude, base_output, embed_scale, scaling, padding_idx, max_norm,
+                norm_type, scale_grad_by_freq, sparse, *, seed, save):
+        norm = _norm(weight.t(), lora_A, lora_B, scaling, cls.use_triton, reuse=not save)
+        # PEFT's norm has the dtype of W + s·lora_weight: the promotion of the base's and the adapters' dtypes
+        norm = norm.to(torch.promote_types(weight.dtype, lora_A.dtype))
+        g = magnitude.detach() / norm
+        after_A = F.embedding(ids, lora_A.t(), padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
+        lora = (after_A @ lora_B.t()) * scaling
+        if embed_scale is not None:
+            lora = lora * embed_scale.to(lora.dtype)
+        y = g * base_output + g * lora
+        return y, ((after_A if save else None), (norm if save else None))
+
+    @classmethod
+    def backward(cls, grad_y, ids, weight, lora_A, lora_B, magnitude, base_output, embed_scale, after_A, norm, scaling,
+                 padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse, *, seed, needs):
+        _, _, na, nb, nm, nbase, _ = needs
+        g = magnitude.detach().to(norm.dtype) / norm
+        ld = torch.promote_types(torch.promote_types(grad_y.dtype, g.dtype), lora_A.dtype)
+        es = embed_scale.to(ld) if embed_scale is not None else 1.0
+        dy = grad_y.to(ld)
+        dA = dB = dm = dbase = None
+        if nbase:
+            dbase = g.to(ld) * dy
+        if nm:
+            lora = (after_A.to(ld) @ lora_B.to(ld).t()) * scaling * es
+            dm = (dy * (base_output.to(ld) + lora)).sum(0) / norm.to(ld)
+        if na or nb:
+            dlow = dy * (g.to(ld) * scaling) * es  # (M, D): the gradient of a Bᵀ
+            if nb:
+                dB = dlow.t() @ after_A.to(ld)  # (D, r)
+            if na:
+                V = weight.shape[0]
+                pad = -1 if padding_idx is None else (padding_idx + V if padding_idx < 0 else padding_idx)
+                dh = dlow @ lora_B.to(ld)  # (M, r)
+                dA = torch.ops.aten.embedding_backward(dh, ids, V, pad, scale_grad_by_freq, sparse).t()
+        return None, None, dA, dB, dm, dbase, None
+
+
+class TritonDoRAEmbedding(TorchDoRAEmbedding):
+    """The same ops around the Triton norm kernel (``fastlora.kernels.dora``): the lookups are gathers."""
+
+    use_triton = True
+
+
+class DoRAEmbeddingOp(FusedOp):
+    """PEFT's DoRA embedding; saves Aᵀ[ids] and the norm."""
+
+    name = "dora_embedding"
+    tensors = ("input", "weight", "lora_A", "lora_B", "magnitude", "base_output", "embed_scale")
+    optional = frozenset({"embed_scale"})
+    not_floating = frozenset({"input"})
+    no_grad = frozenset({"input", "weight", "embed_scale"})  # the norm is detached: W's gradient is base's
+    row_args = ("base_output",)
+    consts = (("scaling", "float"), ("padding_idx", "int?"), ("max_norm", "float?"), ("norm_type", "float"),
+              ("scale_grad_by_freq", "bool"), ("sparse", "bool"))
+    saved = ("after_A", "norm")
+    scaled = "lora_B"
+    dropout = None
+    torch_impl = TorchDoRAEmbedding
+    triton_impl = "fastlora.dora:TritonDoRAEmbedding"
+
+    def check(self, a):
+        ids, weight, lora_A, lora_B, magnitude = (a[n] for n in self.tensors[:5])
+        if ids.is_floating_point() or ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"dora_embedding: input must be an integer tensor of indices, got {ids.dtype}")
+        if weight.dim() != 2:
+            raise ValueError("dora_embedding: weight must be a 2-D tensor (num_embeddings, embedding_dim)")
+        V, D = weight.shape
+        if lora_A.dim() != 2 or lora_A.shape[1] != V or tuple(lora_B.shape) != (D, lora_A.shape[0]):
+            raise ValueError(f"dora_embedding: lora_A {_shape(lora_A)} must be (r, {V}) and lora_B "
+                             f"{_shape(lora_B)} ({D}, r)")
+        if magnitude.dim() != 1 or magnitude.shape[0] != D:
+            raise ValueError(f"dora_embedding: magnitude {_shape(magnitude)} must be ({D},)")
+        base = a["base_output"]
+        if tuple(base.shape) != (*ids.shape, D):
+            raise ValueError(f"dora_embedding: base_output {_shape(base)} must be {(*ids.shape, D)}")
+
+    def check_dtypes(self, a):
+        if a["lora_A"].dtype != a["lora_B"].dtype:
+            raise TypeError(f"dora_embedding: lora_A dtype {a['lora_A'].dtype} and lora_B dtype {a['lora_B'].dtype} "
+                            "differ")
+
+    def compute_dtype(self, a):
+        return a["weight"].dtype
+
+    def flatten(self, ids):
+        return ids.reshape(-1)
+
+    def unflatten(self, y, ids):
+        return y.reshape(*ids.shape, y.shape[-1])
+
+    def fake(self, ids, weight, lora_A, lora_B, magnitude, base_output, embed_scale, *consts):
+        M, D = ids.shape[0], weight.shape[1]
+        norm_dtype = torch.promote_types(weight.dtype, lora_A.dtype)
+        low = torch.promote_types(lora_A.dtype, lora_B.dtype)
+        out = torch.promote_types(torch.promote_types(magnitude.dtype, norm_dtype),
+                                  torch.promote_types(base_output.dtype, low))
+        return (base_output.new_empty(M, D, dtype=out), lora_A.new_empty(M, lora_A.shape[0]),
+                weight.new_empty(D, dtype=norm_dtype))
+
+    def differentiable_forward(self, tensors, saved, consts, seed, use_triton):
+        ids, weight, lora_A, lora_B, magnitude, base_output, embed_scale = tensors
+        scaling, *opts = consts
+        g = magnitude / saved[1]
+        lora = (F.embedding(ids, lora_A.t(), *opts) @ lora_B.t()) * scaling
+        if embed_scale is not None:
+            lora = lora * embed_scale.to(lora.dtype)
+        return g * base_output + g * lora
+
+
+DORA_EMBEDDING = DoRAEmbeddingOp()
+
+
 def dora_embedding(input: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, *,
-                   scaling: float = 1.0, base_output: Optional[Tensor] = None, embed_scale=None,
-                   embed_fn=None) -> Tensor:
+                   scaling: float | Tensor = 1.0, base_output: Optional[Tensor] = None, embed_scale=None,
+                   padding_idx: Optional[int] = None, max_norm: Optional[float] = None, norm_type: float = 2.0,
+                   scale_grad_by_freq: bool = False, sparse: bool = False) -> Tensor:
     r"""PEFT's DoRA embedding: ``g ⊙ (base + scaling·embed_scale·lora_A[:, input]ᵀ lora_Bᵀ)``,
     g = magnitude / ‖weightᵀ + scaling·lora_B lora_A‖_row (detached), the norm over the vocabulary computed
     without forming lora_B @ lora_A (D × V).
 
-    input (...) integer ids, weight (V, D), lora_A (r, V), lora_B (D, r), magnitude (D,). ``base_output``
-    defaults to ``F.embedding(input, weight)``; ``embed_fn(ids, table)`` (default F.embedding) looks up
-    lora_Aᵀ, as PEFT's ``_embed`` (padding_idx, ...). Runs in PyTorch ops (autograd by torch); only the norm
-    uses the kernels where the backend picks them.
+    input (...) integer ids, weight (V, D), lora_A (r, V), lora_B (D, r), magnitude (D,). ``base_output`` (..., D)
+    defaults to ``F.embedding(input, weight)``; the lookup of lora_Aᵀ takes ``nn.Embedding``'s options
+    (``padding_idx``, ...), as PEFT's ``_embed``; ``embed_scale``: a scale the base layer applies in its forward
+    (Gemma's), applied to the DoRA term too. Gradients flow to lora_A, lora_B, magnitude and base_output; the norm
+    uses the kernels where the backend picks them. ``scaling`` is a number or a one-element tensor without
+    gradient, as in ``lora_linear``.
     """
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
-        raise ValueError("dora_embedding: weight must be a 2-D tensor (num_embeddings, embedding_dim)")
-    V, D = weight.shape
-    if lora_A.dim() != 2 or lora_A.shape[1] != V or tuple(lora_B.shape) != (D, lora_A.shape[0]):
-        raise ValueError(f"dora_embedding: lora_A {_shape(lora_A)} must be (r, {V}) and lora_B {_shape(lora_B)} "
-                         f"({D}, r)")
-    if magnitude.dim() != 1 or magnitude.shape[0] != D:
-        raise ValueError(f"dora_embedding: magnitude {_shape(magnitude)} must be ({D},)")
-    check_scaling(scaling, weight.device, "dora_embedding")
-    embed_fn = embed_fn if embed_fn is not None else F.embedding
-    if base_output is None:
-        base_output = F.embedding(input, weight)
-    use_triton = _backend.use_triton(weight.device, weight.dtype)
-    lora_B, scaling = fold_tensor_scaling(lora_B, scaling)
-    reuse = not (torch.is_grad_enabled() and any(t.requires_grad for t in (lora_A, lora_B, magnitude)))
-    norm = _norm(weight.t(), lora_A, lora_B, scaling, use_triton, reuse)
-    # PEFT's norm has the dtype of W + s·lora_weight: the promotion of the base's and the adapters' dtypes
-    norm = norm.to(torch.promote_types(weight.dtype, lora_A.dtype))
-    g = magnitude / norm
-    lora = (embed_fn(input, lora_A.t()) @ lora_B.t()) * scaling
-    if embed_scale is not None:
-        lora = lora * embed_scale.to(lora.dtype)
-    return g * base_output + g * lora
+    opts = (padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
+    if base_output is None and isinstance(weight, Tensor) and isinstance(input, Tensor):
+        base_output = F.embedding(input, weight, *opts)
+    return DORA_EMBEDDING(input, weight, lora_A, lora_B, magnitude, base_output, embed_scale, scaling=scaling,
+                          padding_idx=padding_idx, max_norm=max_norm, norm_type=norm_type,
+                          scale_grad_by_freq=scale_grad_by_freq, sparse=sparse)

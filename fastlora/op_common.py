@@ -172,6 +172,7 @@ class FusedOp:
     consts: tuple = ()                    # (name, schema type) of the other arguments: "float", "int", "bool",
     #                                       "str", "int?", "float?", "ScalarType", "float[]", "int[]"
     saved: tuple = ()                     # names of the tensors the forward saves for the backward
+    row_args: tuple = ()                  # tensor arguments with the input's rows (..., D): flattened to (M, D) too
     autocast_args: tuple = ()             # tensor arguments cast to the autocast dtype
     scaled: Optional[str] = None          # the tensor argument a tensor ``scaling`` is folded into
     dropout: Optional[str] = "dropout_p"  # the const holding the dropout probability, a float or a list of floats
@@ -263,7 +264,10 @@ class FusedOp:
                 a[self.dropout] = float(p) if training else 0.0
         x = a[self.tensors[0]]
         use_triton = self.triton_impl is not None and _backend.use_triton(x.device, self.compute_dtype(a))
-        a[self.tensors[0]] = self.flatten(x)
+        a[self.tensors[0]] = flat = self.flatten(x)
+        for name in self.row_args:
+            t = a[name]
+            a[name] = t.reshape(flat.shape[0], *t.shape[t.dim() - 1:]) if t is not None else None
         if self.scaled is not None and "scaling" in a:
             a[self.scaled], a["scaling"] = fold_tensor_scaling(a[self.scaled], a["scaling"])
         return tuple(a[n] for n in self.tensors), tuple(a[n] for n in self._const_names), use_triton

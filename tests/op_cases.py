@@ -69,7 +69,9 @@ def lora_linear_case(device="cpu", dtype=torch.float32, dropout=0.0) -> OpCall:
 
 def lora_embedding_case(device="cpu", dtype=torch.float32, dropout=0.0) -> OpCall:
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 10, (2, 3), generator=g).to(device)
+    ids = torch.randint(0, 10, (2, 3), generator=g)
+    ids[0, 0] = ids[1, 2] = 1  # the padding row, twice: it gets no gradient
+    ids = ids.to(device)
     W = _rand(g, 10, 6).to(device, dtype)
     A, B = _leaf(_rand(g, 3, 10), device, dtype), _leaf(_rand(g, 6, 3), device, dtype)
     kwargs = dict(scaling=0.75, padding_idx=1)
@@ -105,6 +107,31 @@ def dora_linear_case(device="cpu", dtype=torch.float32, dropout=0.0) -> OpCall:
                   (x, A, B, m), reference)
 
 
+def dora_embedding_case(device="cpu", dtype=torch.float32, dropout=0.0) -> OpCall:
+    from fastlora.dora import DORA_EMBEDDING
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 10, (2, 3), generator=g)
+    ids[0, 0] = ids[1, 2] = 1  # the padding row, twice: it gets no gradient
+    ids = ids.to(device)
+    W = _rand(g, 10, 6).to(device, dtype)
+    A, B = _leaf(_rand(g, 3, 10), device, dtype), _leaf(_rand(g, 6, 3), device, dtype)
+    m = _leaf(_rand(g, 6).abs() + 0.5, device, dtype)
+    es = torch.tensor(1.5).to(device, dtype)  # an embed scale (Gemma's), applied to the DoRA term too
+    base = F.embedding(ids, W, padding_idx=1)
+    kwargs = dict(scaling=0.75, base_output=base, embed_scale=es, padding_idx=1)
+    op_kwargs = dict(scaling=0.75, padding_idx=1, max_norm=None, norm_type=2.0, scale_grad_by_freq=False,
+                     sparse=False)
+
+    def reference(scaling=0.75, **_):
+        norm = torch.linalg.vector_norm(W.t() + scaling * (B @ A), dim=1).detach()
+        low = (F.embedding(ids, A.t(), padding_idx=1) @ B.t()) * scaling * es
+        return (m / norm) * base + (m / norm) * low
+
+    return OpCall(fastlora.dora_embedding, (ids, W, A, B, m), kwargs, DORA_EMBEDDING, (ids, W, A, B, m, base, es),
+                  op_kwargs, (A, B, m), reference)
+
+
 def lora_linear_4bit_case(device="cpu", dtype=torch.float32, dropout=0.0) -> OpCall:
     bnbF = pytest.importorskip("bitsandbytes.functional")
     from fastlora import qlora
@@ -133,5 +160,6 @@ CASES = [
     OpCase("lora_linear", lora_linear_case),
     OpCase("lora_embedding", lora_embedding_case, dropout=False),
     OpCase("dora_linear", dora_linear_case),
+    OpCase("dora_embedding", dora_embedding_case, dropout=False),
     OpCase("lora_linear_4bit", lora_linear_4bit_case, meta="bitsandbytes quantizes on a real device"),
 ]

@@ -125,7 +125,9 @@ def _forward_embedding(layer: nn.Module, x: torch.Tensor, adapters: List[str]) -
     first, rest = adapters[0], adapters[1:]
     result = dora_embedding(x, base.weight, layer.lora_embedding_A[first], layer.lora_embedding_B[first],
                             layer.lora_magnitude_vector[first].weight, scaling=layer.scaling[first],
-                            base_output=result, embed_scale=layer._get_embed_scale(), embed_fn=layer._embed)
+                            base_output=result, embed_scale=layer._get_embed_scale(), padding_idx=base.padding_idx,
+                            max_norm=base.max_norm, norm_type=base.norm_type,
+                            scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)  # PEFT's _embed
     for name in rest:
         result = layer.lora_variant[name].forward(layer, active_adapter=name, x=x, result=result)
     return result.to(result_dtype)
