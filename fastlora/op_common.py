@@ -276,6 +276,10 @@ class FusedOp:
         """name -> argument, checked and autocast."""
         if len(tensors) != len(self.tensors):
             raise TypeError(f"{self.name}: takes the tensors {self.tensors}, got {len(tensors)}")
+        if consts.keys() != set(self._const_names):
+            missing, unknown = set(self._const_names) - consts.keys(), consts.keys() - set(self._const_names)
+            raise TypeError(f"{self.name}: takes the arguments {self._const_names} by name; missing "
+                            f"{sorted(missing)}, unknown {sorted(unknown)}")
         a = dict(zip(self.tensors, tensors))
         a.update(consts)
         self._check_common(a)

@@ -167,6 +167,8 @@ def test_every_op_runs_through_the_protocol(case):
         seen.add(node)
         nodes.extend(n for n, _ in node.next_functions)
     assert any(type(n).__name__.startswith(op.function.__name__) for n in seen), [type(n).__name__ for n in seen]
+    with pytest.raises(TypeError, match="by name"):
+        op(*call.op_args, **{**call.op_kwargs, "bogus": 1})
     with pytest.raises(ValueError, match="one device"):
         bad = list(call.op_args)
         i = next(i for i, (n, t) in enumerate(zip(op.tensors, bad)) if n not in op.any_device and i > 0
