@@ -38,6 +38,7 @@ from .backend import get_backend, set_backend  # noqa: E402
 from .dora import dora_embedding, dora_linear, dora_weight_norm  # noqa: E402
 from .functional import lora_embedding, lora_linear, lora_linear_multi  # noqa: E402
 from .layers import LoRAEmbedding, LoRALinear, LoRALinear4bit  # noqa: E402
+from .moe import lora_experts, lora_experts_forward  # noqa: E402
 from .peft_interop import accelerate_peft, from_pretrained, fused_layers, get_peft_model  # noqa: E402
 from .qlora import lora_linear_4bit  # noqa: E402
 
@@ -51,6 +52,8 @@ __all__ = [
     "dora_embedding",
     "dora_weight_norm",
     "lora_linear_4bit",
+    "lora_experts",
+    "lora_experts_forward",
     "LoRALinear",
     "LoRALinear4bit",
     "LoRAEmbedding",

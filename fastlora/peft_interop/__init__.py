@@ -15,7 +15,7 @@ import torch.nn as nn
 from torch.nn.modules import module as _nn_module
 
 from . import registry
-from . import bnb, dora, embedding, linear  # noqa: F401  (registers the fusers; none imports peft or bitsandbytes)
+from . import bnb, dora, embedding, linear, moe  # noqa: F401  (registers the fusers; none imports peft or bitsandbytes)
 
 __all__ = ["get_peft_model", "from_pretrained", "accelerate_peft", "fused_layers", "is_accelerated"]
 
@@ -55,8 +55,9 @@ def _active(layer) -> list[str]:
 
 
 def _hooked(module: nn.Module) -> bool:
+    forward = module.__dict__.get("forward")  # a nested PEFT layer routed by fastlora is no hook
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or "forward" in module.__dict__)
+                or module._backward_pre_hooks or (forward is not None and not isinstance(forward, _RoutedForward)))
 
 
 _SUB_LAYERS = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector")
@@ -120,11 +121,14 @@ class _RoutedForward:
 
     def __call__(self, x, *args, **kwargs):
         layer = self.layer
-        if not args and not kwargs:  # adapter_names= (mixed batches) and variant kwargs: PEFT's path
+        if "adapter_names" not in kwargs:  # adapter_names= (mixed batches): PEFT's path
             plan = _plan(layer)
             if not isinstance(plan, str):
                 fuser, adapters = plan
-                return fuser.forward(layer, x, adapters)
+                if fuser.takes_args:  # an experts module's routing arguments
+                    return fuser.forward(layer, x, adapters, *args, **kwargs)
+                if not args and not kwargs:  # variant kwargs: PEFT's path
+                    return fuser.forward(layer, x, adapters)
         return type(layer).forward(layer, x, *args, **kwargs)
 
 

@@ -15,7 +15,9 @@ Contract for a fuser module (``linear``, ``embedding``, ``bnb``, ``dora``, ...):
   adapter cannot run fused right now, or None when it can.
 * ``forward(layer, x, adapters) -> Tensor``: the full output of PEFT's ``layer.forward(x)`` with exactly these
   active adapters (base output plus every adapter's contribution), with PEFT's semantics: dropout only in
-  training, each adapter its own independent dropout mask, output dtype as PEFT's.
+  training, each adapter its own independent dropout mask, output dtype as PEFT's. A fuser registered with
+  ``takes_args=True`` is also given the call's other arguments, ``forward(layer, x, adapters, *args, **kwargs)``
+  (an experts module's routing); the others run only for a plain ``layer(x)``.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ class Fuser:
     why_not: Callable[[nn.Module, str], Optional[str]]
     forward: Callable[[nn.Module, torch.Tensor, List[str]], torch.Tensor]
     priority: int = 0  # higher is asked first: specific kinds (DoRA, 4-bit) before the plain linear one
+    takes_args: bool = False  # forward(layer, x, adapters, *args, **kwargs): the layer's call has more arguments
 
 
 _FUSERS: list[Fuser] = []

@@ -1,0 +1,102 @@
+r"""LoRA on grouped expert weights in plain PyTorch: the CPU path of ``fastlora.lora_experts``, free of deltas.
+
+The same forward/backward signature as the Triton launch helpers (``fastlora.kernels.moe``): rows of x sorted
+by expert, expert e owning rows ``offsets[e-1] : offsets[e]``; W (E, N, K), A (E, r, K), B (E, N, r), bias (E, N),
+any strides. Per expert, with in-place ``addmm_`` into slices of one output, so nothing (S, N) is allocated
+twice and no (E, N, K) or (N, K) tensor exists unless dW is asked for::
+
+    h_e = x_e A_eᵀ                   y_e = x_e W_eᵀ + b_e + s · h_e B_eᵀ
+    dh_e = s · dY_e B_e              dx_e = dY_e W_e + dh_e A_e
+    dA_e = dh_eᵀ x_e                 dB_e = s · dY_eᵀ h_e          db_e = Σ_rows dY_e        dW_e = dY_eᵀ x_e
+
+With fp32 adapters on a half-precision x, the rank-r products run in fp32 (h, the branch, dh, dA, dB), as PEFT
+computes its LoRA branches; h is saved in fp32 then, else in x's dtype. The offsets are read on the host once
+per call (one ``tolist``): the CPU path loops over the experts that have rows.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["experts_forward", "experts_backward", "lo_dtype", "spans"]
+
+
+def lo_dtype(dtype: torch.dtype, adapter_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the rank-r products: fp32 when either side is fp32 (fp32 adapters on a half base), else x's."""
+    return torch.float32 if torch.float32 in (dtype, adapter_dtype) else dtype
+
+
+def spans(offsets: Tensor):
+    """(expert, start, end) of every expert with rows."""
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        if end > start:
+            yield e, start, end
+        start = max(start, end)
+
+
+def experts_forward(x, weight, lora_A, lora_B, bias, offsets, scaling, store_h=True):
+    """(y, h): y (S, N) in x's dtype, h (S, r) in the rank dtype (None unless ``store_h``)."""
+    S, N, r = x.shape[0], weight.shape[1], lora_A.shape[1]
+    lo = lo_dtype(x.dtype, lora_A.dtype)
+    y = x.new_empty(S, N)
+    h = x.new_empty(S, r, dtype=lo)
+    if S and not offsets.numel():
+        raise ValueError("lora_experts: rows given but no expert")
+    for e, a, b in spans(offsets):
+        xs, ys, hs = x[a:b], y[a:b], h[a:b]
+        if bias is not None:
+            torch.addmm(bias[e], xs, weight[e].t(), out=ys)
+        else:
+            torch.mm(xs, weight[e].t(), out=ys)
+        torch.mm(xs.to(lo), lora_A[e].t().to(lo), out=hs)
+        if lo == y.dtype:
+            ys.addmm_(hs, lora_B[e].t().to(lo), alpha=scaling)
+        else:  # the fp32 branch, added once
+            ys.add_(torch.mm(hs, lora_B[e].t().to(lo)).mul_(scaling))
+    _zero_unrouted(y, offsets)
+    return y, (h if store_h else None)
+
+
+def _zero_unrouted(t: Tensor, offsets: Tensor) -> None:
+    """Rows past the last offset (no expert owns them) are zeros, not uninitialized memory."""
+    last = int(offsets[-1]) if offsets.numel() else 0
+    if last < t.shape[0]:
+        t[last:].zero_()
+
+
+def experts_backward(dy, x, weight, lora_A, lora_B, h, offsets, scaling, needs):
+    """(dx, dW, dA, dB, dbias) for ``needs`` = (x, weight, lora_A, lora_B, bias) flags; None where not needed.
+    Experts without rows get zero gradients."""
+    need_x, need_w, need_a, need_b, need_bias = needs
+    E, N, K = weight.shape
+    r = lora_A.shape[1]
+    lo = h.dtype
+    dx = x.new_empty(x.shape) if need_x else None
+    dw = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_w else None
+    da = torch.zeros(E, r, K, dtype=lora_A.dtype, device=x.device) if need_a else None
+    db = torch.zeros(E, N, r, dtype=lora_B.dtype, device=x.device) if need_b else None
+    dbias = torch.zeros(E, N, dtype=torch.float32, device=x.device) if need_bias else None
+    for e, a, b in spans(offsets):
+        g = dy[a:b]
+        g_lo = g.to(lo)
+        if need_x or need_a:
+            dh = torch.mm(g_lo, lora_B[e].to(lo)).mul_(scaling)  # (M_e, r)
+            if need_x:
+                dxs = dx[a:b]
+                torch.mm(g, weight[e], out=dxs)
+                if lo == dxs.dtype:
+                    dxs.addmm_(dh, lora_A[e].to(lo))
+                else:
+                    dxs.add_(torch.mm(dh, lora_A[e].to(lo)))
+            if need_a:
+                da[e] = torch.mm(dh.t(), x[a:b].to(lo))
+        if need_b:
+            db[e] = torch.mm(g_lo.t(), h[a:b]).mul_(scaling)
+        if need_w:
+            dw[e] = torch.mm(g.t(), x[a:b])
+        if need_bias:
+            dbias[e] = g.sum(0, dtype=torch.float32)
+    if need_x:
+        _zero_unrouted(dx, offsets)
+    return dx, dw, da, db, dbias
