@@ -65,6 +65,30 @@ def _zero_unrouted(t: Tensor, offsets: Tensor) -> None:
         t[last:].zero_()
 
 
+def _grouped_ok(*ts) -> bool:
+    """torch's grouped_mm takes these (2-D × 2-D, groups along the rows): fp32/fp16/bf16 on the CPU, strides and
+    data 16-byte aligned. It runs the per-expert products of dA and dB in one call."""
+    if not hasattr(torch.nn.functional, "grouped_mm"):
+        return False
+    for t in ts:
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16) or t.device.type != "cpu":
+            return False
+        if t.data_ptr() % 16 or min(t.stride()) != 1 or max(t.stride()) * t.element_size() % 16:
+            return False
+    return True
+
+
+def _rank_grad(out, p, q, offsets, scaling):
+    """out[e] = scaling · P_eᵀ Q_e for every expert (zeros where it has no rows), P (S, N), Q (S, J)."""
+    if _grouped_ok(p, q) and p.dtype == q.dtype and offsets.numel():
+        out.copy_(torch.nn.functional.grouped_mm(p.t(), q, offs=offsets.to(torch.int32)).mul_(scaling))
+        return out
+    out.zero_()
+    for e, a, b in spans(offsets):
+        torch.addmm(out[e], p[a:b].t(), q[a:b], beta=0, alpha=scaling, out=out[e])
+    return out
+
+
 def experts_backward(dy, x, weight, lora_A, lora_B, h, offsets, scaling, needs):
     """(dx, dW, dA, dB, dbias) for ``needs`` = (x, weight, lora_A, lora_B, bias) flags; None where not needed.
     Experts without rows get zero gradients."""
@@ -72,31 +96,30 @@ def experts_backward(dy, x, weight, lora_A, lora_B, h, offsets, scaling, needs):
     E, N, K = weight.shape
     r = lora_A.shape[1]
     lo = h.dtype
+    dy_lo = dy.to(lo)
     dx = x.new_empty(x.shape) if need_x else None
-    dw = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_w else None
-    da = torch.zeros(E, r, K, dtype=lora_A.dtype, device=x.device) if need_a else None
-    db = torch.zeros(E, N, r, dtype=lora_B.dtype, device=x.device) if need_b else None
-    dbias = torch.zeros(E, N, dtype=torch.float32, device=x.device) if need_bias else None
+    dh = x.new_empty(x.shape[0], r, dtype=lo) if (need_x or need_a) else None  # dY_e B_e (unscaled)
     for e, a, b in spans(offsets):
         g = dy[a:b]
-        g_lo = g.to(lo)
-        if need_x or need_a:
-            dh = torch.mm(g_lo, lora_B[e].to(lo)).mul_(scaling)  # (M_e, r)
+        if dh is not None:
+            dhs = torch.mm(dy_lo[a:b], lora_B[e].to(lo), out=dh[a:b])
             if need_x:
-                dxs = dx[a:b]
-                torch.mm(g, weight[e], out=dxs)
+                dxs = torch.mm(g, weight[e], out=dx[a:b])
                 if lo == dxs.dtype:
-                    dxs.addmm_(dh, lora_A[e].to(lo))
+                    dxs.addmm_(dhs, lora_A[e], alpha=scaling)
                 else:
-                    dxs.add_(torch.mm(dh, lora_A[e].to(lo)))
-            if need_a:
-                da[e] = torch.mm(dh.t(), x[a:b].to(lo))
-        if need_b:
-            db[e] = torch.mm(g_lo.t(), h[a:b]).mul_(scaling)
-        if need_w:
-            dw[e] = torch.mm(g.t(), x[a:b])
-        if need_bias:
-            dbias[e] = g.sum(0, dtype=torch.float32)
+                    dxs.add_(torch.mm(dhs, lora_A[e].to(lo)).mul_(scaling))
     if need_x:
         _zero_unrouted(dx, offsets)
+    da = db = dw = dbias = None
+    if need_a:
+        da = _rank_grad(torch.empty(E, r, K, dtype=lora_A.dtype, device=x.device), dh, x.to(lo), offsets, scaling)
+    if need_b:
+        db = _rank_grad(torch.empty(E, N, r, dtype=lora_B.dtype, device=x.device), dy_lo, h, offsets, scaling)
+    if need_w:
+        dw = _rank_grad(torch.empty(E, N, K, dtype=weight.dtype, device=x.device), dy, x, offsets, 1.0)
+    if need_bias:
+        dbias = torch.zeros(E, N, dtype=torch.float32, device=x.device)
+        for e, a, b in spans(offsets):
+            dbias[e] = dy[a:b].sum(0, dtype=torch.float32)
     return dx, dw, da, db, dbias

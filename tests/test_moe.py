@@ -18,6 +18,7 @@ SHAPES = [  # (counts per expert, in, out, r)
     ([0, 0, 4], 5, 3, 2),           # leading empty experts
     ([17, 2, 0, 13, 1], 33, 19, 16),  # non-multiples of the blocks
     ([0], 4, 6, 2),                 # no rows at all
+    ([5, 0, 9, 2], 16, 8, 4),       # 16-byte aligned rows: dA / dB through torch's grouped_mm on the CPU path
 ]
 
 

@@ -12,6 +12,7 @@ import torch
 
 from .cases import DTYPE_NAMES, DTYPES, MODES, SHAPE_PRESETS, SUITE_GRIDS, default_suite_grid, make_cases, parse_shapes
 from .model import MODEL_PRESETS, MODEL_PROVIDERS, run_model_cli
+from .moe import MOE_PRESETS, MOE_SETS, run_moe_cli
 from .providers import DEFAULT_PROVIDERS, PROVIDERS
 from .report import goals_verdict, render_text, write_outputs
 from .run import environment, run_cases
@@ -145,6 +146,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              + ", ".join(f"{k} ({v['hidden']} hidden, {v['layers']} layers, {v['batch']}×{v['seq']} "
                                          "tokens)" for k, v in MODEL_PRESETS.items())
                              + "; auto: llama-small on CPU, llama-1b on CUDA. Default dropout 0,0.05")
+    parser.add_argument("--moe", default=None, metavar="PRESET",
+                        help="run the mixture-of-experts case set instead of the layer grid: one MoE block forward + "
+                             "backward with LoRA on its experts' gate_up_proj and down_proj (PEFT's "
+                             "target_parameters), fastlora against PEFT and the frozen block; presets (comma-"
+                             "separated): " + ", ".join(MOE_PRESETS) + "; auto: "
+                             + "; ".join(f"{', '.join(v)} on {k.upper()}" for k, v in MOE_SETS.items()))
     parser.add_argument("--out", default="fastlora-bench", help="output folder (default ./fastlora-bench/)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     parser.set_defaults(func=run_cli)
@@ -157,8 +164,14 @@ def run_cli(args: argparse.Namespace, stream=None) -> int:
         if args.model and args.goals:
             raise ValueError(f"--goals {args.goals} checks the layer grid; --model reports the model-level goals of "
                              "its preset itself (they do not set the exit code)")
+        if args.model and getattr(args, "moe", None):
+            raise ValueError("--model and --moe are two case sets: ask for one")
         if args.model:
             return run_model_cli(args, device, stream)
+        if getattr(args, "moe", None):
+            if args.goals:
+                raise ValueError(f"--goals {args.goals} checks the layer grid; --moe reports its own goals")
+            return run_moe_cli(args, device, stream)
         if args.providers and not set(PROVIDERS) <= set(args.providers):  # "all" means the layer providers here
             bad = [p for p in args.providers if p in MODEL_ONLY_PROVIDERS]
             if bad:
