@@ -9,11 +9,11 @@ cumulative row count, as ``torch.nn.functional.grouped_mm`` takes it). For the r
 with W (E, N, K), A (E, r, K), B (E, N, r), b (E, N), all by explicit strides (a transposed expert stack, or
 PEFT's B layout, are views). No (E, N, K) or (N, K) delta is ever formed.
 
-Two kernels, one launch each for all experts:
+Three kernels, one launch each for all experts:
 
-* ``grouped_lora_gemm_kernel``: a grouped GEMM whose K loop also accumulates the rank-r shrink ``x_e A_eᵀ``; its
-  epilogue adds ``s · h Bᵀ`` and the bias, so y is stored once, and the programs of the first column block store
-  h. Row tiles never straddle two experts: each program finds its expert from the offsets (a cumulative sum of
+* ``grouped_lora_gemm_kernel``: a grouped GEMM whose K loop also accumulates the rank-r shrink ``x_e A_eᵀ`` (up
+  to r = 32; above, ``grouped_shrink_kernel`` computes h first and the GEMM reads it); its epilogue adds
+  ``s · h Bᵀ`` and the bias, so y is stored once, and the programs of the first column block store h. Row tiles never straddle two experts: each program finds its expert from the offsets (a cumulative sum of
   per-expert tile counts, computed in the kernel, so the host never reads the routing), and the grid is sized for
   the worst case (``cdiv(S, BLOCK_M) + E`` row tiles); the surplus programs zero the rows past the last offset
   (rows no expert owns: y is defined everywhere) and exit. The backward's dX is the
@@ -34,10 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["grouped_lora_gemm_kernel", "grouped_rows_outer_kernel", "experts_forward", "experts_backward",
-           "R_BLOCK_MAX"]
+__all__ = ["grouped_shrink_kernel", "grouped_lora_gemm_kernel", "grouped_rows_outer_kernel", "experts_forward",
+           "experts_backward"]
 
-R_BLOCK_MAX = 128  # larger ranks run in chunks of 128: the rank accumulator (BLOCK_M, R_BLOCK) lives in registers
 SMEM_LIMIT = 227 * 1024
 
 
@@ -66,29 +65,65 @@ def _expert_tile(offs_ptr, E, t, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
 
 
 @triton.jit
+def grouped_shrink_kernel(
+        x_ptr, a_ptr, h_ptr, offs_ptr,
+        E, K, R,
+        stride_xm, stride_xk, stride_ae, stride_ar, stride_ak, stride_hm, stride_hr,
+        LO_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK_E: tl.constexpr,
+        S_BUCKET: tl.constexpr):
+    """h[rows of e, rank chunk] = x A_eᵀ (fp32) for one (row tile, rank chunk of R_BLOCK)."""
+    t = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    e, row_start, row_end, last, total = _expert_tile(offs_ptr, E, t, BLOCK_M, BLOCK_E)
+    if t >= total:
+        return
+    e64 = e.to(tl.int64)
+    rm = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rr = pid_r * R_BLOCK + tl.arange(0, R_BLOCK)
+    rk = tl.arange(0, BLOCK_K)
+    m_mask = rm < row_end
+    r_mask = rr < R
+    h = tl.zeros((BLOCK_M, R_BLOCK), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        k_mask = kk < K
+        xt = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
+                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        at = tl.load(a_ptr + e64 * stride_ae + rr[None, :] * stride_ar + kk[:, None] * stride_ak,
+                     mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        if LO_FP32:
+            h = tl.dot(xt.to(tl.float32), at.to(tl.float32), h, input_precision=DOT_PRECISION)
+        else:
+            h = tl.dot(xt, at.to(xt.dtype), h, input_precision=DOT_PRECISION)
+    tl.store(h_ptr + rm[:, None] * stride_hm + rr[None, :] * stride_hr, h, mask=m_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit
 def grouped_lora_gemm_kernel(
         x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, h_ptr, offs_ptr,
         S, E, N, K, R, scaling,
         stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_ae, stride_ar, stride_ak,
         stride_be, stride_bn, stride_br, stride_biase, stride_biasn, stride_ym, stride_yn, stride_hm, stride_hr,
-        HAS_BASE: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_H: tl.constexpr,
-        ACCUMULATE: tl.constexpr, LO_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        HAS_LORA: tl.constexpr, FUSE_SHRINK: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_H: tl.constexpr,
+        LO_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_BLOCK: tl.constexpr,
         BLOCK_E: tl.constexpr, S_BUCKET: tl.constexpr):
-    """y[rows of e] (+)= x W_eᵀ + b_e + s·(x A_eᵀ) B_eᵀ for one (row tile, column block); h = x A_eᵀ stored by the
-    first column block. ``LO_FP32``: the rank-r products take fp32 operands (fp32 adapters on a half base)."""
+    """y[rows of e] = x W_eᵀ + b_e + s·h B_eᵀ for one (row tile, column block). ``FUSE_SHRINK`` (r <= R_BLOCK):
+    h = x A_eᵀ is accumulated in the K loop, and stored by the first column block where ``STORE_H``; else h was
+    computed by ``grouped_shrink_kernel`` and is read in the epilogue, R_BLOCK ranks at a time. ``LO_FP32``: the
+    rank-r products take fp32 operands (fp32 adapters on a half base)."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
     t = pid // num_n
     pid_n = pid % num_n
     e, row_start, row_end, last, total = _expert_tile(offs_ptr, E, t, BLOCK_M, BLOCK_E)
     if t >= total:  # rows past the last offset (no expert owns them) are zeros: the grid has tiles to spare
-        if not ACCUMULATE:
-            rt = last + (t - total) * BLOCK_M + tl.arange(0, BLOCK_M)
-            rz = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            tl.store(y_ptr + rt.to(tl.int64)[:, None] * stride_ym + rz[None, :] * stride_yn,
-                     tl.zeros((BLOCK_M, BLOCK_N), dtype=y_ptr.dtype.element_ty),
-                     mask=(rt < S)[:, None] & (rz < N)[None, :])
+        rt = last + (t - total) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rz = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(y_ptr + rt.to(tl.int64)[:, None] * stride_ym + rz[None, :] * stride_yn,
+                 tl.zeros((BLOCK_M, BLOCK_N), dtype=y_ptr.dtype.element_ty),
+                 mask=(rt < S)[:, None] & (rz < N)[None, :])
         return
     e64 = e.to(tl.int64)
     rm = row_start + tl.arange(0, BLOCK_M)
@@ -97,7 +132,6 @@ def grouped_lora_gemm_kernel(
     rk = tl.arange(0, BLOCK_K)
     m_mask = rm < row_end
     n_mask = rn < N
-    r_mask = rr < R
     rm64 = rm.to(tl.int64)
     x_rows = x_ptr + rm64[:, None] * stride_xm
     w_cols = w_ptr + e64 * stride_we + rn[None, :].to(tl.int64) * stride_wn
@@ -108,35 +142,45 @@ def grouped_lora_gemm_kernel(
         kk = k0 + rk
         k_mask = kk < K
         xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if HAS_BASE:
-            wt = tl.load(w_cols + kk[:, None] * stride_wk, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            acc = tl.dot(xt, wt, acc, input_precision=DOT_PRECISION)
-        if HAS_LORA:
-            at = tl.load(a_cols + kk[:, None] * stride_ak, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        wt = tl.load(w_cols + kk[:, None] * stride_wk, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(xt, wt, acc, input_precision=DOT_PRECISION)
+        if HAS_LORA and FUSE_SHRINK:
+            at = tl.load(a_cols + kk[:, None] * stride_ak, mask=k_mask[:, None] & (rr < R)[None, :], other=0.0)
             if LO_FP32:
                 h = tl.dot(xt.to(tl.float32), at.to(tl.float32), h, input_precision=DOT_PRECISION)
             else:
                 h = tl.dot(xt, at.to(xt.dtype), h, input_precision=DOT_PRECISION)
     if HAS_LORA:
-        bt = tl.load(b_ptr + e64 * stride_be + rr[:, None] * stride_br + rn[None, :] * stride_bn,
-                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-        if LO_FP32:
-            acc = tl.dot(h * scaling, bt.to(tl.float32), acc, input_precision=DOT_PRECISION)
+        if FUSE_SHRINK:
+            bt = tl.load(b_ptr + e64 * stride_be + rr[:, None] * stride_br + rn[None, :] * stride_bn,
+                         mask=(rr < R)[:, None] & n_mask[None, :], other=0.0)
+            if LO_FP32:
+                acc = tl.dot(h * scaling, bt.to(tl.float32), acc, input_precision=DOT_PRECISION)
+            else:
+                acc = tl.dot((h * scaling).to(y_ptr.dtype.element_ty), bt.to(y_ptr.dtype.element_ty), acc,
+                             input_precision=DOT_PRECISION)
+            if STORE_H:
+                if pid_n == 0:
+                    tl.store(h_ptr + rm64[:, None] * stride_hm + rr[None, :] * stride_hr, h,
+                             mask=m_mask[:, None] & (rr < R)[None, :])
         else:
-            acc = tl.dot((h * scaling).to(y_ptr.dtype.element_ty), bt.to(y_ptr.dtype.element_ty), acc,
-                         input_precision=DOT_PRECISION)
-        if STORE_H:
-            if pid_n == 0:
-                tl.store(h_ptr + rm64[:, None] * stride_hm + rr[None, :] * stride_hr, h,
-                         mask=m_mask[:, None] & r_mask[None, :])
+            for r0 in range(0, R, R_BLOCK):
+                rc = r0 + rr
+                r_mask = rc < R
+                hc = tl.load(h_ptr + rm64[:, None] * stride_hm + rc[None, :] * stride_hr,
+                             mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+                bt = tl.load(b_ptr + e64 * stride_be + rc[:, None] * stride_br + rn[None, :] * stride_bn,
+                             mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+                if LO_FP32:
+                    acc = tl.dot(hc * scaling, bt.to(tl.float32), acc, input_precision=DOT_PRECISION)
+                else:
+                    acc = tl.dot((hc * scaling).to(y_ptr.dtype.element_ty), bt.to(y_ptr.dtype.element_ty), acc,
+                                 input_precision=DOT_PRECISION)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + e64 * stride_biase + rn * stride_biasn, mask=n_mask, other=0.0)
         acc += bias.to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rm64[:, None] * stride_ym + rn[None, :] * stride_yn
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if ACCUMULATE:
-        acc += tl.load(y_ptrs, mask=out_mask, other=0.0).to(tl.float32)
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(y_ptr + rm64[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
@@ -182,8 +226,17 @@ def grouped_rows_outer_kernel(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Configs: a short autotune list on a GPU, one small config under the interpreter or with FASTLORA_AUTOTUNE=0
+# Configs: short autotune lists on a GPU (each config checked by an sm_90 build: fits, spills nothing; see
+# tests/test_moe_kernels_compile.py), one small config under the interpreter or with FASTLORA_AUTOTUNE=0
 # --------------------------------------------------------------------------------------------------------------
+
+FUSED_SHRINK_MAX_R = 32  # above it, h comes from grouped_shrink_kernel and the GEMM reads it in its epilogue
+RANK_CHUNK = 64  # the rank tile of the shrink kernel and of the GEMM's epilogue; 32 with fp32 rank products
+
+
+def rank_chunk(lo_fp32: bool) -> int:
+    return RANK_CHUNK // 2 if lo_fp32 else RANK_CHUNK
+
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -198,14 +251,23 @@ def _esize(t) -> int:
 
 
 def gemm_resources(cfg, args) -> int:
-    """Shared memory (bytes) of a pipelined grouped GEMM config: per stage an x tile, a W tile and an A tile."""
+    """Shared memory (bytes) of a pipelined grouped GEMM config: per stage an x tile, a W tile and, with the shrink
+    fused, an A tile; plus the epilogue's h and B tiles."""
     bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
     es = _esize(args.get("x_ptr"))
     lo = 4 if args.get("LO_FP32") else es
-    per_stage = bm * bk * es + bk * bn * es * bool(args.get("HAS_BASE", True))
-    per_stage += bk * args["R_BLOCK"] * lo * bool(args.get("HAS_LORA", True))
-    epilogue = args["R_BLOCK"] * bn * lo
+    per_stage = (bm * bk + bk * bn) * es
+    if args.get("HAS_LORA", True) and args.get("FUSE_SHRINK", True):
+        per_stage += bk * args["R_BLOCK"] * lo
+    epilogue = (bm + bn) * args["R_BLOCK"] * lo
     return max(cfg.num_stages - 1, 1) * per_stage + epilogue
+
+
+def shrink_resources(cfg, args) -> int:
+    bm, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_K"]
+    es = _esize(args.get("x_ptr"))
+    lo = 4 if args.get("LO_FP32") else es
+    return max(cfg.num_stages - 1, 1) * (bm * bk * es + bk * args["R_BLOCK"] * lo)
 
 
 def outer_resources(cfg, args) -> int:
@@ -214,45 +276,77 @@ def outer_resources(cfg, args) -> int:
     return max(cfg.num_stages - 1, 1) * (bm * bn + bm * bj) * es
 
 
-def _prune(resources):
+def _prune(resources, keep=None):
+    """Configs within the shared memory of an sm_90 SM (and ``keep(cfg, args)``); the smallest when none is."""
     def prune(configs, named_args, **kwargs):
         args = dict(named_args, **kwargs)
-        kept = [c for c in configs if resources(c, args) <= SMEM_LIMIT]
-        return kept or [min(configs, key=lambda c: resources(c, args))]
+        ok = [c for c in configs if keep is None or keep(c, args)] or list(configs)
+        kept = [c for c in ok if resources(c, args) <= SMEM_LIMIT]
+        return kept or [min(ok, key=lambda c: resources(c, args))]
     return prune
+
+
+def _cfg(num_warps, num_stages, **kwargs):
+    return triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages)
+
+
+def _fixed(**kwargs):
+    small = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, BLOCK_J=16)
+    return [_cfg(4, 3, **{k: (small[k] if _interpreted() else v) for k, v in kwargs.items()})]
 
 
 def _gemm_configs():
     if not _autotune_enabled():
-        return [triton.Config({"BLOCK_M": 16 if _interpreted() else 64, "BLOCK_N": 32 if _interpreted() else 128,
-                               "BLOCK_K": 32 if _interpreted() else 64}, num_warps=4, num_stages=3)]
-    out = []
-    for bm, bn, bk, w, s in ((64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4),
-                             (128, 256, 64, 8, 3), (64, 128, 32, 4, 4)):
-        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s))
-    return out
+        return _fixed(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)
+    return [_cfg(4, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64), _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
+            _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32), _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)]
+
+
+def _gemm_keep(cfg, args) -> bool:
+    """The tiles whose sm_90 builds spill nothing: BLOCK_M = 128 only without the shrink in the K loop, and with
+    fp32 rank products and a fused shrink wider than 16, BLOCK_N <= 64."""
+    k = cfg.kwargs
+    fused = args.get("HAS_LORA") and args.get("FUSE_SHRINK")
+    if fused and k["BLOCK_M"] > 64:
+        return False
+    return not (fused and args.get("LO_FP32") and args["R_BLOCK"] > 16 and k["BLOCK_N"] > 64)
+
+
+def _shrink_configs():
+    if not _autotune_enabled():
+        return _fixed(BLOCK_M=64, BLOCK_K=64)
+    return [_cfg(4, 3, BLOCK_M=64, BLOCK_K=64), _cfg(4, 4, BLOCK_M=32, BLOCK_K=64), _cfg(4, 4, BLOCK_M=64,
+                                                                                            BLOCK_K=32)]
 
 
 def _outer_configs():
     if not _autotune_enabled():
-        return [triton.Config({"BLOCK_M": 16 if _interpreted() else 64, "BLOCK_N": 32 if _interpreted() else 64,
-                               "BLOCK_J": 16 if _interpreted() else 64}, num_warps=4, num_stages=3)]
-    out = []
-    for bm, bn, bj, w, s in ((64, 64, 64, 4, 3), (32, 128, 64, 4, 3), (64, 128, 128, 8, 3), (128, 64, 32, 4, 3),
-                             (64, 64, 16, 4, 4)):
-        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_J": bj}, num_warps=w, num_stages=s))
-    return out
+        return _fixed(BLOCK_M=64, BLOCK_N=64, BLOCK_J=64)
+    return [_cfg(4, 3, BLOCK_M=32, BLOCK_N=128, BLOCK_J=64), _cfg(4, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_J=32),
+            _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_J=16), _cfg(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_J=128),
+            _cfg(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_J=64)]
+
+
+def _outer_keep(cfg, args) -> bool:
+    """With fp32 operands (h, dh), only the tiles whose sm_90 builds spill nothing."""
+    k = cfg.kwargs
+    return not args.get("DOT_FP32") or (k["BLOCK_N"] * k["BLOCK_J"] <= 8192 and k["BLOCK_J"] <= 64
+                                         and k["BLOCK_M"] * (k["BLOCK_N"] + k["BLOCK_J"]) != 8192)
 
 
 def _bucket(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-_GEMM = triton.autotune(configs=_gemm_configs(), key=["S_BUCKET", "N", "K", "R_BLOCK", "HAS_BASE", "HAS_LORA",
+_GEMM = triton.autotune(configs=_gemm_configs(), key=["S_BUCKET", "N", "K", "R_BLOCK", "HAS_LORA", "FUSE_SHRINK",
                                                       "LO_FP32"],
-                        prune_configs_by={"early_config_prune": _prune(gemm_resources)})(grouped_lora_gemm_kernel)
+                        prune_configs_by={"early_config_prune": _prune(gemm_resources, _gemm_keep)})(
+    grouped_lora_gemm_kernel)
+_SHRINK = triton.autotune(configs=_shrink_configs(), key=["S_BUCKET", "K", "R_BLOCK", "LO_FP32"],
+                          prune_configs_by={"early_config_prune": _prune(shrink_resources)})(grouped_shrink_kernel)
 _OUTER = triton.autotune(configs=_outer_configs(), key=["S_BUCKET", "N", "J", "E", "DOT_FP32"],
-                         prune_configs_by={"early_config_prune": _prune(outer_resources)})(grouped_rows_outer_kernel)
+                         prune_configs_by={"early_config_prune": _prune(outer_resources, _outer_keep)})(
+    grouped_rows_outer_kernel)
 
 
 def _dot_precision(*dtypes) -> str:
@@ -267,53 +361,52 @@ def low_rank_fp32(dtype: torch.dtype, adapter_dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or adapter_dtype == torch.float32
 
 
+def _r_block(r: int, cap: int) -> int:
+    return min(max(16, triton.next_power_of_2(max(r, 1))), cap)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Launch helpers
 # --------------------------------------------------------------------------------------------------------------
 
-def _launch_gemm(x, w, a, b, bias, y, h, offsets, scaling, *, has_base, accumulate):
-    """One grouped-GEMM launch over all experts: y (+)= [x wᵀ + bias] + s·(x aᵀ) bᵀ; h = x aᵀ where h is given."""
+def _shrink(x, a, h, offsets):
+    """h = x A_eᵀ (fp32) for every row's expert: one launch, rank chunks along the grid's second axis."""
     S, K = x.shape
-    E, N = offsets.shape[0], y.shape[1]
-    has_lora = a is not None
-    R = a.shape[1] if has_lora else 0
-    dummy = y
-    lo_fp32 = has_lora and low_rank_fp32(x.dtype, a.dtype)
-    _GEMM[lambda meta: ((triton.cdiv(S, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"]),)](
-        x, w if has_base else dummy, a if has_lora else dummy, b if has_lora else dummy,
-        bias if bias is not None else dummy, y, h if h is not None else dummy, offsets,
-        S, E, N, K, R, float(scaling),
-        x.stride(0), x.stride(1),
-        *(w.stride() if has_base else (0, 0, 0)),
-        *(a.stride() if has_lora else (0, 0, 0)),
-        *(b.stride() if has_lora else (0, 0, 0)),
-        *(bias.stride() if bias is not None else (0, 0)),
-        y.stride(0), y.stride(1),
-        *(h.stride() if h is not None else (0, 0)),
-        HAS_BASE=has_base, HAS_LORA=has_lora, HAS_BIAS=bias is not None, STORE_H=h is not None,
-        ACCUMULATE=accumulate, LO_FP32=lo_fp32,
-        DOT_PRECISION=_dot_precision(x.dtype, a.dtype if has_lora else x.dtype),
-        R_BLOCK=max(16, triton.next_power_of_2(max(R, 1))), BLOCK_E=max(16, triton.next_power_of_2(E)),
-        S_BUCKET=_bucket(S))
+    E, R = offsets.shape[0], a.shape[1]
+    lo_fp32 = low_rank_fp32(x.dtype, a.dtype)
+    rb = _r_block(R, rank_chunk(lo_fp32))
+    _SHRINK[lambda meta: (triton.cdiv(S, meta["BLOCK_M"]) + E, triton.cdiv(R, rb))](
+        x, a, h, offsets, E, K, R, x.stride(0), x.stride(1), *a.stride(), h.stride(0), h.stride(1),
+        LO_FP32=lo_fp32, DOT_PRECISION=_dot_precision(x.dtype, a.dtype), R_BLOCK=rb,
+        BLOCK_E=max(16, triton.next_power_of_2(E)), S_BUCKET=_bucket(S))
 
 
-def _grouped_lora(x, w, a, b, bias, offsets, scaling, out_dtype, store_h):
-    """(y, h): the grouped LoRA GEMM, ranks above R_BLOCK_MAX in chunks (the first launch adds the base GEMM and
-    the bias, the others accumulate their rank chunk into y)."""
-    S = x.shape[0]
-    N = w.shape[1]
-    r = a.shape[1]
+def _grouped_lora(x, w, a, b, bias, offsets, scaling, out_dtype):
+    """(y, h): y = x W_eᵀ + b_e + s·(x A_eᵀ) B_eᵀ per row's expert, h = x A_eᵀ (fp32). Up to 32 ranks the shrink
+    runs in the GEMM's K loop; above, in its own launch first."""
+    S, K = x.shape
+    E, N = offsets.shape[0], w.shape[1]
+    R = a.shape[1]
     y = torch.empty(S, N, device=x.device, dtype=out_dtype)
-    h = torch.empty(S, r, device=x.device, dtype=torch.float32) if store_h else None
-    if S == 0:
+    h = torch.empty(S, R, device=x.device, dtype=torch.float32)
+    if S == 0 or N == 0:
         return y, h
-    if r == 0:
-        _launch_gemm(x, w, None, None, bias, y, None, offsets, 0.0, has_base=True, accumulate=False)
-        return y, h
-    for c0 in range(0, r, R_BLOCK_MAX):
-        c1 = min(r, c0 + R_BLOCK_MAX)
-        _launch_gemm(x, w, a[:, c0:c1], b[:, :, c0:c1], bias if c0 == 0 else None, y,
-                     h[:, c0:c1] if h is not None else None, offsets, scaling, has_base=c0 == 0, accumulate=c0 > 0)
+    fuse = R <= FUSED_SHRINK_MAX_R
+    if R and not fuse:
+        _shrink(x, a, h, offsets)
+    has_lora = R > 0
+    lo_fp32 = has_lora and low_rank_fp32(x.dtype, a.dtype)
+    rb = _r_block(R, FUSED_SHRINK_MAX_R if fuse else rank_chunk(lo_fp32))
+    _GEMM[lambda meta: ((triton.cdiv(S, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"]),)](
+        x, w, a if has_lora else y, b if has_lora else y, bias if bias is not None else y, y,
+        h if has_lora else y, offsets,
+        S, E, N, K, R, float(scaling),
+        x.stride(0), x.stride(1), *w.stride(), *a.stride(), *b.stride(),
+        *(bias.stride() if bias is not None else (0, 0)),
+        y.stride(0), y.stride(1), h.stride(0), h.stride(1),
+        HAS_LORA=has_lora, FUSE_SHRINK=fuse, HAS_BIAS=bias is not None, STORE_H=fuse and has_lora,
+        LO_FP32=lo_fp32, DOT_PRECISION=_dot_precision(x.dtype, a.dtype), R_BLOCK=rb,
+        BLOCK_E=max(16, triton.next_power_of_2(E)), S_BUCKET=_bucket(S))
     return y, h
 
 
@@ -339,52 +432,42 @@ def _rows_outer(p, q, out, offsets, scale, colsum=None):
 
 def experts_forward(x, weight, lora_A, lora_B, bias, offsets, scaling, store_h=True):
     """(y, h): y (S, N) in x's dtype, h = x A_eᵀ (S, r) fp32 per row's expert (None unless ``store_h``)."""
-    return _grouped_lora(x, weight, lora_A, lora_B, bias, offsets, scaling, x.dtype, store_h)
+    y, h = _grouped_lora(x, weight, lora_A, lora_B, bias, offsets, scaling, x.dtype)
+    return y, (h if store_h else None)
 
 
 def experts_backward(dy, x, weight, lora_A, lora_B, h, offsets, scaling, needs):
     """(dx, dW, dA, dB, dbias) for ``needs`` = (x, weight, lora_A, lora_B, bias) flags; None where not needed.
 
-    dx comes from the forward kernel on transposed views (its h' = dY_e B_e is dh / s); dA, dB, dW and dbias from
-    the per-expert outer-product kernel."""
+    dx comes from the forward kernels on transposed views (their h' = dY_e B_e is dh / s); dA, dB, dW and dbias
+    from the per-expert outer-product kernel."""
     need_x, need_w, need_a, need_b, need_bias = needs
     E, N, K = weight.shape
     r = lora_A.shape[1]
     dy = dy.contiguous() if dy.stride(-1) != 1 else dy
     dx = dw = da = db = dbias = None
     hp = None
-    if need_x or need_a:
-        if need_x:
-            dx, hp = _grouped_lora(dy, weight.transpose(1, 2), lora_B.transpose(1, 2), lora_A.transpose(1, 2), None,
-                                   offsets, scaling, x.dtype, store_h=True)
-        else:  # dh alone: the rank-r shrink of dY, no base GEMM
-            hp = torch.empty(dy.shape[0], r, device=dy.device, dtype=torch.float32)
-            _rows_outer_shrink(dy, lora_A, lora_B, hp, offsets)
+    if need_x:
+        dx, hp = _grouped_lora(dy, weight.transpose(1, 2), lora_B.transpose(1, 2), lora_A.transpose(1, 2), None,
+                               offsets, scaling, x.dtype)
+    elif need_a and r:  # dh alone (x frozen): the rank-r shrink of dY
+        hp = torch.empty(dy.shape[0], r, device=dy.device, dtype=torch.float32)
+        if dy.shape[0]:
+            _shrink(dy, lora_B.transpose(1, 2), hp, offsets)
     if need_a:
         da = torch.empty(E, r, K, device=x.device, dtype=lora_A.dtype)
+        if hp is None:
+            hp = torch.empty(dy.shape[0], r, device=dy.device, dtype=torch.float32)
         _rows_outer(x, hp, da.transpose(1, 2), offsets, scaling)  # dA_eᵀ = x_eᵀ (s·h'_e)
     if need_b or need_bias:
-        db_out = (torch.empty(E, N, r, device=x.device, dtype=lora_B.dtype) if need_b else None)
         dbias = torch.empty(E, N, device=x.device, dtype=torch.float32) if need_bias else None
         if need_b:
-            _rows_outer(dy, h, db_out, offsets, scaling, colsum=dbias)
+            db = torch.empty(E, N, r, device=x.device, dtype=lora_B.dtype)
+            _rows_outer(dy, h, db, offsets, scaling, colsum=dbias)
         else:
-            _rows_outer(dy, h[:, :1], torch.empty(E, N, 1, device=x.device, dtype=torch.float32), offsets, 0.0,
+            _rows_outer(dy, dy[:, :1], torch.empty(E, N, 1, device=x.device, dtype=torch.float32), offsets, 0.0,
                         colsum=dbias)
-        db = db_out
     if need_w:
         dw = torch.empty(E, N, K, device=x.device, dtype=weight.dtype)
         _rows_outer(dy, x, dw, offsets, 1.0)
     return dx, dw, da, db, dbias
-
-
-def _rows_outer_shrink(dy, lora_A, lora_B, hp, offsets):
-    """h' = dY_e B_e for every row: the dx GEMM's rank term without its base GEMM (dA needed, x frozen). The
-    launch writes its y into a one-column scratch, which nothing reads."""
-    S = dy.shape[0]
-    r = lora_B.shape[2]
-    scratch = torch.empty(S, 1, device=dy.device, dtype=torch.float32)
-    for c0 in range(0, r, R_BLOCK_MAX):
-        c1 = min(r, c0 + R_BLOCK_MAX)
-        _launch_gemm(dy, None, lora_B[:, :, c0:c1].transpose(1, 2), lora_A[:, c0:c1, :1].transpose(1, 2), None,
-                     scratch, hp[:, c0:c1], offsets, 0.0, has_base=False, accumulate=False)
