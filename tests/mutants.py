@@ -59,6 +59,8 @@ PEFT_TESTS = "tests/test_peft_interop.py"
 DROP_TORCH = "tests/test_dropout_torch.py"
 BENCH = "tests/test_bench.py"
 EDGES = "tests/test_op_edges.py"
+MOE_TESTS = "tests/test_moe.py"
+MOE_PEFT_TESTS = "tests/test_moe_peft.py"
 
 MUTANTS = [
     # --- the five bugs issue 16 found surviving -------------------------------------------------------------
@@ -566,6 +568,62 @@ MUTANTS = [
            "if False:",
            ("tests/test_lora_embedding.py::test_wrapping_the_wrong_layer_names_the_right_class",),
            why="from_linear(nn.Embedding) does not point to LoRAEmbedding"),
+    # --- MoE experts (issue 22): the grouped op, its kernels, PEFT's layout and the experts fuser ---------------
+    Mutant("moe_ref_branch_unscaled", "fastlora/moe_reference.py",
+           "ys.addmm_(hs, lora_B[e].t().to(lo), alpha=scaling)",
+           "ys.addmm_(hs, lora_B[e].t().to(lo), alpha=1.0)",
+           (MOE_TESTS,), k="torch and merged_weight", why="the CPU path forgets s in the forward"),
+    Mutant("moe_ref_one_token_expert_skipped", "fastlora/moe_reference.py",
+           "if end > start:\n            yield e, start, end",
+           "if end > start + 1:\n            yield e, start, end",
+           (MOE_TESTS,), k="torch and merged_weight", why="an expert with one token is skipped"),
+    Mutant("moe_ref_dx_without_lora_term", "fastlora/moe_reference.py",
+           "dxs.addmm_(dhs, lora_A[e], alpha=scaling)",
+           "dxs.addmm_(dhs, lora_A[e], alpha=0.0)",
+           (MOE_TESTS,), k="torch and merged_weight", why="dx misses s·dh A"),
+    Mutant("moe_ref_grouped_rank_grad_unscaled", "fastlora/moe_reference.py",
+           "out.copy_(torch.nn.functional.grouped_mm(p.t(), q, offs=offsets.to(torch.int32)).mul_(scaling))",
+           "out.copy_(torch.nn.functional.grouped_mm(p.t(), q, offs=offsets.to(torch.int32)))",
+           (MOE_TESTS,), k="torch and merged_weight", why="dA / dB through grouped_mm miss s (aligned shapes)"),
+    Mutant("moe_peft_B_expert_major", "fastlora/moe.py",
+           "B = lora_B_weight.view(N, r, num_experts).permute(2, 0, 1)",
+           "B = lora_B_weight.view(N, num_experts, r).permute(1, 0, 2)",
+           (MOE_PEFT_TESTS,), k="logits_and_every_gradient and qwen3 and both",
+           why="PEFT's lora_B read expert-major: its columns are expert-minor"),
+    Mutant("moe_routing_weights_unsorted", "fastlora/moe.py",
+           "out = out * top_k_weights.reshape(-1)[perm].unsqueeze(-1).to(out.dtype)",
+           "out = out * top_k_weights.reshape(-1).unsqueeze(-1).to(out.dtype)",
+           (MOE_PEFT_TESTS,), k="logits_and_every_gradient and mixtral and both",
+           why="routing weights applied in token order to rows sorted by expert"),
+    Mutant("moe_fuser_drops_inner_wrapper", "fastlora/peft_interop/moe.py",
+           "return [a for a in w.active_adapters if a in w._modules[\"lora_A\"]._modules]",
+           "return []",
+           (MOE_PEFT_TESTS,), k="logits_and_every_gradient and gpt_oss and both",
+           why="the nested (inner) ParamWrapper's LoRA is left out of the fused computation"),
+    Mutant("moe_kernel_tile_expert_off_by_one", "kernels/moe.py",
+           "e = tl.sum((tile_end <= t).to(tl.int32), 0)",
+           "e = tl.sum((tile_end < t).to(tl.int32), 0)",
+           (MOE_TESTS,), k="triton and merged_weight", why="row tiles read the previous expert's weights"),
+    Mutant("moe_kernel_fused_branch_unscaled", "kernels/moe.py",
+           "acc = tl.dot(h * scaling, bt.to(tl.float32), acc, input_precision=DOT_PRECISION)",
+           "acc = tl.dot(h, bt.to(tl.float32), acc, input_precision=DOT_PRECISION)",
+           (MOE_TESTS,), k="triton and merged_weight", why="the fused GEMM's epilogue forgets s"),
+    Mutant("moe_kernel_rank_chunk_offset", "kernels/moe.py",
+           "rr = pid_r * R_BLOCK + tl.arange(0, R_BLOCK)",
+           "rr = tl.arange(0, R_BLOCK)",
+           (MOE_TESTS,), k="triton and above_one_chunk", why="every rank chunk of the shrink computes the first"),
+    Mutant("moe_kernel_epilogue_chunk_offset", "kernels/moe.py",
+           "rc = r0 + rr",
+           "rc = rr",
+           (MOE_TESTS,), k="triton and above_one_chunk", why="the epilogue reads the first rank chunk each time"),
+    Mutant("moe_kernel_outer_start", "kernels/moe.py",
+           "start = tl.load(offs_ptr + e - 1, mask=e > 0, other=0).to(tl.int32)",
+           "start = tl.load(offs_ptr + e - 1, mask=e > 1, other=0).to(tl.int32)",
+           (MOE_TESTS,), k="triton and merged_weight", why="expert 1's gradients sum expert 0's rows too"),
+    Mutant("moe_kernel_tail_not_zeroed", "kernels/moe.py",
+           "mask=(rt < S)[:, None] & (rz < N)[None, :])",
+           "mask=(rt < last)[:, None] & (rz < N)[None, :])",
+           (MOE_TESTS,), k="triton and past_the_last_offset", why="rows no expert owns stay uninitialized"),
 ]
 
 
