@@ -16,7 +16,10 @@
 #   8. QLoRA (benchmarks/qlora_check.py, if bitsandbytes imports): fastlora vs PEFT's QLoRA layer vs bnb's
 #      dequantize + matmul, time and peak memory, each Triton path forced, outputs and gradients checked;
 #   9. DoRA (benchmarks/dora_check.py): fastlora's DoRA step vs fastlora's LoRA step (goal: within 1.2x) and PEFT's
-#      DoRA, with PEFT's DoRA/LoRA ratio measured in the same run.
+#      DoRA, with PEFT's DoRA/LoRA ratio measured in the same run;
+#  10. MoE (python -m fastlora bench --moe auto): the MoE blocks of Qwen3-30B-A3B, Mixtral-8x7B and GPT-OSS-20B
+#      (bf16, LoRA r=16 on the experts' gate_up_proj and down_proj) forward + backward, fastlora vs PEFT's
+#      target_parameters path vs the frozen block; goals: <= 1.15x the frozen block, >= 3x faster than PEFT.
 # First-run cost is bounded: FASTLORA_AUTOTUNE_TOP_K (3 here) benchmarks only the first 3 configs that the
 # resource model keeps per kernel and key, and the Triton cache (TRITON_CACHE_DIR) persists between the steps.
 # A test failure does not stop the benchmark; a benchmark stopped by its budget still writes what it measured; both outcomes are reported at the end, and the exit status is
@@ -34,7 +37,7 @@
 #   AUTOTUNE_TOP_K (3; 0 = every config)  DISPATCH_SHAPES (all: llm-grid + decode)  DISPATCH_BUDGET_S (80)
 #   QLORA_SHAPES (decode)  QLORA_BUDGET_S (45)  DORA_SHAPES (dora_check.py's goal shapes)  DORA_BUDGET_S (45)
 #   SKIP_INSTALL=1 (do not pip install)  SKIP_TESTS=1  SKIP_DECODE=1  SKIP_CUBLAS=1  SKIP_DISPATCH=1  SKIP_QLORA=1
-#   SKIP_DORA=1  PYTHON (python)
+#   SKIP_DORA=1  MOE_PRESETS (auto)  MOE_BUDGET_S (45)  SKIP_MOE=1  PYTHON (python)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -189,6 +192,15 @@ if [[ "${SKIP_DORA:-0}" != "1" ]]; then
     [[ $dora_rc -eq 0 ]] || echo "!!! DoRA check: FAILED or stopped (rc=$dora_rc)"
 fi
 
+moe_rc=skipped
+if [[ "${SKIP_MOE:-0}" != "1" ]]; then
+    stamp "MoE: fastlora vs PEFT's target_parameters LoRA vs the frozen block (${MOE_PRESETS:-auto}, $DTYPE r=$RANK)"
+    moe_rc=0
+    timeout -s INT -k 20 "${MOE_BUDGET_S:-45}" "$PYTHON" -m fastlora bench --moe "${MOE_PRESETS:-auto}" \
+        --device "$DEVICE" --dtype "$DTYPE" --rank "$RANK" --budget "$BENCH_BUDGET" --out "$RESULTS/moe" || moe_rc=$?
+    [[ $moe_rc -eq 0 ]] || echo "!!! MoE benchmark: FAILED, a goal missed, or stopped (rc=$moe_rc)"
+fi
+
 stamp "summary"
 if [[ -f "$RESULTS/results.json" ]]; then
     "$PYTHON" - "$RESULTS/results.json" <<'EOF' || true
@@ -236,9 +248,9 @@ for key in sorted(k for k in cub if k[-1] == "fastlora"):
 EOF
 fi
 echo "install rc=$install_rc, tests rc=$test_rc, benchmark rc=$bench_rc, decode rc=$decode_rc, cublas rc=$cublas_rc," \
-     "dispatch rc=$dispatch_rc, qlora rc=$qlora_rc, dora rc=$dora_rc, total $(( $(date +%s) - START ))s"
+     "dispatch rc=$dispatch_rc, qlora rc=$qlora_rc, dora rc=$dora_rc, moe rc=$moe_rc, total $(( $(date +%s) - START ))s"
 echo "log, tests.xml, results.json/.md/.png in $RESULTS"
 [[ $install_rc -eq 0 && ( $test_rc == 0 || $test_rc == skipped ) && $bench_rc -eq 0 \
    && ( $decode_rc == 0 || $decode_rc == skipped ) && ( $cublas_rc == 0 || $cublas_rc == skipped ) \
    && ( $dispatch_rc == 0 || $dispatch_rc == skipped ) && ( $qlora_rc == 0 || $qlora_rc == skipped ) \
-   && ( $dora_rc == 0 || $dora_rc == skipped ) ]]
+   && ( $dora_rc == 0 || $dora_rc == skipped ) && ( $moe_rc == 0 || $moe_rc == skipped ) ]]

@@ -214,8 +214,9 @@ def lora_experts_forward(experts, hidden_states: Tensor, top_k_index: Tensor, to
     E = experts.num_experts
     expert_ids = top_k_index.reshape(-1)
     sorted_ids, perm = torch.sort(expert_ids, stable=True)
-    counts = torch.bincount(sorted_ids, minlength=E)[:E]
-    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    # histc, as transformers counts them: no host sync (bincount reads the maximum), deterministic on CUDA
+    ids = sorted_ids.float() if sorted_ids.device.type in ("cpu", "mps") else sorted_ids.int()
+    offsets = torch.cumsum(torch.histc(ids, bins=E, min=0, max=E - 1), 0).to(torch.int32)
     x = hidden_states[perm // k]
     up_name = "gate_up_proj" if experts.has_gate else "up_proj"
     up = _project(x, experts, up_name, loras.get(up_name), offsets)
