@@ -49,6 +49,8 @@ def experts_forward(x, weight, lora_A, lora_B, bias, offsets, scaling, store_h=T
             torch.addmm(bias[e], xs, weight[e].t(), out=ys)
         else:
             torch.mm(xs, weight[e].t(), out=ys)
+        if not r:  # a projection without LoRA
+            continue
         torch.mm(xs.to(lo), lora_A[e].t().to(lo), out=hs)
         if lo == y.dtype:
             ys.addmm_(hs, lora_B[e].t().to(lo), alpha=scaling)
@@ -98,13 +100,14 @@ def experts_backward(dy, x, weight, lora_A, lora_B, h, offsets, scaling, needs):
     lo = h.dtype
     dy_lo = dy.to(lo)
     dx = x.new_empty(x.shape) if need_x else None
-    dh = x.new_empty(x.shape[0], r, dtype=lo) if (need_x or need_a) else None  # dY_e B_e (unscaled)
+    dh = x.new_empty(x.shape[0], r, dtype=lo) if (need_x or need_a) and r else None  # dY_e B_e (unscaled)
     for e, a, b in spans(offsets):
         g = dy[a:b]
+        if need_x:
+            dxs = torch.mm(g, weight[e], out=dx[a:b])
         if dh is not None:
             dhs = torch.mm(dy_lo[a:b], lora_B[e].to(lo), out=dh[a:b])
             if need_x:
-                dxs = torch.mm(g, weight[e], out=dx[a:b])
                 if lo == dxs.dtype:
                     dxs.addmm_(dhs, lora_A[e], alpha=scaling)
                 else:
@@ -112,7 +115,9 @@ def experts_backward(dy, x, weight, lora_A, lora_B, h, offsets, scaling, needs):
     if need_x:
         _zero_unrouted(dx, offsets)
     da = db = dw = dbias = None
-    if need_a:
+    if need_a and not r:
+        da = torch.zeros(E, 0, K, dtype=lora_A.dtype, device=x.device)
+    elif need_a:
         da = _rank_grad(torch.empty(E, r, K, dtype=lora_A.dtype, device=x.device), dh, x.to(lo), offsets, scaling)
     if need_b:
         db = _rank_grad(torch.empty(E, N, r, dtype=lora_B.dtype, device=x.device), dy_lo, h, offsets, scaling)
