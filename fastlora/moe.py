@@ -33,86 +33,127 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import backend as _backend
 from . import moe_reference
-from .op_common import autocast, autocast_enabled, check_scaling, fold_tensor_scaling
+from .moe_reference import lo_dtype, spans
+from .op_common import FusedOp
 
-__all__ = ["lora_experts", "lora_experts_forward", "peft_layout", "ExpertLoRA"]
-
-
-def _impl(use_triton: bool):
-    if use_triton:
-        from fastlora.kernels import moe as kernels  # importing triton is slow and optional
-
-        return kernels
-    return moe_reference
+__all__ = ["lora_experts", "lora_experts_forward", "peft_layout", "ExpertLoRA", "LORA_EXPERTS"]
 
 
 def _shape(t) -> str:
     return str(tuple(t.shape))
 
 
-def _check(x, weight, lora_A, lora_B, bias, offsets, scaling) -> None:
-    who = "lora_experts"
-    for name, t in (("input", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("offsets", offsets)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{who}: {name} must be a tensor, got {type(t).__name__}")
-    if bias is not None and not isinstance(bias, Tensor):
-        raise TypeError(f"{who}: bias must be a tensor or None, got {type(bias).__name__}")
-    if x.dim() != 2 or weight.dim() != 3 or lora_A.dim() != 3 or lora_B.dim() != 3 or offsets.dim() != 1:
-        raise ValueError(f"{who}: expected input (S, in), weight (E, out, in), lora_A (E, r, in), lora_B (E, out, r), "
-                         f"offsets (E,); got input {_shape(x)}, weight {_shape(weight)}, lora_A {_shape(lora_A)}, "
-                         f"lora_B {_shape(lora_B)}, offsets {_shape(offsets)}")
-    E, N, K = weight.shape
-    r = lora_A.shape[1]
-    if (x.shape[1] != K or lora_A.shape != (E, r, K) or lora_B.shape != (E, N, r) or offsets.shape[0] != E
-            or (bias is not None and bias.shape != (E, N))):
-        raise ValueError(f"{who}: shapes disagree: input {_shape(x)}, weight {_shape(weight)} (E, out, in), "
-                         f"lora_A {_shape(lora_A)} (E, r, in), lora_B {_shape(lora_B)} (E, out, r), offsets "
-                         f"{_shape(offsets)} (E,), bias {None if bias is None else _shape(bias)} (E, out)")
-    if offsets.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{who}: offsets must be int32 or int64 (cumulative rows per expert), got {offsets.dtype}")
-    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-    for name, t in (("input", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
-        if t is not None and t.dtype not in floats:
-            raise TypeError(f"{who}: {name} must be fp16, bf16, fp32 or fp64, got {t.dtype}")
-    if not autocast_enabled(x.device.type) and (weight.dtype != x.dtype or (bias is not None
-                                                                          and bias.dtype != x.dtype)):
-        raise TypeError(f"{who}: input is {x.dtype} but weight is {weight.dtype}"
-                        + ("" if bias is None else f" and bias {bias.dtype}") + " (outside autocast they must agree)")
-    if lora_A.dtype != lora_B.dtype:
-        raise TypeError(f"{who}: lora_A is {lora_A.dtype} but lora_B is {lora_B.dtype}")
-    devices = {t.device for t in (x, weight, lora_A, lora_B, offsets, bias) if t is not None}
-    if len(devices) > 1:
-        raise ValueError(f"{who}: tensors on different devices: {sorted(str(d) for d in devices)}")
-    check_scaling(scaling, x.device, who)
-    if offsets.device.type == "cpu" and offsets.numel():
-        o = offsets.tolist()
-        if any(b < a for a, b in zip([0] + o, o)) or o[-1] > x.shape[0]:
-            raise ValueError(f"{who}: offsets must be non-decreasing and end at most at input's {x.shape[0]} rows, "
-                             f"got {o}")
+def _meta_outputs(x, weight, lora_A):
+    S, N, r = x.shape[0], weight.shape[1], lora_A.shape[1]
+    return x.new_empty(S, N), x.new_empty(S, r, dtype=lo_dtype(x.dtype, lora_A.dtype))
 
 
-class _LoraExpertsFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, lora_A, lora_B, bias, offsets, scaling, use_triton):
-        with _backend.kernel_section(use_triton):
-            y, h = _impl(use_triton).experts_forward(x, weight, lora_A, lora_B, bias, offsets, scaling)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, h, offsets)
-        ctx.scaling, ctx.use_triton, ctx.has_bias = scaling, use_triton, bias is not None
-        return y
+class TorchLoRAExperts:
+    """The PyTorch implementation (``fastlora.moe_reference``); on the meta device, shapes only."""
 
     @staticmethod
-    def backward(ctx, dy):
-        x, weight, lora_A, lora_B, h, offsets = ctx.saved_tensors
-        needs = tuple(ctx.needs_input_grad[:5])
-        needs = needs[:4] + (needs[4] and ctx.has_bias,)
-        with _backend.kernel_section(ctx.use_triton):
-            dx, dw, da, db, dbias = _impl(ctx.use_triton).experts_backward(
-                dy, x, weight, lora_A, lora_B, h, offsets, ctx.scaling, needs)
-        if dbias is not None:
-            dbias = dbias.to(weight.dtype)
-        return dx, dw, da, db, dbias, None, None, None
+    def forward(x, weight, lora_A, lora_B, offsets, bias, scaling, *, seed, save):
+        if x.device.type == "meta":
+            y, h = _meta_outputs(x, weight, lora_A)
+        else:
+            y, h = moe_reference.experts_forward(x, weight, lora_A, lora_B, bias, offsets, scaling, store_h=save)
+        return y, ((h if save else None),)
+
+    @staticmethod
+    def backward(grad_y, x, weight, lora_A, lora_B, offsets, bias, h, scaling, *, seed, needs):
+        nx, nw, na, nb, _, nbias = needs
+        if x.device.type == "meta":
+            return tuple(t.new_empty(t.shape) if need else None
+                         for t, need in zip((x, weight, lora_A, lora_B, offsets, bias), needs))
+        dx, dw, da, db, dbias = moe_reference.experts_backward(grad_y, x, weight, lora_A, lora_B, h, offsets,
+                                                               scaling, (nx, nw, na, nb, nbias))
+        return dx, dw, da, db, None, dbias
+
+
+class TritonLoRAExperts:
+    """The Triton implementation (``fastlora.kernels.moe``): the same signature."""
+
+    @staticmethod
+    def forward(x, weight, lora_A, lora_B, offsets, bias, scaling, *, seed, save):
+        from fastlora.kernels import moe as kernels
+
+        y, h = kernels.experts_forward(x, weight, lora_A, lora_B, bias, offsets, scaling, store_h=save)
+        return y, (h,)
+
+    @staticmethod
+    def backward(grad_y, x, weight, lora_A, lora_B, offsets, bias, h, scaling, *, seed, needs):
+        from fastlora.kernels import moe as kernels
+
+        nx, nw, na, nb, _, nbias = needs
+        dx, dw, da, db, dbias = kernels.experts_backward(grad_y, x, weight, lora_A, lora_B, h, offsets, scaling,
+                                                         (nx, nw, na, nb, nbias))
+        return dx, dw, da, db, None, dbias
+
+
+class LoRAExpertsOp(FusedOp):
+    """``y_e = x_e W_eᵀ + b_e + s·(x_e A_eᵀ) B_eᵀ`` for the rows of each expert; saves h (S, r)."""
+
+    name = "lora_experts"
+    tensors = ("input", "weight", "lora_A", "lora_B", "offsets", "bias")
+    optional = frozenset({"bias"})
+    not_floating = frozenset({"offsets"})
+    no_grad = frozenset({"offsets"})
+    consts = (("scaling", "float"),)
+    saved = ("h",)
+    autocast_args = ("input", "weight", "lora_A", "lora_B", "bias")
+    scaled = "lora_B"
+    dropout = None
+    torch_impl = TorchLoRAExperts
+    triton_impl = "fastlora.moe:TritonLoRAExperts"
+
+    def check(self, a):
+        who = self.name
+        x, weight, lora_A, lora_B, offsets, bias = (a[n] for n in self.tensors)
+        if x.dim() != 2 or weight.dim() != 3 or lora_A.dim() != 3 or lora_B.dim() != 3 or offsets.dim() != 1:
+            raise ValueError(f"{who}: expected input (S, in), weight (E, out, in), lora_A (E, r, in), lora_B "
+                             f"(E, out, r), offsets (E,); got input {_shape(x)}, weight {_shape(weight)}, lora_A "
+                             f"{_shape(lora_A)}, lora_B {_shape(lora_B)}, offsets {_shape(offsets)}")
+        E, N, K = weight.shape
+        r = lora_A.shape[1]
+        if (x.shape[1] != K or lora_A.shape != (E, r, K) or lora_B.shape != (E, N, r) or offsets.shape[0] != E
+                or (bias is not None and bias.shape != (E, N))):
+            raise ValueError(f"{who}: shapes disagree: input {_shape(x)}, weight {_shape(weight)} (E, out, in), "
+                             f"lora_A {_shape(lora_A)} (E, r, in), lora_B {_shape(lora_B)} (E, out, r), offsets "
+                             f"{_shape(offsets)} (E,), bias {None if bias is None else _shape(bias)} (E, out)")
+        if offsets.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{who}: offsets must be int32 or int64 (cumulative rows per expert), got {offsets.dtype}")
+        if offsets.device.type == "cpu" and offsets.numel() and not torch.compiler.is_compiling():
+            o = offsets.tolist()  # on the host already: checked (on a GPU it would cost a sync)
+            if any(b < a for a, b in zip([0] + o, o)) or o[-1] > x.shape[0]:
+                raise ValueError(f"{who}: offsets must be non-decreasing and end at most at input's {x.shape[0]} "
+                                 f"rows, got {o}")
+
+    def check_dtypes(self, a):
+        x, weight, lora_A, lora_B, bias = (a[n] for n in ("input", "weight", "lora_A", "lora_B", "bias"))
+        if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+            raise TypeError(f"{self.name}: input is {x.dtype} but weight is {weight.dtype}"
+                            + ("" if bias is None else f" and bias {bias.dtype}") + " (outside autocast they must "
+                            "agree)")
+        if lora_A.dtype != lora_B.dtype:
+            raise TypeError(f"{self.name}: lora_A is {lora_A.dtype} but lora_B is {lora_B.dtype}")
+
+    def fake(self, x, weight, lora_A, lora_B, offsets, bias, scaling):
+        return _meta_outputs(x, weight, lora_A)
+
+    def differentiable_forward(self, tensors, saved, consts, seed, use_triton):
+        x, weight, lora_A, lora_B, offsets, bias = tensors
+        (scaling,) = consts
+        lo = lo_dtype(x.dtype, lora_A.dtype)
+        rows = x.new_zeros(x.shape[0], weight.shape[1])
+        for e, a, b in spans(offsets):
+            xs = x[a:b]
+            ys = xs @ weight[e].t() + ((xs.to(lo) @ lora_A[e].t().to(lo)) @ lora_B[e].t().to(lo) * scaling).to(x.dtype)
+            rows = rows.index_copy(0, torch.arange(a, b, device=x.device), ys if bias is None else ys + bias[e])
+        return rows
+
+
+LORA_EXPERTS = LoRAExpertsOp()
 
 
 def lora_experts(input: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, offsets: Tensor,
@@ -122,12 +163,8 @@ def lora_experts(input: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, 
     lora_A (E, r, in), lora_B (E, out, r), bias (E, out) or None, offsets (E,) the cumulative row count per expert
     (int32/int64, as ``torch.nn.functional.grouped_mm``'s ``offs``). Any strides: a stack stored (E, in, out) is
     passed as ``weight.transpose(1, 2)``. r may be 0 (a plain grouped linear). Gradients for every input that
-    requires one; dW only when the weight requires grad."""
-    _check(input, weight, lora_A, lora_B, bias, offsets, scaling)
-    input, weight, bias = autocast(input.device.type, input, weight, bias)
-    lora_B, scaling = fold_tensor_scaling(lora_B, scaling)
-    use_triton = _backend.use_triton(input.device, input.dtype)
-    return _LoraExpertsFunction.apply(input, weight, lora_A, lora_B, bias, offsets, scaling, use_triton)
+    requires one; dW only when the weight requires grad. ``scaling``: a number or a one-element tensor."""
+    return LORA_EXPERTS(input, weight, lora_A, lora_B, offsets, bias, scaling=scaling)
 
 
 # --------------------------------------------------------------------------------------------------------------

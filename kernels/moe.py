@@ -96,7 +96,8 @@ def grouped_shrink_kernel(
             h = tl.dot(xt.to(tl.float32), at.to(tl.float32), h, input_precision=DOT_PRECISION)
         else:
             h = tl.dot(xt, at.to(xt.dtype), h, input_precision=DOT_PRECISION)
-    tl.store(h_ptr + rm[:, None] * stride_hm + rr[None, :] * stride_hr, h, mask=m_mask[:, None] & r_mask[None, :])
+    tl.store(h_ptr + rm[:, None] * stride_hm + rr[None, :] * stride_hr, h.to(h_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & r_mask[None, :])
 
 
 @triton.jit
@@ -161,8 +162,8 @@ def grouped_lora_gemm_kernel(
                              input_precision=DOT_PRECISION)
             if STORE_H:
                 if pid_n == 0:
-                    tl.store(h_ptr + rm64[:, None] * stride_hm + rr[None, :] * stride_hr, h,
-                             mask=m_mask[:, None] & (rr < R)[None, :])
+                    tl.store(h_ptr + rm64[:, None] * stride_hm + rr[None, :] * stride_hr,
+                             h.to(h_ptr.dtype.element_ty), mask=m_mask[:, None] & (rr < R)[None, :])
         else:
             for r0 in range(0, R, R_BLOCK):
                 rc = r0 + rr
@@ -172,10 +173,10 @@ def grouped_lora_gemm_kernel(
                 bt = tl.load(b_ptr + e64 * stride_be + rc[:, None] * stride_br + rn[None, :] * stride_bn,
                              mask=r_mask[:, None] & n_mask[None, :], other=0.0)
                 if LO_FP32:
-                    acc = tl.dot(hc * scaling, bt.to(tl.float32), acc, input_precision=DOT_PRECISION)
+                    acc = tl.dot(hc.to(tl.float32) * scaling, bt.to(tl.float32), acc, input_precision=DOT_PRECISION)
                 else:
-                    acc = tl.dot((hc * scaling).to(y_ptr.dtype.element_ty), bt.to(y_ptr.dtype.element_ty), acc,
-                                 input_precision=DOT_PRECISION)
+                    acc = tl.dot((hc.to(tl.float32) * scaling).to(y_ptr.dtype.element_ty),
+                                 bt.to(y_ptr.dtype.element_ty), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + e64 * stride_biase + rn * stride_biasn, mask=n_mask, other=0.0)
         acc += bias.to(tl.float32)[None, :]
@@ -381,14 +382,19 @@ def _shrink(x, a, h, offsets):
         BLOCK_E=max(16, triton.next_power_of_2(E)), S_BUCKET=_bucket(S))
 
 
-def _grouped_lora(x, w, a, b, bias, offsets, scaling, out_dtype):
-    """(y, h): y = x W_eᵀ + b_e + s·(x A_eᵀ) B_eᵀ per row's expert, h = x A_eᵀ (fp32). Up to 32 ranks the shrink
-    runs in the GEMM's K loop; above, in its own launch first."""
+def h_dtype(dtype: torch.dtype, adapter_dtype: torch.dtype) -> torch.dtype:
+    """The dtype h is saved in: fp32 where the rank products are (as the PyTorch path saves it), else x's."""
+    return torch.float32 if low_rank_fp32(dtype, adapter_dtype) else dtype
+
+
+def _grouped_lora(x, w, a, b, bias, offsets, scaling, out_dtype, hdt=torch.float32):
+    """(y, h): y = x W_eᵀ + b_e + s·(x A_eᵀ) B_eᵀ per row's expert, h = x A_eᵀ (in ``hdt``). Up to 32 ranks the
+    shrink runs in the GEMM's K loop; above, in its own launch first."""
     S, K = x.shape
     E, N = offsets.shape[0], w.shape[1]
     R = a.shape[1]
     y = torch.empty(S, N, device=x.device, dtype=out_dtype)
-    h = torch.empty(S, R, device=x.device, dtype=torch.float32)
+    h = torch.empty(S, R, device=x.device, dtype=hdt)
     if S == 0 or N == 0:
         return y, h
     fuse = R <= FUSED_SHRINK_MAX_R
@@ -431,8 +437,9 @@ def _rows_outer(p, q, out, offsets, scale, colsum=None):
 
 
 def experts_forward(x, weight, lora_A, lora_B, bias, offsets, scaling, store_h=True):
-    """(y, h): y (S, N) in x's dtype, h = x A_eᵀ (S, r) fp32 per row's expert (None unless ``store_h``)."""
-    y, h = _grouped_lora(x, weight, lora_A, lora_B, bias, offsets, scaling, x.dtype)
+    """(y, h): y (S, N) in x's dtype, h = x A_eᵀ (S, r) per row's expert (None unless ``store_h``), fp32 where the
+    rank products are (``h_dtype``)."""
+    y, h = _grouped_lora(x, weight, lora_A, lora_B, bias, offsets, scaling, x.dtype, h_dtype(x.dtype, lora_A.dtype))
     return y, (h if store_h else None)
 
 

@@ -156,10 +156,36 @@ def lora_linear_4bit_case(device="cpu", dtype=torch.float32, dropout=0.0) -> OpC
                   reference)
 
 
+def lora_experts_case(device="cpu", dtype=torch.float32, dropout=0.0) -> OpCall:
+    """Three experts (the middle one without rows), GPT-OSS-style transposed stack with biases."""
+    from fastlora.moe import LORA_EXPERTS
+
+    g = torch.Generator().manual_seed(0)
+    counts = (3, 0, 2)
+    x = _leaf(_rand(g, 5, 8), device, dtype)
+    W = _rand(g, 3, 8, 6, scale=0.3).to(device, dtype).transpose(1, 2)  # (E, out, in) view of an (E, in, out) stack
+    A, B = _leaf(_rand(g, 3, 2, 8, scale=0.3), device, dtype), _leaf(_rand(g, 3, 6, 2), device, dtype)
+    b = _rand(g, 3, 6).to(device, dtype)
+    offsets = torch.tensor(counts).cumsum(0).to(device=device, dtype=torch.int32)
+    kwargs = dict(scaling=0.75)
+
+    def reference(scaling=0.75, **_):
+        rows, start = [], 0
+        for e, n in enumerate(counts):
+            xs = x[start:start + n]
+            rows.append(F.linear(xs, W[e], b[e]) + F.linear(F.linear(xs, A[e]), B[e]) * scaling)
+            start += n
+        return torch.cat(rows)
+
+    return OpCall(fastlora.lora_experts, (x, W, A, B, offsets, b), kwargs, LORA_EXPERTS, (x, W, A, B, offsets, b),
+                  kwargs, (x, A, B), reference)
+
+
 CASES = [
     OpCase("lora_linear", lora_linear_case),
     OpCase("lora_embedding", lora_embedding_case, dropout=False),
     OpCase("dora_linear", dora_linear_case),
     OpCase("dora_embedding", dora_embedding_case, dropout=False),
     OpCase("lora_linear_4bit", lora_linear_4bit_case, meta="bitsandbytes quantizes on a real device"),
+    OpCase("lora_experts", lora_experts_case, dropout=False),
 ]
