@@ -28,11 +28,11 @@ Three kernels, one launch each for all experts:
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .common import autotune_enabled, dot_precision, interpreted, m_bucket, r_block
 
 __all__ = ["grouped_shrink_kernel", "grouped_lora_gemm_kernel", "grouped_rows_outer_kernel", "experts_forward",
            "experts_backward"]
@@ -239,14 +239,6 @@ def rank_chunk(lo_fp32: bool) -> int:
     return RANK_CHUNK // 2 if lo_fp32 else RANK_CHUNK
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _autotune_enabled() -> bool:
-    return not _interpreted() and os.environ.get("FASTLORA_AUTOTUNE", "1") not in ("", "0")
-
-
 def _esize(t) -> int:
     return t.element_size() if isinstance(t, torch.Tensor) else 2
 
@@ -293,11 +285,11 @@ def _cfg(num_warps, num_stages, **kwargs):
 
 def _fixed(**kwargs):
     small = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, BLOCK_J=16)
-    return [_cfg(4, 3, **{k: (small[k] if _interpreted() else v) for k, v in kwargs.items()})]
+    return [_cfg(4, 3, **{k: (small[k] if interpreted() else v) for k, v in kwargs.items()})]
 
 
 def _gemm_configs():
-    if not _autotune_enabled():
+    if not autotune_enabled():
         return _fixed(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)
     return [_cfg(4, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64), _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
             _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32), _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)]
@@ -314,14 +306,14 @@ def _gemm_keep(cfg, args) -> bool:
 
 
 def _shrink_configs():
-    if not _autotune_enabled():
+    if not autotune_enabled():
         return _fixed(BLOCK_M=64, BLOCK_K=64)
     return [_cfg(4, 3, BLOCK_M=64, BLOCK_K=64), _cfg(4, 4, BLOCK_M=32, BLOCK_K=64), _cfg(4, 4, BLOCK_M=64,
                                                                                             BLOCK_K=32)]
 
 
 def _outer_configs():
-    if not _autotune_enabled():
+    if not autotune_enabled():
         return _fixed(BLOCK_M=64, BLOCK_N=64, BLOCK_J=64)
     return [_cfg(4, 3, BLOCK_M=32, BLOCK_N=128, BLOCK_J=64), _cfg(4, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_J=32),
             _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_J=16), _cfg(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_J=128),
@@ -335,35 +327,29 @@ def _outer_keep(cfg, args) -> bool:
                                          and k["BLOCK_M"] * (k["BLOCK_N"] + k["BLOCK_J"]) != 8192)
 
 
-def _bucket(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
-
+prune_grouped_lora_gemm = _prune(gemm_resources, _gemm_keep)
+prune_grouped_shrink = _prune(shrink_resources)
+prune_grouped_rows_outer = _prune(outer_resources, _outer_keep)
 
 _GEMM = triton.autotune(configs=_gemm_configs(), key=["S_BUCKET", "N", "K", "R_BLOCK", "HAS_LORA", "FUSE_SHRINK",
                                                       "LO_FP32"],
-                        prune_configs_by={"early_config_prune": _prune(gemm_resources, _gemm_keep)})(
-    grouped_lora_gemm_kernel)
+                        prune_configs_by={"early_config_prune": prune_grouped_lora_gemm})(grouped_lora_gemm_kernel)
 _SHRINK = triton.autotune(configs=_shrink_configs(), key=["S_BUCKET", "K", "R_BLOCK", "LO_FP32"],
-                          prune_configs_by={"early_config_prune": _prune(shrink_resources)})(grouped_shrink_kernel)
+                          prune_configs_by={"early_config_prune": prune_grouped_shrink})(grouped_shrink_kernel)
 _OUTER = triton.autotune(configs=_outer_configs(), key=["S_BUCKET", "N", "J", "E", "DOT_FP32"],
-                         prune_configs_by={"early_config_prune": _prune(outer_resources, _outer_keep)})(
-    grouped_rows_outer_kernel)
+                         prune_configs_by={"early_config_prune": prune_grouped_rows_outer})(grouped_rows_outer_kernel)
 
 
 def _dot_precision(*dtypes) -> str:
-    """fp32 products follow torch: TF32 only where torch allows it for matmuls, exact IEEE products otherwise."""
-    if torch.float32 in dtypes and torch.backends.cuda.matmul.allow_tf32 and _autotune_enabled():
-        return "tf32"
-    return "ieee"
+    """The shared rule (``common.dot_precision``) for a product with these operand dtypes."""
+    return dot_precision(torch.float32 if torch.float32 in dtypes else dtypes[0])
 
 
 def low_rank_fp32(dtype: torch.dtype, adapter_dtype: torch.dtype) -> bool:
-    """The rank-r products take fp32 operands: fp32 inputs, or fp32 adapters (PEFT's default) on a half base."""
+    """The rank-r products take fp32 operands wherever x or the adapters are fp32 (bf16 with fp32 adapters too,
+    unlike the dense kernels' ``common.low_rank_fp32``): the PyTorch path computes them so, and both save h in that
+    dtype, so the two implementations agree on what autograd keeps."""
     return dtype == torch.float32 or adapter_dtype == torch.float32
-
-
-def _r_block(r: int, cap: int) -> int:
-    return min(max(16, triton.next_power_of_2(max(r, 1))), cap)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -375,11 +361,11 @@ def _shrink(x, a, h, offsets):
     S, K = x.shape
     E, R = offsets.shape[0], a.shape[1]
     lo_fp32 = low_rank_fp32(x.dtype, a.dtype)
-    rb = _r_block(R, rank_chunk(lo_fp32))
+    rb = r_block(max(R, 1), rank_chunk(lo_fp32))
     _SHRINK[lambda meta: (triton.cdiv(S, meta["BLOCK_M"]) + E, triton.cdiv(R, rb))](
         x, a, h, offsets, E, K, R, x.stride(0), x.stride(1), *a.stride(), h.stride(0), h.stride(1),
         LO_FP32=lo_fp32, DOT_PRECISION=_dot_precision(x.dtype, a.dtype), R_BLOCK=rb,
-        BLOCK_E=max(16, triton.next_power_of_2(E)), S_BUCKET=_bucket(S))
+        BLOCK_E=max(16, triton.next_power_of_2(E)), S_BUCKET=m_bucket(S))
 
 
 def h_dtype(dtype: torch.dtype, adapter_dtype: torch.dtype) -> torch.dtype:
@@ -402,7 +388,7 @@ def _grouped_lora(x, w, a, b, bias, offsets, scaling, out_dtype, hdt=torch.float
         _shrink(x, a, h, offsets)
     has_lora = R > 0
     lo_fp32 = has_lora and low_rank_fp32(x.dtype, a.dtype)
-    rb = _r_block(R, FUSED_SHRINK_MAX_R if fuse else rank_chunk(lo_fp32))
+    rb = r_block(max(R, 1), FUSED_SHRINK_MAX_R if fuse else rank_chunk(lo_fp32))
     _GEMM[lambda meta: ((triton.cdiv(S, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"]),)](
         x, w, a if has_lora else y, b if has_lora else y, bias if bias is not None else y, y,
         h if has_lora else y, offsets,
@@ -412,7 +398,7 @@ def _grouped_lora(x, w, a, b, bias, offsets, scaling, out_dtype, hdt=torch.float
         y.stride(0), y.stride(1), h.stride(0), h.stride(1),
         HAS_LORA=has_lora, FUSE_SHRINK=fuse, HAS_BIAS=bias is not None, STORE_H=fuse and has_lora,
         LO_FP32=lo_fp32, DOT_PRECISION=_dot_precision(x.dtype, a.dtype), R_BLOCK=rb,
-        BLOCK_E=max(16, triton.next_power_of_2(E)), S_BUCKET=_bucket(S))
+        BLOCK_E=max(16, triton.next_power_of_2(E)), S_BUCKET=m_bucket(S))
     return y, h
 
 
@@ -432,7 +418,7 @@ def _rows_outer(p, q, out, offsets, scale, colsum=None):
         p.stride(0), p.stride(1), q.stride(0), q.stride(1), out.stride(0), out.stride(1), out.stride(2),
         *(colsum.stride() if colsum is not None else (0, 0)),
         HAS_COLSUM=colsum is not None, DOT_FP32=dot_fp32, DOT_PRECISION=_dot_precision(p.dtype, q.dtype),
-        S_BUCKET=_bucket(S))
+        S_BUCKET=m_bucket(S))
     return out
 
 

@@ -52,7 +52,7 @@ def gemm_specs():
             # (E, out, r) viewed from PEFT's (out, r·E) in the forward; dY, Wᵀ, Bᵀ and Aᵀ in the dX launch
             unit = (UNIT_FWD if mode.startswith("fwd") else UNIT_DX) + ("stride_yn", "stride_hr")
             args = dict(x_ptr=x, R_BLOCK=rb, LO_FP32=lo_fp32, HAS_LORA=True, FUSE_SHRINK=flags["FUSE_SHRINK"])
-            for cfg in km._prune(km.gemm_resources, km._gemm_keep)(km._gemm_configs(), args):
+            for cfg in km.prune_grouped_lora_gemm(km._gemm_configs(), args):
                 consts = dict(flags, HAS_LORA=True, LO_FP32=lo_fp32, DOT_PRECISION="ieee", R_BLOCK=rb, BLOCK_E=128,
                               S_BUCKET=4096, **cfg.kwargs, **{u: 1 for u in unit})
                 sig = dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", a_ptr=f"*{adt}", b_ptr=f"*{adt}", bias_ptr=f"*{dt}",
@@ -60,7 +60,7 @@ def gemm_specs():
                 out.append((f"gemm {mode} {dt}/{adt} R{rb} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}",
                             km.grouped_lora_gemm_kernel, sig, consts, cfg.num_warps, cfg.num_stages))
         args = dict(x_ptr=x, R_BLOCK=chunk, LO_FP32=lo_fp32)
-        for cfg in km._prune(km.shrink_resources)(km._shrink_configs(), args):
+        for cfg in km.prune_grouped_shrink(km._shrink_configs(), args):
             consts = dict(LO_FP32=lo_fp32, DOT_PRECISION="ieee", R_BLOCK=chunk, BLOCK_E=128, S_BUCKET=4096, **cfg.kwargs,
                           stride_xk=1, stride_ak=1, stride_hr=1)
             sig = dict(x_ptr=f"*{dt}", a_ptr=f"*{adt}", h_ptr="*fp32", offs_ptr="*i32")
@@ -78,7 +78,7 @@ def outer_specs():
                                             ("dA", "bf16", "fp32", "fp32", True, False),
                                             ("dW", "bf16", "bf16", "bf16", False, False)):
         args = dict(p_ptr=_meta(torch.bfloat16), DOT_FP32=dot_fp32)
-        for cfg in km._prune(km.outer_resources, km._outer_keep)(km._outer_configs(), args):
+        for cfg in km.prune_grouped_rows_outer(km._outer_configs(), args):
             consts = dict(HAS_COLSUM=colsum, DOT_FP32=dot_fp32, DOT_PRECISION="ieee", S_BUCKET=4096, **cfg.kwargs,
                           stride_pn=1, stride_qj=1, stride_cn=1, **({"stride_on": 1} if name == "dA" else
                                                                    {"stride_oj": 1}))
