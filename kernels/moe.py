@@ -107,13 +107,14 @@ def grouped_lora_gemm_kernel(
         stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_ae, stride_ar, stride_ak,
         stride_be, stride_bn, stride_br, stride_biase, stride_biasn, stride_ym, stride_yn, stride_hm, stride_hr,
         HAS_LORA: tl.constexpr, FUSE_SHRINK: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_H: tl.constexpr,
-        LO_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        ACCUMULATE: tl.constexpr, LO_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_BLOCK: tl.constexpr,
         BLOCK_E: tl.constexpr, S_BUCKET: tl.constexpr):
     """y[rows of e] = x W_eᵀ + b_e + s·h B_eᵀ for one (row tile, column block). ``FUSE_SHRINK`` (r <= R_BLOCK):
     h = x A_eᵀ is accumulated in the K loop, and stored by the first column block where ``STORE_H``; else h was
-    computed by ``grouped_shrink_kernel`` and is read in the epilogue, R_BLOCK ranks at a time. ``LO_FP32``: the
-    rank-r products take fp32 operands (fp32 adapters on a half base)."""
+    computed by ``grouped_shrink_kernel`` and is read in the epilogue, R_BLOCK ranks at a time. ``ACCUMULATE``: y
+    holds x W_eᵀ already (torch's grouped_mm, the ``grouped_mm`` composition) and the kernel, launched with K = 0,
+    adds the rest. ``LO_FP32``: the rank-r products take fp32 operands (fp32 adapters on a half base)."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
     t = pid // num_n
@@ -180,8 +181,10 @@ def grouped_lora_gemm_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + e64 * stride_biase + rn * stride_biasn, mask=n_mask, other=0.0)
         acc += bias.to(tl.float32)[None, :]
-    tl.store(y_ptr + rm64[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+    y_ptrs = y_ptr + rm64[:, None] * stride_ym + rn[None, :] * stride_yn
+    if ACCUMULATE:
+        acc += tl.load(y_ptrs, mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
@@ -332,7 +335,7 @@ prune_grouped_shrink = _prune(shrink_resources)
 prune_grouped_rows_outer = _prune(outer_resources, _outer_keep)
 
 _GEMM = triton.autotune(configs=_gemm_configs(), key=["S_BUCKET", "N", "K", "R_BLOCK", "HAS_LORA", "FUSE_SHRINK",
-                                                      "LO_FP32"],
+                                                      "ACCUMULATE", "LO_FP32"],
                         prune_configs_by={"early_config_prune": prune_grouped_lora_gemm})(grouped_lora_gemm_kernel)
 _SHRINK = triton.autotune(configs=_shrink_configs(), key=["S_BUCKET", "K", "R_BLOCK", "LO_FP32"],
                           prune_configs_by={"early_config_prune": prune_grouped_shrink})(grouped_shrink_kernel)
@@ -377,13 +380,28 @@ def _grouped_lora(x, w, a, b, bias, offsets, scaling, out_dtype, hdt=torch.float
     """(y, h): y = x W_eᵀ + b_e + s·(x A_eᵀ) B_eᵀ per row's expert, h = x A_eᵀ (in ``hdt``). Up to 32 ranks the
     shrink runs in the GEMM's K loop; above, in its own launch first."""
     S, K = x.shape
+    y = torch.empty(S, w.shape[1], device=x.device, dtype=out_dtype)
+    return _lora_gemm(x, w, a, b, bias, offsets, scaling, y, hdt, accumulate=False)
+
+
+def _grouped_lora_on_grouped_mm(x, w, a, b, bias, offsets, scaling, out_dtype, hdt=torch.float32):
+    """The same (y, h), composed: x W_eᵀ by torch's grouped_mm (CUTLASS on CUDA), then h by the shrink kernel and
+    ``s·h B_eᵀ + b_e`` added in place by the GEMM kernel launched with K = 0 (its epilogue alone)."""
+    y = torch.nn.functional.grouped_mm(x, w.transpose(1, 2), offs=offsets.to(torch.int32))
+    if y.dtype != out_dtype:
+        y = y.to(out_dtype)
+    return _lora_gemm(x, w, a, b, bias, offsets, scaling, y, hdt, accumulate=True)
+
+
+def _lora_gemm(x, w, a, b, bias, offsets, scaling, y, hdt, accumulate):
+    S = x.shape[0]
+    K = 0 if accumulate else x.shape[1]
     E, N = offsets.shape[0], w.shape[1]
     R = a.shape[1]
-    y = torch.empty(S, N, device=x.device, dtype=out_dtype)
     h = torch.empty(S, R, device=x.device, dtype=hdt)
     if S == 0 or N == 0:
         return y, h
-    fuse = R <= FUSED_SHRINK_MAX_R
+    fuse = R <= FUSED_SHRINK_MAX_R and not accumulate
     if R and not fuse:
         _shrink(x, a, h, offsets)
     has_lora = R > 0
@@ -397,7 +415,7 @@ def _grouped_lora(x, w, a, b, bias, offsets, scaling, out_dtype, hdt=torch.float
         *(bias.stride() if bias is not None else (0, 0)),
         y.stride(0), y.stride(1), h.stride(0), h.stride(1),
         HAS_LORA=has_lora, FUSE_SHRINK=fuse, HAS_BIAS=bias is not None, STORE_H=fuse and has_lora,
-        LO_FP32=lo_fp32, DOT_PRECISION=_dot_precision(x.dtype, a.dtype), R_BLOCK=rb,
+        ACCUMULATE=accumulate, LO_FP32=lo_fp32, DOT_PRECISION=_dot_precision(x.dtype, a.dtype), R_BLOCK=rb,
         BLOCK_E=max(16, triton.next_power_of_2(E)), S_BUCKET=m_bucket(S))
     return y, h
 
@@ -422,10 +440,55 @@ def _rows_outer(p, q, out, offsets, scale, colsum=None):
     return out
 
 
+PATHS = ("fused", "grouped_mm")
+_PATH_CHOICE = None  # the MeasuredChoice between the two compositions, made on first use
+
+
+def _path_choice():
+    global _PATH_CHOICE
+    if _PATH_CHOICE is None:
+        from .dispatch import MeasuredChoice
+
+        _PATH_CHOICE = MeasuredChoice("FASTLORA_MOE_PATH", PATHS, "fused")
+    return _PATH_CHOICE
+
+
+def dispatch_choices() -> dict:
+    """The measured choices so far: {(phase, S bucket, E, N, K, r, dtype, adapter dtype, bias, device): path}."""
+    return {key: choice for key, choice, _ in _path_choice().report()}
+
+
+def grouped_mm_takes(x, w) -> bool:
+    """torch's ``grouped_mm`` can run x (S, K) against the (E, K, N) view of w (E, N, K): present, a dtype it
+    runs, 16-byte aligned rows and expert strides."""
+    if not hasattr(torch.nn.functional, "grouped_mm") or x.dtype not in (torch.bfloat16, torch.float16,
+                                                                          torch.float32):
+        return False
+    if x.device.type == "cuda" and (x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0)):
+        return False
+    es = x.element_size()
+    wt = w.transpose(1, 2)
+    return (x.stride(1) == 1 and x.stride(0) * es % 16 == 0 and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
+            and 1 in wt.stride()[1:] and all(st * es % 16 == 0 for st in wt.stride() if st != 1))
+
+
+def _run_path(phase, x, w, a, b, bias, offsets, scaling, out_dtype, hdt):
+    """The grouped LoRA GEMM by the faster composition for this shape class (measured on CUDA, cached per key;
+    ``FASTLORA_MOE_PATH`` pins one; the fused kernel where nothing is timed and where grouped_mm cannot run)."""
+    args = (x, w, a, b, bias, offsets, scaling, out_dtype, hdt)
+    if x.shape[0] == 0 or not grouped_mm_takes(x, w):
+        return _grouped_lora(*args)
+    key = (phase, m_bucket(x.shape[0]), offsets.shape[0], w.shape[1], x.shape[1], a.shape[1], x.dtype, a.dtype,
+           bias is not None, str(x.device))
+    return _path_choice().run(key, {"fused": lambda: _grouped_lora(*args),
+                                    "grouped_mm": lambda: _grouped_lora_on_grouped_mm(*args)}, x.device)
+
+
 def experts_forward(x, weight, lora_A, lora_B, bias, offsets, scaling, store_h=True):
     """(y, h): y (S, N) in x's dtype, h = x A_eᵀ (S, r) per row's expert (None unless ``store_h``), fp32 where the
     rank products are (``h_dtype``)."""
-    y, h = _grouped_lora(x, weight, lora_A, lora_B, bias, offsets, scaling, x.dtype, h_dtype(x.dtype, lora_A.dtype))
+    y, h = _run_path("fwd", x, weight, lora_A, lora_B, bias, offsets, scaling, x.dtype,
+                     h_dtype(x.dtype, lora_A.dtype))
     return y, (h if store_h else None)
 
 
@@ -441,8 +504,8 @@ def experts_backward(dy, x, weight, lora_A, lora_B, h, offsets, scaling, needs):
     dx = dw = da = db = dbias = None
     hp = None
     if need_x:
-        dx, hp = _grouped_lora(dy, weight.transpose(1, 2), lora_B.transpose(1, 2), lora_A.transpose(1, 2), None,
-                               offsets, scaling, x.dtype)
+        dx, hp = _run_path("dx", dy, weight.transpose(1, 2), lora_B.transpose(1, 2), lora_A.transpose(1, 2), None,
+                           offsets, scaling, x.dtype, torch.float32)
     elif need_a and r:  # dh alone (x frozen): the rank-r shrink of dY
         hp = torch.empty(dy.shape[0], r, device=dy.device, dtype=torch.float32)
         if dy.shape[0]:
@@ -456,8 +519,9 @@ def experts_backward(dy, x, weight, lora_A, lora_B, h, offsets, scaling, needs):
         dbias = torch.empty(E, N, device=x.device, dtype=torch.float32) if need_bias else None
         if need_b:
             db = torch.empty(E, N, r, device=x.device, dtype=lora_B.dtype)
+        if need_b and r:
             _rows_outer(dy, h, db, offsets, scaling, colsum=dbias)
-        else:
+        elif need_bias:  # the column sums alone (no B, or rank 0): a one-column product nothing reads
             _rows_outer(dy, dy[:, :1], torch.empty(E, N, 1, device=x.device, dtype=torch.float32), offsets, 0.0,
                         colsum=dbias)
     if need_w:

@@ -624,6 +624,14 @@ MUTANTS = [
            "mask=(rt < S)[:, None] & (rz < N)[None, :])",
            "mask=(rt < last)[:, None] & (rz < N)[None, :])",
            (MOE_TESTS,), k="triton and past_the_last_offset", why="rows no expert owns stay uninitialized"),
+    Mutant("moe_kernel_epilogue_overwrites_base", "kernels/moe.py",
+           "acc += tl.load(y_ptrs, mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)",
+           "acc += 0.0",
+           (MOE_TESTS,), k="grouped_mm_composition", why="the grouped_mm composition loses the base GEMM"),
+    Mutant("moe_kernel_rank0_bias_grad", "kernels/moe.py",
+           "elif need_bias:  # the column sums alone",
+           "elif False:  # the column sums alone",
+           (MOE_TESTS,), k="triton and rank_zero", why="a projection without LoRA gets a zero bias gradient"),
 ]
 
 

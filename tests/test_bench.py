@@ -765,3 +765,22 @@ def test_dora_check_is_a_script_over_fastlora_bench(tmp_path, capsys):
     assert all(row[f"{p}_ms"] > 0 for p in dora_check.PROVIDERS), row
     assert row["fastlora_dora_saved_mib"] is not None and row["fastlora_dora_over_lora"] > 0
     assert "fastlora DoRA/LoRA" in capsys.readouterr().out
+
+
+def test_moe_case_set_measures_fastlora_peft_and_the_frozen_block():
+    """`python -m fastlora bench --moe`'s engine on a tiny block: every provider timed, ratios to the frozen block
+    and to fastlora, saved bytes beside PEFT's (less), goals evaluated."""
+    pytest.importorskip("peft")
+    from fastlora.bench import moe
+
+    case = moe.MoECase("tiny", "qwen3_moe", hidden=32, intermediate=16, experts=4, top_k=2, tokens=24, r=4)
+    rows = moe.measure_moe_case(case, moe.MOE_PROVIDERS, budget_s=0.02, min_reps=3)
+    by = {r["provider"]: r for r in rows}
+    assert all(r.get("median_s") for r in rows), [r.get("error") for r in rows]
+    assert by["fastlora"]["vs_floor"]["median"] > 0 and by["peft"]["over_fastlora"]["median"] > 0
+    assert by["fastlora"]["saved_bytes"] < by["peft"]["saved_bytes"]
+    goals = moe.moe_goals(rows)
+    assert goals and goals[0]["threshold"] == moe.MOE_GOALS["cpu"]["floor"] and goals[0]["met"] is not None
+    text = moe.render_moe_text({"meta": dict(device="cpu", device_name="x", torch="t", date_utc="d", timer="t",
+                                             ratios="r", cases=[case.describe()]), "results": rows, "goals": goals})
+    assert "frozen block" in text and "PEFT" in text

@@ -83,11 +83,13 @@ def test_rank_zero_is_a_plain_grouped_linear_and_weight_grad(backend):
     ref = oracle(x, W, A, B, b, offsets, 2.0)
     assert_close(y, ref, 1e-5, 1e-5, "y")
     dy = torch.randn_like(y)
-    dW, = torch.autograd.grad(y, [W], dy)
-    want = torch.zeros_like(W)
+    dW, db = torch.autograd.grad(y, [W, b], dy)
+    want, want_b = torch.zeros_like(W), torch.zeros_like(b)
     for e, (a, z) in enumerate([(0, 2), (2, 2), (2, 5)]):
         want[e] = dy[a:z].t() @ x[a:z]
+        want_b[e] = dy[a:z].sum(0)
     assert_close(dW, want, 1e-5, 1e-5, "dW")
+    assert_close(db, want_b, 1e-5, 1e-5, "db")
 
 
 @pytest.mark.parametrize("r", [130])
@@ -192,3 +194,36 @@ def test_bad_input_is_named(change, match):
     change(args)
     with pytest.raises((ValueError, TypeError), match=match):
         fastlora.lora_experts(**args)
+
+
+@pytest.mark.parametrize("counts,K,N,r", [([5, 0, 9, 2], 16, 8, 4), ([3, 6], 12, 20, 40), ([0, 0, 7], 8, 4, 0)])
+def test_grouped_mm_composition(triton_backend, monkeypatch, counts, K, N, r):
+    """FASTLORA_MOE_PATH=grouped_mm: the base GEMM by torch's grouped_mm, the rank terms and the bias added in place
+    by the kernels (the GEMM launched with K = 0), rows past the last offset zeroed: the same values and gradients,
+    and grouped_mm really ran (forward and dx)."""
+    monkeypatch.setenv("FASTLORA_MOE_PATH", "grouped_mm")
+    calls = []
+    real = torch.nn.functional.grouped_mm
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, W, A, B, b, offsets = _problem(counts, K, N, r, extra_rows=4)
+    with nan_poisoned_allocations():
+        y = fastlora.lora_experts(x, W, A, B, offsets, b, scaling=0.6)
+    xd, Ad, Bd, bd = (t.detach().double().requires_grad_() for t in (x, A, B, b))
+    ref = oracle(xd, W, Ad, Bd, bd, offsets, 0.6)
+    assert_close(y, ref, 1e-5, 1e-5, "y")
+    dy = torch.randn_like(ref)
+    for name, g, w in zip(("dx", "dA", "dB", "db"), torch.autograd.grad(y, [x, A, B, b], dy.float()),
+                          torch.autograd.grad(ref, [xd, Ad, Bd, bd], dy)):
+        assert_close(g, w, 1e-5, 1e-5, name)
+    assert len(calls) >= 2
+
+
+def test_paths_default_to_the_fused_kernel_where_nothing_is_timed(triton_backend, monkeypatch):
+    """Off CUDA nothing is timed: the fused kernel runs (what the interpreter tests), grouped_mm does not."""
+    monkeypatch.delenv("FASTLORA_MOE_PATH", raising=False)
+    calls = []
+    real = torch.nn.functional.grouped_mm
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, W, A, B, b, offsets = _problem([5, 0, 9, 2], 16, 8, 4)
+    fastlora.lora_experts(x, W, A, B, offsets, b, scaling=0.6).sum().backward()
+    assert not calls

@@ -47,7 +47,11 @@ def gemm_specs():
         chunk = km.rank_chunk(lo_fp32)
         for mode, flags, rb in (("fwd fused", dict(FUSE_SHRINK=True, HAS_BIAS=True, STORE_H=True), 32),
                                 ("fwd reads h", dict(FUSE_SHRINK=False, HAS_BIAS=True, STORE_H=False), chunk),
-                                ("dx fused", dict(FUSE_SHRINK=True, HAS_BIAS=False, STORE_H=True), 16)):
+                                ("dx fused", dict(FUSE_SHRINK=True, HAS_BIAS=False, STORE_H=True), 16),
+                                # the grouped_mm composition's epilogue: y += s·h Bᵀ + b (launched with K = 0)
+                                ("fwd epilogue", dict(FUSE_SHRINK=False, HAS_BIAS=True, STORE_H=False,
+                                                      ACCUMULATE=True), chunk)):
+            flags = dict(dict(ACCUMULATE=False), **flags)
             # the unit strides a launch on PEFT's tensors specializes to 1: x, W (E, out, in), A (E, r, in) and B
             # (E, out, r) viewed from PEFT's (out, r·E) in the forward; dY, Wᵀ, Bᵀ and Aᵀ in the dX launch
             unit = (UNIT_FWD if mode.startswith("fwd") else UNIT_DX) + ("stride_yn", "stride_hr")

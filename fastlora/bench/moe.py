@@ -287,6 +287,10 @@ def render_moe_text(report: dict) -> str:
     if report["goals"]:
         parts += ["", "Goals (medians of per-round ratios):"] + ["  " + _goal_line(g)[len("p=0: "):]
                                                                  for g in report["goals"]]
+    if meta.get("moe_paths"):
+        parts += ["", "Compositions measured (FASTLORA_MOE_PATH pins one):"]
+        parts += [f"  {' '.join(p['key'])}: {p['choice']} "
+                  + ", ".join(f"{n} {ms:.3f} ms" for n, ms in p["ms"].items()) for p in meta["moe_paths"]]
     busy = busy_note(report["results"])
     if busy:
         parts += ["", _wrap(busy)]
@@ -356,6 +360,11 @@ def run_moe_cli(args, device: str, stream=None) -> int:
                  "ratios": ("medians of per-round ratios" if any((r.get("vs_floor") or {}).get("per_round")
                                                                  for r in rows) else "ratios of medians"),
                  "command": " ".join(["python -m fastlora bench"] + list(getattr(args, "argv", []) or []))})
+    if kind == "cuda":  # which composition the measured choice took for each problem, with both times
+        from fastlora.kernels import moe as moe_kernels
+
+        meta["moe_paths"] = [{"key": [str(k) for k in key], "choice": choice, "ms": times}
+                             for key, choice, times in moe_kernels._path_choice().report()]
     report = {"meta": meta, "results": rows, "goals": moe_goals(rows)}
     print(render_moe_text(report), file=stream)
     out = Path(args.out)
