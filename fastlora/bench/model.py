@@ -319,14 +319,14 @@ def model_goals(rows: list[dict]) -> list[dict]:
         limit = goals["floor"].get(p)
         if limit is not None:
             ratio = group.get("fastlora", {}).get("vs_floor")
-            out.append(_goal(f"fastlora eager ÷ frozen model ≤ {limit:g}", p, ratio, limit))
+            out.append(goal(f"fastlora eager ÷ frozen model ≤ {limit:g}", p, ratio, limit))
         for ours, peer in goals["not_slower"]:
             ratio = ratio_stats(group[ours], group[peer]) if ours in group and peer in group else None
-            out.append(_goal(f"{MODEL_NAMES[ours]} ÷ {MODEL_NAMES[peer]} ≤ 1", p, ratio, 1.0))
+            out.append(goal(f"{MODEL_NAMES[ours]} ÷ {MODEL_NAMES[peer]} ≤ 1", p, ratio, 1.0))
     return out
 
 
-def _goal(text, p, ratio, limit):
+def goal(text, p, ratio, limit):
     value = None if ratio is None else ratio["median"]
     return {"text": text, "dropout": p, "value": value, "threshold": limit,
             "iqr": None if ratio is None else (ratio["q1"], ratio["q3"]),
@@ -337,7 +337,7 @@ def _goal(text, p, ratio, limit):
 # Reporting
 # ---------------------------------------------------------------------------------------------------------
 
-def _ratio_cell(r: dict | None) -> str:
+def ratio_cell(r: dict | None) -> str:
     if r is None:
         return "–"
     if r["q1"] is None:
@@ -345,7 +345,7 @@ def _ratio_cell(r: dict | None) -> str:
     return f"{r['median']:.3f} [{r['q1']:.3f}–{r['q3']:.3f}]"
 
 
-def _mib(b) -> str:
+def mib(b) -> str:
     return "–" if b is None else f"{b / 2**20:.1f}"
 
 
@@ -360,9 +360,9 @@ def model_table(rows: list[dict]) -> list[list[str]]:
         body.append([f"{row['dropout']:g}", MODEL_NAMES[row["provider"]],
                      "err" if med is None else f"{med:.1f}",
                      "–" if row.get("spread") is None else f"{100 * row['spread']:.0f}%",
-                     _ratio_cell(row.get("vs_floor")) if row["provider"] != MODEL_FLOOR else "1",
-                     _ratio_cell(row.get("fastlora_over")) if row["provider"] != "fastlora" else "1",
-                     _mib(row.get("saved_bytes")), _mib(row.get("peak_bytes"))])
+                     ratio_cell(row.get("vs_floor")) if row["provider"] != MODEL_FLOOR else "1",
+                     ratio_cell(row.get("fastlora_over")) if row["provider"] != "fastlora" else "1",
+                     mib(row.get("saved_bytes")), mib(row.get("peak_bytes"))])
     return body
 
 
@@ -380,7 +380,7 @@ def _loss_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
-def _goal_line(g) -> str:
+def goal_line(g) -> str:
     verdict = {True: "MET", False: "MISSED", None: "NO DATA"}[g["met"]]
     iqr = "" if not g["iqr"] or g["iqr"][0] is None else f" [{g['iqr'][0]:.3f}–{g['iqr'][1]:.3f}]"
     value = "–" if g["value"] is None else f"{g['value']:.3f}{iqr}"
@@ -398,7 +398,7 @@ def render_model_text(report: dict) -> str:
     parts += ["", text_table(MODEL_HEADER, model_table(report["results"]), left=2)]
     parts += _loss_lines(report["results"])
     if report["goals"]:
-        parts += ["", "Goals (medians of per-round ratios; ≤ is better):"] + ["  " + _goal_line(g)
+        parts += ["", "Goals (medians of per-round ratios; ≤ is better):"] + ["  " + goal_line(g)
                                                                                  for g in report["goals"]]
     busy = busy_note(report["results"])
     if busy:
@@ -422,7 +422,7 @@ def render_model_markdown(report: dict) -> str:
     lines += [f"\n{line}" for line in _loss_lines(report["results"])]
     if report["goals"]:
         lines += ["", "Goals (medians of per-round ratios; ≤ is better):", ""]
-        lines += [f"- {_goal_line(g)}" for g in report["goals"]]
+        lines += [f"- {goal_line(g)}" for g in report["goals"]]
     busy = busy_note(report["results"])
     if busy:
         lines += ["", busy]

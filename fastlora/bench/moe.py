@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from .memory import peak_memory_bytes, saved_activation_bytes
-from .model import _goal, _goal_line, _mib, _ratio_cell, ratio_stats
-from .providers import _sync
+from .model import goal, goal_line, mib, ratio_cell, ratio_stats
+from .providers import sync
 from .timing import time_case
 
 MOE_PROVIDERS = ("fastlora", "peft", "base")
@@ -153,7 +153,7 @@ class MoERunner:
 
     def step(self) -> None:
         self.call()
-        _sync(self.device)
+        sync(self.device)
 
 
 def build_moe_runners(case: MoECase, providers, *, seed: int = 0, pool_size: int = 2):
@@ -243,7 +243,7 @@ def moe_goals(rows: list[dict]) -> list[dict]:
         groups.setdefault((row["preset"], row["device"], row["r"], row["dtype"]), {})[row["provider"]] = row
     for (preset, device, r, dtype), group in groups.items():
         goals = MOE_GOALS[torch.device(device).type]
-        g = _goal(f"{preset} r={r}: fastlora ÷ frozen block ≤ {goals['floor']:g}", 0.0,
+        g = goal(f"{preset} r={r}: fastlora ÷ frozen block ≤ {goals['floor']:g}", 0.0,
                   group.get("fastlora", {}).get("vs_floor"), goals["floor"])
         out.append(g)
         if goals["peft_over"] is not None:
@@ -267,25 +267,25 @@ def moe_table(rows: list[dict]) -> list[list[str]]:
         body.append([f"{row['preset']} r={row['r']}", MOE_NAMES[row["provider"]],
                      "err" if med is None else f"{med:.1f}",
                      "–" if row.get("spread") is None else f"{100 * row['spread']:.0f}%",
-                     _ratio_cell(row.get("vs_floor")) if row["provider"] != MOE_FLOOR else "1",
-                     _ratio_cell(row.get("over_fastlora")) if row["provider"] != "fastlora" else "1",
-                     _mib(row.get("saved_bytes")), _mib(row.get("peak_bytes"))])
+                     ratio_cell(row.get("vs_floor")) if row["provider"] != MOE_FLOOR else "1",
+                     ratio_cell(row.get("over_fastlora")) if row["provider"] != "fastlora" else "1",
+                     mib(row.get("saved_bytes")), mib(row.get("peak_bytes"))])
     return body
 
 
 def render_moe_text(report: dict) -> str:
-    from .report import _text_table, _wrap, busy_note
+    from .report import busy_note, text_table, wrap
 
     meta = report["meta"]
-    parts = [_wrap(f"fastlora bench --moe on {meta['device']} ({meta['device_name']}), torch {meta['torch']}, "
+    parts = [wrap(f"fastlora bench --moe on {meta['device']} ({meta['device_name']}), torch {meta['torch']}, "
                    f"{meta['date_utc']}; timer: {meta['timer']}; ratios: {meta['ratios']}")]
     for desc in dict.fromkeys(meta["cases"]):
-        parts += ["", _wrap(desc)]
-    parts += ["", _text_table(MOE_HEADER, moe_table(report["results"]), left=2)]
-    parts += ["", _wrap("saved MiB: what autograd keeps for backward in one forward, the parameters and the block's "
+        parts += ["", wrap(desc)]
+    parts += ["", text_table(MOE_HEADER, moe_table(report["results"]), left=2)]
+    parts += ["", wrap("saved MiB: what autograd keeps for backward in one forward, the parameters and the block's "
                         "input excluded.")]
     if report["goals"]:
-        parts += ["", "Goals (medians of per-round ratios):"] + ["  " + _goal_line(g)[len("p=0: "):]
+        parts += ["", "Goals (medians of per-round ratios):"] + ["  " + goal_line(g)[len("p=0: "):]
                                                                  for g in report["goals"]]
     if meta.get("moe_paths"):
         parts += ["", "Compositions measured (FASTLORA_MOE_PATH pins one):"]
@@ -293,15 +293,15 @@ def render_moe_text(report: dict) -> str:
                   + ", ".join(f"{n} {ms:.3f} ms" for n, ms in p["ms"].items()) for p in meta["moe_paths"]]
     busy = busy_note(report["results"])
     if busy:
-        parts += ["", _wrap(busy)]
+        parts += ["", wrap(busy)]
     errors = sorted({f"  {MOE_NAMES[r['provider']]}: {r['error']}" for r in report["results"] if r.get("error")})
     if errors:
-        parts += ["", "Errors:"] + [_wrap(e) for e in errors]
+        parts += ["", "Errors:"] + [wrap(e) for e in errors]
     return "\n".join(parts)
 
 
 def render_moe_markdown(report: dict) -> str:
-    from .report import _md_table, busy_note
+    from .report import busy_note, md_table
 
     meta = report["meta"]
     lines = ["# fastlora bench --moe", "", f"- command: `{meta['command']}`",
@@ -309,10 +309,10 @@ def render_moe_markdown(report: dict) -> str:
              f"- torch {meta['torch']}, triton {meta['triton']}, fastlora {meta['fastlora']}, "
              f"{meta['torch_threads']} torch threads; timer: {meta['timer']}; ratios: {meta['ratios']}"]
     lines += [f"- {desc}" for desc in dict.fromkeys(meta["cases"])]
-    lines += ["", _md_table(MOE_HEADER, moe_table(report["results"]), left=2)]
+    lines += ["", md_table(MOE_HEADER, moe_table(report["results"]), left=2)]
     if report["goals"]:
         lines += ["", "Goals (medians of per-round ratios):", ""]
-        lines += [f"- {_goal_line(g)[len('p=0: '):]}" for g in report["goals"]]
+        lines += [f"- {goal_line(g)[len('p=0: '):]}" for g in report["goals"]]
     busy = busy_note(report["results"])
     if busy:
         lines += ["", busy]
@@ -323,7 +323,7 @@ def run_moe_cli(args, device: str, stream=None) -> int:
     """``python -m fastlora bench --moe PRESET[,PRESET...]|auto``: the MoE case set on ``device``. Exit code 0 when
     every goal was met, 3 when one was missed, 1 when nothing was timed."""
     from .cases import DTYPE_NAMES, DTYPES
-    from .report import _wrap
+    from .report import wrap
     from .run import environment
 
     stream = stream if stream is not None else sys.stdout
@@ -342,7 +342,7 @@ def run_moe_cli(args, device: str, stream=None) -> int:
         torch.set_num_threads(args.threads)
     min_reps = 5 if args.quick else 21
     budget = args.budget if args.budget is not None else 0.5
-    print(_wrap(f"fastlora bench --moe: {len(cases)} case(s) × {len(providers)} providers on {device} ({dtype}), at "
+    print(wrap(f"fastlora bench --moe: {len(cases)} case(s) × {len(providers)} providers on {device} ({dtype}), at "
                 f"least {min_reps} interleaved rounds; results to {args.out}/"), file=stream)
     t0 = time.perf_counter()
     rows = []
