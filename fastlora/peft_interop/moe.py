@@ -93,11 +93,11 @@ def _wrapper_reason(w: nn.Module, adapters: list[str], experts: nn.Module) -> Op
             return f"{name}: custom lora_A / lora_B modules"
         if not A.weight.is_floating_point() or not B.weight.is_floating_point():
             return f"{name}: non-float adapter weights"
-        if type(mods["lora_dropout"]._modules[a]) is not nn.Identity:
+        if registry.active_dropout_p(mods["lora_dropout"]._modules[a]) != 0.0:  # PEFT refuses dropout here
             return f"{name}: lora_dropout is a {type(mods['lora_dropout']._modules[a]).__name__}"
-        variants = w.__dict__.get("lora_variant") or {}
-        if variants.get(a) is not None:
-            return f"{name}: LoRA variant {type(variants[a]).__name__}"
+        variant = registry.variant_name(w, a)
+        if variant is not None:
+            return f"{name}: {variant}"
     return None
 
 
