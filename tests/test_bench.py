@@ -773,8 +773,10 @@ def test_moe_case_set_measures_fastlora_peft_and_the_frozen_block():
     pytest.importorskip("peft")
     from fastlora.bench import moe
 
-    case = moe.MoECase("tiny", "qwen3_moe", hidden=32, intermediate=16, experts=4, top_k=2, tokens=24, r=4)
-    rows = moe.measure_moe_case(case, moe.MOE_PROVIDERS, budget_s=0.02, min_reps=3)
+    for family in ("qwen3_moe", "gpt_oss"):  # GPT-OSS's MLP returns (hidden states, router scores)
+        case = moe.MoECase("tiny", family, hidden=32, intermediate=16, experts=4, top_k=2, tokens=24, r=4)
+        rows = moe.measure_moe_case(case, moe.MOE_PROVIDERS, budget_s=0.02, min_reps=3)
+        assert all(r.get("median_s") for r in rows), [r.get("error") for r in rows]
     by = {r["provider"]: r for r in rows}
     assert all(r.get("median_s") for r in rows), [r.get("error") for r in rows]
     assert by["fastlora"]["vs_floor"]["median"] > 0 and by["peft"]["over_fastlora"]["median"] > 0

@@ -136,7 +136,7 @@ class MoERunner:
     def __init__(self, case: MoECase, provider: str, block, pool_x: list, pool_dy: list):
         self.case, self.provider = case, provider
         self.block = block
-        self.fn = block
+        self.fn = self.forward
         self.params = list(block.parameters())
         self.pool_x, self.pool_dy = pool_x, pool_dy
         self.device = pool_x[0].device
@@ -149,7 +149,12 @@ class MoERunner:
         i = self._i = (self._i + 1) % len(self.pool_x)
         x = self.pool_x[i]
         trained = [x] + [p for p in self.params if p.requires_grad]
-        torch.autograd.grad(self.block(x), trained, self.pool_dy[i])
+        torch.autograd.grad(self.forward(x), trained, self.pool_dy[i])
+
+    def forward(self, x):
+        """The block's hidden states (GPT-OSS's MLP also returns its router scores)."""
+        out = self.block(x)
+        return out[0] if isinstance(out, tuple) else out
 
     def step(self) -> None:
         self.call()
