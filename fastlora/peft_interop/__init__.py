@@ -2,8 +2,8 @@
 
 ``get_peft_model`` and ``from_pretrained`` are PEFT's own (they return a genuine ``peft.PeftModel``), followed by
 ``accelerate_peft``, which routes each PEFT LoRA layer's forward through the fusers of ``registry`` (plain and
-several-adapter linear layers, Conv1D, ``lora_bias``, embeddings; 4-bit bases and DoRA in their own modules) and
-falls back to PEFT's forward whenever no fuser can run the call. Only ``forward`` changes: parameters, adapter
+several-adapter linear layers, Conv1D, ``lora_bias``, embeddings; 4-bit bases, DoRA and the ``ParamWrapper``s on
+MoE experts in their own modules) and falls back to PEFT's forward whenever no fuser can run the call. Only ``forward`` changes: parameters, adapter
 management, saving and loading are PEFT's code. peft is imported only when one of these functions is called.
 """
 from __future__ import annotations
