@@ -291,3 +291,19 @@ def test_compiled_fullgraph_matches_eager(torch_backend):
         if p.requires_grad:
             assert_close(p.grad, want[3][name], 1e-5, 1e-5, name)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("experts,top_k", [(4, 1), (4, 4), (8, 3)])
+def test_top_k_and_expert_counts(experts, top_k, torch_backend):
+    """top-1, every expert (top-k = E), and more experts than tokens reach (empty and one-token experts)."""
+    base = tiny_moe("qwen3_moe", experts=experts, top_k=top_k)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = peft.get_peft_model(copy.deepcopy(base), lora_config())
+        fused = fastlora.accelerate_peft(copy.deepcopy(plain))
+    ids = torch.randint(0, 48, (1, 3))
+    want, got = _step(plain, ids), _step(fused, ids)
+    assert_close(got[0], want[0], 1e-5, 1e-5, "logits")
+    assert_close(got[2], want[2], 1e-5, 1e-5, "d inputs_embeds")
+    for name in want[3]:
+        assert_close(got[3][name], want[3][name], 1e-5, 1e-5, name)
