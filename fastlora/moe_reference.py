@@ -35,27 +35,43 @@ def spans(offsets: Tensor):
         start = max(start, end)
 
 
+def _grouped_rows(x: Tensor, w: Tensor, offsets: Tensor):
+    """x (S, K) times each expert's w[e] (E, K, J) for that expert's rows, by one torch ``grouped_mm`` call; None
+    where it cannot take the operands (``_grouped_ok``). Rows past the last offset are left unwritten."""
+    if not offsets.numel() or not _grouped_ok(x, w):
+        return None
+    return torch.nn.functional.grouped_mm(x, w, offs=offsets.to(torch.int32))
+
+
 def experts_forward(x, weight, lora_A, lora_B, bias, offsets, scaling, store_h=True):
     """(y, h): y (S, N) in x's dtype, h (S, r) in the rank dtype (None unless ``store_h``)."""
     S, N, r = x.shape[0], weight.shape[1], lora_A.shape[1]
     lo = lo_dtype(x.dtype, lora_A.dtype)
     y = x.new_empty(S, N)
-    h = x.new_empty(S, r, dtype=lo)
     if S and not offsets.numel():
         raise ValueError("lora_experts: rows given but no expert")
+    h, shrunk = None, False
+    if r:
+        x_lo = x.to(lo)
+        A_t = lora_A.to(lo).transpose(1, 2)  # (E, K, r)
+        B_t = lora_B.to(lo).contiguous().transpose(1, 2)  # (E, r, N); PEFT's B view has no unit stride: one copy
+        h = _grouped_rows(x_lo, A_t, offsets)  # the shrink of every row in one call where torch can
+        shrunk = h is not None
+    if h is None:
+        h = x.new_empty(S, r, dtype=lo)
     for e, a, b in spans(offsets):
-        xs, ys, hs = x[a:b], y[a:b], h[a:b]
+        xs, ys = x[a:b], y[a:b]
         if bias is not None:
             torch.addmm(bias[e], xs, weight[e].t(), out=ys)
         else:
             torch.mm(xs, weight[e].t(), out=ys)
         if not r:  # a projection without LoRA
             continue
-        torch.mm(xs.to(lo), lora_A[e].t().to(lo), out=hs)
+        hs = h[a:b] if shrunk else torch.mm(x_lo[a:b], A_t[e], out=h[a:b])
         if lo == y.dtype:
-            ys.addmm_(hs, lora_B[e].t().to(lo), alpha=scaling)
+            ys.addmm_(hs, B_t[e], alpha=scaling)
         else:  # the fp32 branch, added once
-            ys.add_(torch.mm(hs, lora_B[e].t().to(lo)).mul_(scaling))
+            ys.add_(torch.mm(hs, B_t[e]).mul_(scaling))
     _zero_unrouted(y, offsets)
     return y, (h if store_h else None)
 
@@ -75,7 +91,10 @@ def _grouped_ok(*ts) -> bool:
     for t in ts:
         if t.dtype not in (torch.float32, torch.float16, torch.bfloat16) or t.device.type != "cpu":
             return False
-        if t.data_ptr() % 16 or min(t.stride()) != 1 or max(t.stride()) * t.element_size() % 16:
+        es = t.element_size()
+        inner = t.shape[-2:] if t.dim() == 3 else t.shape[-1:]  # the dims it does not group along
+        if (not t.numel() or t.data_ptr() % 16 or min(t.stride()) != 1 or any(st * es % 16 for st in t.stride() if st != 1)
+                or any(n * es % 16 for n in inner)):
             return False
     return True
 
@@ -100,19 +119,24 @@ def experts_backward(dy, x, weight, lora_A, lora_B, h, offsets, scaling, needs):
     lo = h.dtype
     dy_lo = dy.to(lo)
     dx = x.new_empty(x.shape) if need_x else None
-    dh = x.new_empty(x.shape[0], r, dtype=lo) if (need_x or need_a) and r else None  # dY_e B_e (unscaled)
-    for e, a, b in spans(offsets):
-        g = dy[a:b]
-        if need_x:
-            dxs = torch.mm(g, weight[e], out=dx[a:b])
-        if dh is not None:
-            dhs = torch.mm(dy_lo[a:b], lora_B[e].to(lo), out=dh[a:b])
-            if need_x:
-                if lo == dxs.dtype:
-                    dxs.addmm_(dhs, lora_A[e], alpha=scaling)
-                else:
-                    dxs.add_(torch.mm(dhs, lora_A[e].to(lo)).mul_(scaling))
+    dh = None  # dY_e B_e (unscaled), (S, r)
+    if (need_x or need_a) and r:
+        B = lora_B.to(lo).contiguous()  # (E, N, r); PEFT's B view has no unit stride: one copy
+        dh = _grouped_rows(dy_lo, B, offsets)
+        if dh is None:
+            dh = x.new_empty(x.shape[0], r, dtype=lo)
+            for e, a, b in spans(offsets):
+                torch.mm(dy_lo[a:b], B[e], out=dh[a:b])
     if need_x:
+        A = lora_A.to(lo)
+        for e, a, b in spans(offsets):
+            dxs = torch.mm(dy[a:b], weight[e], out=dx[a:b])
+            if dh is None:
+                continue
+            if lo == dxs.dtype:
+                dxs.addmm_(dh[a:b], A[e], alpha=scaling)
+            else:
+                dxs.add_(torch.mm(dh[a:b], A[e]).mul_(scaling))
         _zero_unrouted(dx, offsets)
     da = db = dw = dbias = None
     if need_a and not r:
