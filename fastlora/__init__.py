@@ -38,8 +38,10 @@ from .backend import get_backend, set_backend  # noqa: E402
 from .dora import dora_embedding, dora_linear, dora_weight_norm  # noqa: E402
 from .functional import lora_embedding, lora_linear, lora_linear_multi  # noqa: E402
 from .layers import LoRAEmbedding, LoRALinear, LoRALinear4bit  # noqa: E402
+from .mixed import lora_embedding_mixed, lora_linear_mixed  # noqa: E402
 from .moe import lora_experts, lora_experts_forward  # noqa: E402
-from .peft_interop import accelerate_peft, from_pretrained, fused_layers, get_peft_model  # noqa: E402
+from .peft_interop import (accelerate_peft, allow_mixed_batch_training, from_pretrained, fused_layers,  # noqa: E402
+                           get_peft_model)
 from .qlora import lora_linear_4bit  # noqa: E402
 
 __version__ = "0.1.0"
@@ -48,6 +50,8 @@ __all__ = [
     "lora_linear",
     "lora_linear_multi",
     "lora_embedding",
+    "lora_linear_mixed",
+    "lora_embedding_mixed",
     "dora_linear",
     "dora_embedding",
     "dora_weight_norm",
@@ -60,6 +64,7 @@ __all__ = [
     "get_peft_model",
     "from_pretrained",
     "accelerate_peft",
+    "allow_mixed_batch_training",
     "fused_layers",
     "set_backend",
     "get_backend",

@@ -16,8 +16,11 @@ from torch.nn.modules import module as _nn_module
 
 from . import registry
 from . import bnb, dora, embedding, linear, moe  # noqa: F401  (registers the fusers; none imports peft or bitsandbytes)
+from . import mixed
+from .mixed import allow_mixed_batch_training
 
-__all__ = ["get_peft_model", "from_pretrained", "accelerate_peft", "fused_layers", "is_accelerated"]
+__all__ = ["get_peft_model", "from_pretrained", "accelerate_peft", "fused_layers", "is_accelerated",
+           "allow_mixed_batch_training"]
 
 _FLAG = "_fastlora_accelerated"
 _DISABLED = "adapters disabled"
@@ -121,15 +124,19 @@ class _RoutedForward:
 
     def __call__(self, x, *args, **kwargs):
         layer = self.layer
-        if "adapter_names" not in kwargs:  # adapter_names= (mixed batches): PEFT's path
+        if "adapter_names" not in kwargs:
             plan = _plan(layer)
             if not isinstance(plan, str):
                 fuser, adapters = plan
                 if fuser.takes_args:  # an experts module's routing arguments
                     return fuser.forward(layer, x, adapters, *args, **kwargs)
-                if not args and not kwargs:  # variant kwargs: PEFT's path
+                if not args and not kwargs:
                     return fuser.forward(layer, x, adapters)
-        return type(layer).forward(layer, x, *args, **kwargs)
+        elif not args and len(kwargs) == 1 and kwargs["adapter_names"] is not None:  # a mixed batch
+            y = mixed.forward(layer, x, kwargs["adapter_names"])
+            if y is not None:
+                return y
+        return type(layer).forward(layer, x, *args, **kwargs)  # variant kwargs, and what PEFT runs its own way
 
 
 class _ThenClearNormCache:
@@ -178,8 +185,9 @@ def accelerate_peft(model: nn.Module) -> nn.Module:
 
     Only the layers' ``forward`` changes, so parameters, optimizer state, ``save_pretrained`` and PEFT's adapter
     management are untouched. Each call goes to a fuser when one can run it (``fused_layers`` says which layers
-    do) and to PEFT's own forward otherwise: adapters disabled or merged, ``adapter_names=`` batches, hooks on
-    ``base_layer`` / ``lora_A`` / ``lora_B``, a layer kind or variant fastlora has no fuser for. The layers routed
+    do) and to PEFT's own forward otherwise: adapters disabled or merged, hooks on
+    ``base_layer`` / ``lora_A`` / ``lora_B``, a layer kind or variant fastlora has no fuser for. Mixed-adapter
+    batches (``adapter_names=``) run fused on the same layers, with PEFT's rules (``peft_interop.mixed``). The layers routed
     by this call that cannot run fused are named in one warning. Adapters added or loaded later are routed as
     well. Calling it twice is harmless.
     """

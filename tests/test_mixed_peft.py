@@ -1,0 +1,277 @@
+"""Mixed-adapter batches at the model level: PEFT's ``adapter_names=`` (forward and generate) on accelerated models
+runs fastlora's fused op and equals PEFT's own mixed batch (the oracle); training on mixed batches
+(``fastlora.allow_mixed_batch_training``) gives every adapter what training it alone gives."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+import fastlora  # noqa: E402
+from fastlora.mixed import MIXED_LORA_LINEAR  # noqa: E402
+from model_helpers import assert_same, perturb_trainable, tiny_gpt2, tiny_llama  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def torch_backend():
+    """The model-level tests run the PyTorch path (the kernels are checked in tests/test_mixed.py): fast on CPU."""
+    before = fastlora.get_backend()
+    fastlora.set_backend("torch")
+    yield
+    fastlora.set_backend(before)
+
+
+def refuse_peft_mixed_loop(monkeypatch):
+    """From now on PEFT's own mixed-batch loop raises: what runs must be fastlora's."""
+    from peft.tuners.lora import layer
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError(f"PEFT's _mixed_batch_forward ran on {type(self).__name__}")
+
+    for cls in (layer.Linear, layer.Embedding):
+        monkeypatch.setattr(cls, "_mixed_batch_forward", refuse)
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    calls = []
+    original = type(MIXED_LORA_LINEAR).__call__
+
+    def counted(self, *args, **kwargs):
+        calls.append(kwargs.get("ranks"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(MIXED_LORA_LINEAR), "__call__", counted)
+    return calls
+
+
+def _configs(targets, embedding=None):
+    from peft import LoraConfig
+
+    base = dict(target_modules=targets, init_lora_weights=False)
+    if embedding:
+        base["target_modules"] = targets + [embedding]
+    return {
+        "en": LoraConfig(r=2, lora_alpha=4, lora_dropout=0.1, **base),
+        "de": LoraConfig(r=5, lora_alpha=3, **base),
+        "fr": LoraConfig(r=3, lora_alpha=6, lora_bias=True, **dict(base, target_modules=targets)),
+    }
+
+
+def _twins(make_model, targets, embedding=None):
+    """(plain PEFT model, the same model accelerated), three adapters of ranks 2, 5, 3 (c with lora_bias)."""
+    from peft import get_peft_model
+
+    cfgs = _configs(targets, embedding)
+    model = get_peft_model(make_model(), cfgs["en"], adapter_name="en")
+    for name in ("de", "fr"):
+        model.add_adapter(name, cfgs[name])
+    perturb_trainable(model)
+    model.eval()
+    return model, fastlora.accelerate_peft(copy.deepcopy(model))
+
+
+NAMES = ["en", "de", "__base__", "fr", "de", "en"]
+
+
+@pytest.mark.parametrize("make_model, targets, embedding", [
+    (tiny_llama, ["q_proj", "v_proj", "down_proj"], "embed_tokens"),
+    (tiny_gpt2, ["c_attn", "c_fc"], "wte"),  # transformers Conv1D bases
+])
+def test_forward_equals_peft_mixed_batch(make_model, targets, embedding, monkeypatch):
+    plain, fused = _twins(make_model, targets, embedding)
+    ids = torch.randint(1, 61, (len(NAMES), 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = plain(input_ids=ids, adapter_names=NAMES).logits  # the oracle: PEFT's own loop
+        refuse_peft_mixed_loop(monkeypatch)
+        actual = fused(input_ids=ids, adapter_names=NAMES).logits
+    assert_same(actual, expected, atol=2e-5, rtol=2e-5, name="logits")
+
+
+def test_generate_with_adapter_names_and_beams():
+    plain, fused = _twins(tiny_llama, ["q_proj", "v_proj"], "embed_tokens")
+    ids = torch.randint(1, 61, (3, 5), generator=torch.Generator().manual_seed(1))
+    names = ["de", "__base__", "en"]
+    for kwargs in (dict(do_sample=False), dict(do_sample=False, num_beams=2)):
+        expected = plain.generate(input_ids=ids, adapter_names=names, max_new_tokens=4, pad_token_id=0, **kwargs)
+        actual = fused.generate(input_ids=ids, adapter_names=names, max_new_tokens=4, pad_token_id=0, **kwargs)
+        assert torch.equal(actual, expected), kwargs
+
+
+def test_mixed_batch_runs_the_fused_op(op_calls):
+    plain, fused = _twins(tiny_llama, ["q_proj", "v_proj"])
+    ids = torch.randint(1, 61, (4, 3), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        fused(input_ids=ids, adapter_names=["fr", "en", "en", "__base__"])
+    # 2 layers x 2 targets, each with the two adapters of the batch, ranks in first-appearance order
+    assert op_calls == [[3, 2]] * 4
+
+
+def test_peft_rules_kept():
+    plain, fused = _twins(tiny_llama, ["q_proj", "v_proj"])
+    ids = torch.randint(1, 61, (2, 3))
+    for model in (plain, fused):
+        with pytest.raises(ValueError, match="non-existing adapter"):
+            model(input_ids=ids, adapter_names=["en", "nope"])
+        model.train()
+        with pytest.raises(ValueError, match="training mode"):  # PEFT's rule without fastlora's opt-in
+            model(input_ids=ids, adapter_names=["en", "de"])
+        model.eval()
+    with torch.no_grad():  # all base: the base model's output
+        with fused.disable_adapter():
+            base = fused(input_ids=ids).logits
+        assert_same(fused(input_ids=ids, adapter_names=["__base__"] * 2).logits, base, name="all __base__")
+
+
+def test_dora_adapter_in_a_mixed_batch_raises_as_peft():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]), adapter_name="plain")
+    model.add_adapter("dora", LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    model = fastlora.accelerate_peft(model)
+    model.eval()
+    with pytest.raises(ValueError, match="DoRA"):
+        model(input_ids=torch.randint(1, 61, (2, 3)), adapter_names=["plain", "dora"])
+
+
+def test_fused_layers_reason_for_a_mixed_call():
+    from fastlora.peft_interop import mixed
+
+    plain, fused = _twins(tiny_llama, ["q_proj"])
+    layer = fused.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 3, 16)
+    assert mixed.why_not(layer, x, ["en", "de"]) is None
+    assert mixed.why_not(layer, x, ["en"]) == "adapter_names is not one name per sample"
+    assert mixed.why_not(layer, x, ["__base__", "zzz"]) == "no adapter of this layer in the batch"
+    layer.lora_A["en"].register_forward_hook(lambda *args: None)
+    assert mixed.why_not(layer, x, ["en", "de"]) == "hook on lora_A['en']"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training several adapters in one pass
+# --------------------------------------------------------------------------------------------------------------
+
+def _sum_loss(model, ids, labels, **kwargs):
+    """Cross-entropy summed over every token of every sample: a sum of per-sample terms, so each adapter's
+    gradient is the sum over its own samples."""
+    logits = model(input_ids=ids, **kwargs).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                             labels[:, 1:].reshape(-1), reduction="sum")
+
+
+def _two_adapter_model(dropout=0.0):
+    from peft import LoraConfig
+
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"], lora_dropout=dropout,
+                     init_lora_weights=False)
+    model = fastlora.get_peft_model(tiny_llama(), cfg, adapter_name="task_a")
+    model.add_adapter("task_b", cfg)
+    model.add_adapter("frozen", cfg)
+    perturb_trainable(model)
+    return model
+
+
+def _task_batches(steps=3):
+    """Two toy tasks: copy a sequence (task a) and reverse it (task b)."""
+    g = torch.Generator().manual_seed(4)
+    out = []
+    for _ in range(steps):
+        xa = torch.randint(1, 61, (2, 6), generator=g)
+        xb = torch.randint(1, 61, (3, 6), generator=g)
+        out.append(((xa, xa.clone()), (xb, xb.flip(1))))
+    return out
+
+
+def _lora_params(model, adapter):
+    return {n: p for n, p in model.named_parameters() if f".{adapter}." in n}
+
+
+def test_training_requires_the_opt_in_and_the_fastlora_router():
+    model = _two_adapter_model()
+    with pytest.raises(ValueError, match="accelerate_peft"):
+        from peft import LoraConfig, get_peft_model
+
+        fastlora.allow_mixed_batch_training(get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"])))
+    fastlora.allow_mixed_batch_training(model)
+    model.train()
+    ids = torch.randint(1, 61, (2, 4))
+    model(input_ids=ids, adapter_names=["task_a", "task_b"])  # no error
+    fastlora.allow_mixed_batch_training(model, allow=False)
+    with pytest.raises(ValueError, match="training mode"):
+        model(input_ids=ids, adapter_names=["task_a", "task_b"])
+
+
+def test_one_step_gradients_equal_separate_runs_and_frozen_adapters_get_none():
+    model = _two_adapter_model()
+    model.base_model.set_adapter(["task_a", "task_b"])  # trainable; "frozen" stays frozen
+    fastlora.allow_mixed_batch_training(model)
+    model.train()
+    (xa, ya), (xb, yb) = _task_batches(1)[0]
+    ids = torch.cat([xa, xb.new_zeros(1, 6) + 5, xb])
+    labels = torch.cat([ya, yb.new_zeros(1, 6) + 5, yb])
+    names = ["task_a"] * 2 + ["frozen"] + ["task_b"] * 3
+    _sum_loss(model, ids, labels, adapter_names=names).backward()
+    mixed = {a: {n: p.grad.clone() for n, p in _lora_params(model, a).items()} for a in ("task_a", "task_b")}
+    assert all(p.grad is None for p in _lora_params(model, "frozen").values())
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+    for adapter, (x, y) in (("task_a", (xa, ya)), ("task_b", (xb, yb))):
+        model.zero_grad(set_to_none=True)
+        _sum_loss(model, x, y, adapter_names=[adapter] * len(x)).backward()
+        for n, p in _lora_params(model, adapter).items():
+            assert_same(mixed[adapter][n], p.grad, atol=1e-5, rtol=1e-4, name=f"{n} grad")
+
+
+def test_two_adapters_trained_in_one_loop_match_each_trained_alone():
+    """The issue's check: two adapters, two toy tasks, one loop over mixed batches; each adapter ends where training
+    it alone (its own model, its own rows, the same optimizer) ends."""
+    start = _two_adapter_model()
+    mixed = copy.deepcopy(start)
+    mixed.base_model.set_adapter(["task_a", "task_b"])
+    fastlora.allow_mixed_batch_training(mixed)
+    mixed.train()
+    opt = torch.optim.AdamW([p for p in mixed.parameters() if p.requires_grad], lr=1e-2)
+    for (xa, ya), (xb, yb) in _task_batches():
+        opt.zero_grad()
+        loss = _sum_loss(mixed, torch.cat([xa, xb]), torch.cat([ya, yb]),
+                         adapter_names=["task_a"] * len(xa) + ["task_b"] * len(xb))
+        loss.backward()
+        opt.step()
+    for adapter, task in (("task_a", 0), ("task_b", 1)):
+        alone = copy.deepcopy(start)
+        alone.set_adapter(adapter)
+        alone.train()
+        opt = torch.optim.AdamW([p for p in alone.parameters() if p.requires_grad], lr=1e-2)
+        for batch in _task_batches():
+            x, y = batch[task]
+            opt.zero_grad()
+            _sum_loss(alone, x, y).backward()
+            opt.step()
+        trained, expected = _lora_params(mixed, adapter), _lora_params(alone, adapter)
+        moved = max(float((p - _lora_params(start, adapter)[n]).detach().abs().max()) for n, p in expected.items())
+        assert moved > 1e-3  # training did move the adapter
+        for n, p in expected.items():
+            assert_same(trained[n], p, atol=1e-5, rtol=1e-4, name=n)
+
+
+def test_dropout_is_per_adapter_in_training():
+    """Adapter en drops (p = 0.5), adapter de does not: in training, de's rows equal the eval output, en's differ."""
+    from peft import LoraConfig
+
+    model = fastlora.get_peft_model(
+        tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.5,
+                                 init_lora_weights=False), adapter_name="en")
+    model.add_adapter("de", LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    fastlora.allow_mixed_batch_training(model)
+    ids = torch.randint(1, 61, (4, 5), generator=torch.Generator().manual_seed(3))
+    names = ["en", "de", "en", "de"]
+    model.eval()
+    with torch.no_grad():
+        ref = model(input_ids=ids, adapter_names=names).logits
+        model.train()
+        out = model(input_ids=ids, adapter_names=names).logits
+    assert_same(out[1::2], ref[1::2], name="rows of the adapter without dropout")
+    assert float((out[0::2] - ref[0::2]).abs().max()) > 1e-3
