@@ -20,6 +20,9 @@
 #  10. MoE (python -m fastlora bench --moe auto): the MoE blocks of Qwen3-30B-A3B, Mixtral-8x7B and GPT-OSS-20B
 #      (bf16, LoRA r=16 on the experts' gate_up_proj and down_proj) forward + backward, fastlora vs PEFT's
 #      target_parameters path vs the frozen block; goals: <= 1.15x the frozen block, >= 3x faster than PEFT.
+#  11. mixed-adapter batches (benchmarks/mixed_check.py): PEFT's adapter_names= on a 4096x4096 layer, prefill (4096
+#      rows) and decode (64 rows), 1-256 adapters of ranks 8-64, fastlora vs PEFT's mixed batch, the frozen linear
+#      and fastlora's single-adapter op (goal: within 1.15x of it), outputs checked against PEFT's.
 # First-run cost is bounded: FASTLORA_AUTOTUNE_TOP_K (3 here) benchmarks only the first 3 configs that the
 # resource model keeps per kernel and key, and the Triton cache (TRITON_CACHE_DIR) persists between the steps.
 # A test failure does not stop the benchmark; a benchmark stopped by its budget still writes what it measured; both outcomes are reported at the end, and the exit status is
@@ -37,7 +40,8 @@
 #   AUTOTUNE_TOP_K (3; 0 = every config)  DISPATCH_SHAPES (all: llm-grid + decode)  DISPATCH_BUDGET_S (80)
 #   QLORA_SHAPES (decode)  QLORA_BUDGET_S (45)  DORA_SHAPES (dora_check.py's goal shapes)  DORA_BUDGET_S (45)
 #   SKIP_INSTALL=1 (do not pip install)  SKIP_TESTS=1  SKIP_DECODE=1  SKIP_CUBLAS=1  SKIP_DISPATCH=1  SKIP_QLORA=1
-#   SKIP_DORA=1  MOE_PRESETS (auto)  MOE_BUDGET_S (45)  SKIP_MOE=1  PYTHON (python)
+#   SKIP_DORA=1  MOE_PRESETS (auto)  MOE_BUDGET_S (45)  SKIP_MOE=1  MIXED_PRESETS (decode,prefill)
+#   MIXED_BUDGET_S (60)  SKIP_MIXED=1  PYTHON (python)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -64,6 +68,8 @@ DISPATCH_BUDGET_S=${DISPATCH_BUDGET_S:-80}
 QLORA_SHAPES=${QLORA_SHAPES:-decode}
 QLORA_BUDGET_S=${QLORA_BUDGET_S:-45}
 DORA_BUDGET_S=${DORA_BUDGET_S:-45}
+MIXED_PRESETS=${MIXED_PRESETS:-decode,prefill}
+MIXED_BUDGET_S=${MIXED_BUDGET_S:-60}
 export FASTLORA_AUTOTUNE_TOP_K=${AUTOTUNE_TOP_K:-3}
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
 RESULTS=${OUT:+$OUT/gpu_check}
@@ -200,6 +206,14 @@ if [[ "${SKIP_MOE:-0}" != "1" ]]; then
         --device "$DEVICE" --dtype "$DTYPE" --rank "$RANK" --budget "$BENCH_BUDGET" --out "$RESULTS/moe" || moe_rc=$?
     [[ $moe_rc -eq 0 ]] || echo "!!! MoE benchmark: FAILED, a goal missed, or stopped (rc=$moe_rc)"
 fi
+mixed_rc=skipped
+if [[ "${SKIP_MIXED:-0}" != "1" && "$DEVICE" == cuda* ]]; then
+    stamp "mixed-adapter batches: fastlora vs PEFT's mixed batch vs the single-adapter op ($MIXED_PRESETS)"
+    mixed_rc=0
+    timeout -s INT -k 20 "$MIXED_BUDGET_S" "$PYTHON" benchmarks/mixed_check.py --preset "$MIXED_PRESETS" \
+        --budget 0.1 --out "$RESULTS/mixed" || mixed_rc=$?
+    [[ $mixed_rc -eq 0 ]] || echo "!!! mixed-batch check: FAILED, a goal MISSED, or stopped (rc=$mixed_rc)"
+fi
 
 stamp "summary"
 if [[ -f "$RESULTS/results.json" ]]; then
@@ -248,9 +262,11 @@ for key in sorted(k for k in cub if k[-1] == "fastlora"):
 EOF
 fi
 echo "install rc=$install_rc, tests rc=$test_rc, benchmark rc=$bench_rc, decode rc=$decode_rc, cublas rc=$cublas_rc," \
-     "dispatch rc=$dispatch_rc, qlora rc=$qlora_rc, dora rc=$dora_rc, moe rc=$moe_rc, total $(( $(date +%s) - START ))s"
+     "dispatch rc=$dispatch_rc, qlora rc=$qlora_rc, dora rc=$dora_rc, moe rc=$moe_rc, mixed rc=$mixed_rc," \
+     "total $(( $(date +%s) - START ))s"
 echo "log, tests.xml, results.json/.md/.png in $RESULTS"
 [[ $install_rc -eq 0 && ( $test_rc == 0 || $test_rc == skipped ) && $bench_rc -eq 0 \
    && ( $decode_rc == 0 || $decode_rc == skipped ) && ( $cublas_rc == 0 || $cublas_rc == skipped ) \
    && ( $dispatch_rc == 0 || $dispatch_rc == skipped ) && ( $qlora_rc == 0 || $qlora_rc == skipped ) \
-   && ( $dora_rc == 0 || $dora_rc == skipped ) && ( $moe_rc == 0 || $moe_rc == skipped ) ]]
+   && ( $dora_rc == 0 || $dora_rc == skipped ) && ( $moe_rc == 0 || $moe_rc == skipped ) \
+   && ( $mixed_rc == 0 || $mixed_rc == skipped ) ]]

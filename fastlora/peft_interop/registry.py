@@ -3,8 +3,9 @@
 A fuser is plain data. The router in this package (``accelerate_peft``) asks, for every PEFT LoRA layer and each
 of its active adapters, which registered fuser claims it (the first one, in priority order), whether that fuser
 can run it now (``why_not``), and if every active adapter of the layer is claimed by one fuser that can, it calls
-``forward`` instead of PEFT's own forward. Everything else (adapters disabled or merged, ``adapter_names=`` mixed
-batches, hooks on the sub-layers, adapters of different kinds active together) keeps PEFT's forward.
+``forward`` instead of PEFT's own forward. Everything else (adapters disabled or merged, hooks on the sub-layers,
+adapters of different kinds active together) keeps PEFT's forward. Mixed-adapter batches (``adapter_names=``)
+use the same fusers' ``claims`` / ``why_not`` to decide, and run through ``peft_interop.mixed``.
 
 Contract for a fuser module (``linear``, ``embedding``, ``bnb``, ``dora``, ...):
 
