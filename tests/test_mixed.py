@@ -45,7 +45,8 @@ def _oracle_grads(x, W, b, As, Bs, index, s, keep, grad_y):
 CASES = {
     # name: (M, K, N, ranks, index)
     "three_adapters_base_rows": (7, 5, 3, [2, 3, 2], [0, 1, -1, 2, 0, 2, 1]),
-    "rank_1_and_skewed": (20, 9, 11, [1, 4], [0] * 17 + [1, -1, 1]),  # padded tiles (skewed groups)
+    # padded tiles: one rank-3 adapter holds most rows (skewed groups)
+    "rank_1_and_skewed": (22, 9, 11, [1, 3, 3, 3], [1] * 17 + [0, -1, 2, 3, 1]),
     "all_base_rows": (5, 4, 4, [3], [-1] * 5),
     "empty_batch": (0, 4, 6, [2, 3], []),
     "primes_mixed_ranks": (37, 33, 17, [17, 3, 5, 8], [(i * 7) % 5 - 1 for i in range(37)]),
