@@ -14,6 +14,7 @@ draws its own dropout mask, and adapters whose parameters do not require grad ge
 from __future__ import annotations
 
 import collections
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -72,8 +73,9 @@ class MixedLoRALinearOp(FusedOp):
             raise ValueError(f"{who}: needs one or more adapters, each of rank >= 1, got ranks {ranks}")
         if len(ps) != n:
             raise ValueError(f"{who}: {n} adapters but {len(ps)} dropout_ps")
-        for p in ps:
-            check_dropout(p, who)
+        if not all(type(p) is float and 0.0 <= p < 1.0 for p in ps):  # the fast path checks plain floats only
+            for p in ps:
+                check_dropout(p, who)
         R = sum(int(r) for r in ranks)
         if lora_A.shape != (R, K):
             raise ValueError(f"{who}: packed lora_A {_shape(lora_A)} must be (sum of ranks={R}, in_features={K})")
@@ -149,12 +151,19 @@ MIXED_LORA_LINEAR = MixedLoRALinearOp()
 def pack_adapters(lora_As: Sequence[Tensor], lora_Bs: Sequence[Tensor]):
     """(lora_A (R, K), lora_B (N·R,), ranks): the adapters' A stacked along the rank and their B flattened one
     after the other, in one dtype (the widest); differentiable, so gradients reach each adapter's own tensors."""
-    dt = lora_As[0].dtype
-    for t in (*lora_As, *lora_Bs):
-        dt = torch.promote_types(dt, t.dtype)
-    A = torch.cat([a.to(dt) for a in lora_As], 0)
-    B = torch.cat([b.to(dt).reshape(-1) for b in lora_Bs])
-    return A, B, [int(a.shape[0]) for a in lora_As]
+    dtypes = {t.dtype for t in lora_As} | {t.dtype for t in lora_Bs}
+    ranks = [a.shape[0] for a in lora_As]
+    if len(dtypes) == 1:  # the usual case: no per-adapter cast
+        A = torch.cat(lora_As, 0)
+        if len(set(ranks)) == 1 and all(b.is_contiguous() for b in lora_Bs):  # (n·N, r): the same memory order
+            B = torch.cat(lora_Bs, 0).view(-1)
+        else:
+            B = torch.cat([b.reshape(-1) for b in lora_Bs])
+    else:
+        dt = functools.reduce(torch.promote_types, dtypes)
+        A = torch.cat([a.to(dt) for a in lora_As], 0)
+        B = torch.cat([b.to(dt).reshape(-1) for b in lora_Bs])
+    return A, B, ranks
 
 
 _SCALINGS: "collections.OrderedDict" = collections.OrderedDict()

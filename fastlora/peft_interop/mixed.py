@@ -77,13 +77,34 @@ def why_not(layer, x, names) -> Optional[str]:
     if not used:
         return "no adapter of this layer in the batch"
     fuser = linear_fuser.FUSER if kind == "linear" else embedding_fuser.FUSER
-    for a in used:
-        if registry.fuser_for(layer, a) is not fuser:
-            return f"adapter {a!r}: not a plain LoRA {kind}"
-        why = fuser.why_not(layer, a)
+    first = used[0]  # the fuser's full check once (the layer's base, forward, ...), per adapter only what differs
+    if registry.fuser_for(layer, first) is not fuser:
+        return f"adapter {first!r}: not a plain LoRA {kind}"
+    why = fuser.why_not(layer, first)
+    if why is not None:
+        return f"adapter {first!r}: {why}"
+    for a in used[1:]:
+        why = _adapter_reason(layer, a, kind)
         if why is not None:
             return f"adapter {a!r}: {why}"
     return _hook_reason(layer, used)
+
+
+def _adapter_reason(layer, a, kind) -> Optional[str]:
+    """What makes adapter ``a`` unfit where the layer's first adapter passed its fuser's whole check: a variant
+    (DoRA, ...), custom or non-float modules, a dropout module fastlora does not run."""
+    variant = linear_fuser.variant_name(layer, a)
+    if variant is not None:
+        return variant
+    mods = layer._modules
+    if kind == "embedding":
+        return None if layer.lora_embedding_A[a].is_floating_point() else "non-float adapter weights"
+    A, B = mods["lora_A"]._modules[a], mods["lora_B"]._modules[a]
+    if type(A) is not nn.Linear or type(B) is not nn.Linear or A._parameters["bias"] is not None:
+        return "custom lora_A / lora_B modules"
+    if not A._parameters["weight"].is_floating_point() or not B._parameters["weight"].is_floating_point():
+        return "non-float adapter weights"
+    return registry.dropout_reason(mods["lora_dropout"]._modules[a])
 
 
 def forward(layer, x, names):
