@@ -60,6 +60,7 @@ class RankClass:
     valid: Optional[Tensor]   # (n_tiles, T) bool, None when no slot is padding
     first: int                # with ``views``: the first adapter of the class
     views: bool               # one tile per adapter, adapters first..first+n_tiles-1: packed buffers as views
+    block: Optional[slice]    # the rows of x, in order, when the tiles are exactly them (rows sorted by adapter)
 
 
 @dataclass
@@ -82,7 +83,8 @@ def mixed_plan(index: Tensor, ranks: Sequence[int]) -> MixedPlan:
         offsets.append(offsets[-1] + int(r))
     if M == 0:
         return MixedPlan([], offsets)
-    order = torch.argsort(index, stable=True)  # base rows (-1) first, then adapter 0's rows, ...
+    in_order = bool((index[1:] >= index[:-1]).all())  # rows already grouped by adapter (a server's batch)
+    order = torch.arange(M, device=index.device) if in_order else torch.argsort(index, stable=True)
     counts = torch.bincount(index + 1, minlength=n + 1).tolist()
     starts, at = [], counts[0]
     for c in counts[1:]:
@@ -113,7 +115,8 @@ def mixed_plan(index: Tensor, ranks: Sequence[int]) -> MixedPlan:
         else:
             rows = torch.where(valid, rows, order[meta[:, 1:2]])  # padding slots repeat the tile's first row
         views = len(tiles) == len(ids) and ids == list(range(ids[0], ids[0] + len(ids)))
-        classes.append(RankClass(rank, meta[:, 0], rows, valid, ids[0], views))
+        block = slice(starts[ids[0]], starts[ids[0]] + len(ids) * T) if in_order and views and valid is None else None
+        classes.append(RankClass(rank, meta[:, 0], rows, valid, ids[0], views, block))
     return MixedPlan(classes, offsets)
 
 
@@ -187,13 +190,26 @@ def mixed_forward(x, weight, bias, lora_A, lora_B, index, ranks, scalings, dropo
     xd = x if keep is None else (x.to(ld) * keep.to(ld))
     s = scalings.to(device=x.device, dtype=ld)
     for cls in plan.classes:  # one per distinct rank
-        xt = xd[cls.rows].to(ld)                                           # (n_tiles, T, K)
+        n_t, T = cls.rows.shape
+        blk = cls.block
+        # rows grouped by adapter: the class's rows are one block of x and y, read and written in place
+        xt = (xd[blk] if blk is not None else xd[cls.rows]).to(ld).view(n_t, T, K)
         h = torch.bmm(xt, _stack_A(lora_A, plan, cls).to(ld).transpose(1, 2))  # (n_tiles, T, r)
         if save_h:
-            rows, vals = _valid_rows(h, cls)
-            h_all[:, :cls.rank].index_copy_(0, rows, vals.to(h_all.dtype))
+            if blk is not None:
+                h_all[blk, :cls.rank] = h.view(-1, cls.rank)
+            else:
+                rows, vals = _valid_rows(h, cls)
+                h_all[:, :cls.rank].index_copy_(0, rows, vals.to(h_all.dtype))
         hs = h * s[cls.tile_adapter][:, None, None]
-        low = torch.bmm(hs, _stack_B(lora_B, N, plan, cls).to(ld).transpose(1, 2))  # (n_tiles, T, N)
+        Bt = _stack_B(lora_B, N, plan, cls).to(ld).transpose(1, 2)        # (n_tiles, r, N)
+        if blk is not None and ld == cd:
+            y[blk].view(n_t, T, N).baddbmm_(hs, Bt)  # in place: nothing (M, N) beside y
+            continue
+        low = torch.bmm(hs, Bt)                                            # (n_tiles, T, N)
+        if blk is not None:
+            y[blk] += low.view(-1, N).to(cd)
+            continue
         rows, vals = _valid_rows(low, cls)
         y.index_add_(0, rows, vals.to(cd))
     return y, h_all
