@@ -46,13 +46,9 @@ class MixedLoRALinearOp(FusedOp):
     consts = (("ranks", "int[]"), ("dropout_ps", "float[]"))
     saved = ("h",)
     autocast_args = ("input", "weight", "bias", "lora_A", "lora_B")
-    dropout = None  # one p per adapter: dropout_p() below, training handled by lora_linear_mixed
+    dropout = "dropout_ps"  # one p per adapter (the protocol draws a seed when any is > 0)
     torch_impl = MixedTorch
     triton_impl = "fastlora.kernels.mixed:MixedTriton"
-
-    def dropout_p(self, consts) -> float:
-        """The largest adapter p: a seed is drawn when any adapter drops."""
-        return max(consts[1], default=0.0)
 
     def check(self, a):
         who = self.name
@@ -73,9 +69,6 @@ class MixedLoRALinearOp(FusedOp):
             raise ValueError(f"{who}: needs one or more adapters, each of rank >= 1, got ranks {ranks}")
         if len(ps) != n:
             raise ValueError(f"{who}: {n} adapters but {len(ps)} dropout_ps")
-        if not all(type(p) is float and 0.0 <= p < 1.0 for p in ps):  # the fast path checks plain floats only
-            for p in ps:
-                check_dropout(p, who)
         R = sum(int(r) for r in ranks)
         if lora_A.shape != (R, K):
             raise ValueError(f"{who}: packed lora_A {_shape(lora_A)} must be (sum of ranks={R}, in_features={K})")
@@ -174,6 +167,8 @@ def scalings_tensor(scalings: Sequence, device) -> Tensor:
     hot-swap scalings) stacked as they are."""
     if any(isinstance(s, Tensor) for s in scalings):
         return torch.stack([torch.as_tensor(s).reshape(()).to(device=device, dtype=torch.float32) for s in scalings])
+    if torch.compiler.is_compiling():  # a constant of the graph: no cache to consult while tracing
+        return torch.tensor([float(s) for s in scalings], dtype=torch.float32, device=device)
     key = (tuple(float(s) for s in scalings), str(device))
     hit = _SCALINGS.get(key)
     if hit is None:
@@ -200,7 +195,9 @@ def row_index(adapter_index: Tensor, leading_shape, who: str) -> Tensor:
 
 
 def _check_index_values(index: Tensor, n: int, who: str) -> None:
-    if index.numel():
+    """Every index in [-1, n): one host read, skipped where values are not there to read (the meta device,
+    torch.compile tracing)."""
+    if index.numel() and index.device.type != "meta" and not torch.compiler.is_compiling():
         lo, hi = (int(v) for v in torch.aminmax(index))
         if lo < -1 or hi >= n:
             raise ValueError(f"{who}: adapter_index values must be in [-1, {n}) (-1: base layer only), got "
@@ -256,8 +253,8 @@ def lora_linear_mixed(
     _check_index_values(index, n, who)
     A, B, ranks = pack_adapters(lora_As, lora_Bs)
     s = scalings_tensor(scalings, input.device)
-    ps = [float(p) if training else 0.0 for p in ps]
-    return MIXED_LORA_LINEAR(input, weight, bias, A, B, index.to(input.device), s, ranks=ranks, dropout_ps=ps)
+    return MIXED_LORA_LINEAR(input, weight, bias, A, B, index.to(input.device), s, ranks=ranks, dropout_ps=ps,
+                             training=training)
 
 
 def lora_embedding_mixed(

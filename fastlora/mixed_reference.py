@@ -285,12 +285,18 @@ class MixedTorch:
 
     @staticmethod
     def forward(x, weight, bias, lora_A, lora_B, index, scalings, ranks, dropout_ps, *, seed, save):
+        if x.device.type == "meta":  # shapes only (big-model loading): the grouping needs the index's values
+            y = x.new_empty(x.shape[0], weight.shape[0])
+            return y, (x.new_empty(x.shape[0], max(ranks), dtype=h_dtype(x.dtype)) if save else None,)
         y, h = mixed_forward(x, weight, bias, lora_A, lora_B, index, ranks, scalings, dropout_ps, seed, save_h=save)
         return y, (h,)
 
     @staticmethod
     def backward(grad_y, x, weight, bias, lora_A, lora_B, index, scalings, h, ranks, dropout_ps, *, seed, needs):
         n_x, n_w, n_b, n_a, n_bb = needs[:5]
+        if x.device.type == "meta":
+            like = (x, weight, bias, lora_A, lora_B)
+            return [t.new_empty(t.shape) if need else None for t, need in zip(like, needs[:5])] + [None, None]
         dx, dW, dbias, dA, dB = mixed_backward(grad_y, x, weight, lora_A, lora_B, h, index, ranks, scalings,
                                                dropout_ps, seed, n_x, n_w, n_b, n_a, n_bb)
         return [dx, dW, dbias, dA, dB, None, None]

@@ -29,14 +29,15 @@ the same wherever a kernel regenerates it.
 from __future__ import annotations
 
 import collections
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
+from .common import dot_precision, interpreted, low_rank_fp32, on_device
 from .dropout import PHILOX_ROUNDS, dropout_threshold, philox_keep
-from .lora_linear import gemm_dispatch, low_rank_dot, low_rank_fp32
+from .lora_kernels import low_rank_dot
+from .lora_linear import gemm_dispatch
 
 __all__ = ["MixedTriton", "launch_counts", "ROWS_MAX_M"]
 
@@ -358,15 +359,9 @@ def mixed_grad_kernel(
 # offline sm_90 builds (tests/test_kernels_compile.py) check them for spills and shared memory.
 # ---------------------------------------------------------------------------------------------------------
 
-def _interpreted() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def configs(dtype: torch.dtype, M: int) -> dict:
     """{kernel: meta-parameters} for inputs of ``dtype`` and M rows."""
-    if _interpreted():
+    if interpreted():
         return dict(shrink=dict(TILE_M=16, BLOCK_K=32, num_warps=4, num_stages=2),
                     shrink_rows=dict(BLOCK_K=32, num_warps=4, num_stages=2),
                     expand=dict(TILE_M=16, BLOCK_N=32, num_warps=4, num_stages=2),
@@ -380,12 +375,6 @@ def configs(dtype: torch.dtype, M: int) -> dict:
                 expand_rows=dict(BLOCK_N=256, num_warps=4, num_stages=3),
                 gemm=dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32 if fp32 else 64, num_warps=4, num_stages=4),
                 grad=dict(BLOCK_M=32, BLOCK_C=64, num_warps=4, num_stages=3))
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not _interpreted():
-        return "tf32"
-    return "ieee"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -452,7 +441,7 @@ def _shrink(x, u, h, index, seg, params, scal, seed, cfg, *, packed_b, scale, dr
     r_max = h.shape[1]
     chunks = triton.cdiv(r_max, R_BLOCK)
     sur, suk = (0, 0) if packed_b else (u.stride(0), u.stride(1))
-    prec = _dot_precision(x.dtype)
+    prec = dot_precision(x.dtype)
     if seg is None:
         c = cfg["shrink_rows"]
         _launch("mixed_shrink_rows", mixed_shrink_rows_kernel, (M, chunks),
@@ -490,7 +479,7 @@ def _expand(l, u, out, bias, index, seg, params, scal, seed, cfg, *, packed_b, s
             l, u, out, b, seg.perm, seg.seg_start, tile_cum, rank_off, scal, thr, inv_keep, M, N, seg.n_seg,
             l.stride(0), l.stride(1), sur, sun, out.stride(0), out.stride(1), int(seed),
             U_PACKED_B=packed_b, HAS_BIAS=bias is not None, HAS_SCALE=scale, LO_DROPOUT=dropout, LO_FP32=lo_fp32,
-            R_BLOCK=R_BLOCK, S_BLOCK=seg.S_BLOCK, DOT_PRECISION=_dot_precision(out.dtype), N_ROUNDS=PHILOX_ROUNDS,
+            R_BLOCK=R_BLOCK, S_BLOCK=seg.S_BLOCK, DOT_PRECISION=dot_precision(out.dtype), N_ROUNDS=PHILOX_ROUNDS,
             **c)
 
 
@@ -505,7 +494,7 @@ def _fused_gemm(x, weight, bias, h, lora_B, y, seg, params, scal, cfg, lo_fp32):
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
             h.stride(0), h.stride(1),
             HAS_BIAS=bias is not None, LO_FP32=lo_fp32, R_BLOCK=R_BLOCK, S_BLOCK=seg.S_BLOCK,
-            DOT_PRECISION=_dot_precision(x.dtype), **c)
+            DOT_PRECISION=dot_precision(x.dtype), **c)
 
 
 def _grad(l, x, out, seg, params, scal, seed, cfg, n, *, packed_b, scale, dropout, lo_fp32):
@@ -519,11 +508,7 @@ def _grad(l, x, out, seg, params, scal, seed, cfg, n, *, packed_b, scale, dropou
             l, x, out, seg.perm, seg.seg_start, rank_off, scal, thr, inv_keep, M, C,
             l.stride(0), l.stride(1), x.stride(0), x.stride(1), *so, int(seed),
             OUT_PACKED_B=packed_b, HAS_SCALE=scale, HAS_DROPOUT=dropout, LO_FP32=lo_fp32, R_BLOCK=R_BLOCK,
-            DOT_PRECISION=_dot_precision(x.dtype), N_ROUNDS=PHILOX_ROUNDS, **c)
-
-
-def _on_device(device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+            DOT_PRECISION=dot_precision(x.dtype), N_ROUNDS=PHILOX_ROUNDS, **c)
 
 
 def _dispatch_key(op, x, weight, lora_A, ranks, bias):
@@ -540,7 +525,7 @@ class MixedTriton:
 
     @staticmethod
     def forward(x, weight, bias, lora_A, lora_B, index, scalings, ranks, dropout_ps, *, seed, save):
-        with _on_device(x.device):
+        with on_device(x.device):
             return MixedTriton._forward(x, weight, bias, lora_A, lora_B, index, scalings, ranks, dropout_ps, seed,
                                         save)
 
@@ -591,7 +576,7 @@ class MixedTriton:
 
     @staticmethod
     def backward(grad_y, x, weight, bias, lora_A, lora_B, index, scalings, h, ranks, dropout_ps, *, seed, needs):
-        with _on_device(x.device):
+        with on_device(x.device):
             return MixedTriton._backward(grad_y, x, weight, bias, lora_A, lora_B, index, scalings, h, ranks,
                                          dropout_ps, seed, needs)
 

@@ -180,6 +180,33 @@ def lora_experts_case(device="cpu", dtype=torch.float32, dropout=0.0) -> OpCall:
     return OpCall(fastlora.lora_experts, (x, W, A, B, offsets, b), kwargs, LORA_EXPERTS, (x, W, A, B, offsets, b),
                   kwargs, (x, A, B), reference)
 
+def lora_linear_mixed_case(device="cpu", dtype=torch.float32, dropout=0.0) -> OpCall:
+    """Two adapters of ranks 3 and 2 and base rows, each row with its own adapter; ``scaling`` and ``dropout_p`` go
+    to adapter 0 (adapter 1: 0.5 and half the rate)."""
+    from fastlora.mixed import MIXED_LORA_LINEAR, pack_adapters
+
+    g = torch.Generator().manual_seed(0)
+    x = _leaf(_rand(g, 2, 3, 8), device, dtype)
+    W, b = _rand(g, 6, 8, scale=0.3).to(device, dtype), _rand(g, 6).to(device, dtype)
+    A0, B0 = _leaf(_rand(g, 3, 8, scale=0.3), device, dtype), _leaf(_rand(g, 6, 3), device, dtype)
+    A1, B1 = _leaf(_rand(g, 2, 8, scale=0.3), device, dtype), _leaf(_rand(g, 6, 2), device, dtype)
+    index = torch.tensor([[0, -1, 1], [1, 1, 0]]).to(device)
+
+    def fn(x, W, b, scaling=0.75, dropout_p=0.0):
+        return fastlora.lora_linear_mixed(x, W, [A0, A1], [B0, B1], index, b, scalings=[scaling, 0.5],
+                                          dropout_ps=[dropout_p, dropout_p / 2])
+
+    def reference(scaling=0.75, **_):
+        low0 = F.linear(F.linear(x, A0), B0) * scaling
+        low1 = F.linear(F.linear(x, A1), B1) * 0.5
+        return F.linear(x, W, b) + low0 * (index == 0)[..., None] + low1 * (index == 1)[..., None]
+
+    A, B, ranks = pack_adapters([A0, A1], [B0, B1])
+    s = torch.tensor([0.75, 0.5], device=device)
+    op_kwargs = dict(ranks=ranks, dropout_ps=[dropout, dropout / 2])
+    return OpCall(fn, (x, W, b), dict(scaling=0.75, dropout_p=dropout), MIXED_LORA_LINEAR,
+                  (x, W, b, A, B, index.reshape(-1), s), op_kwargs, (x, A0, B0, A1, B1), reference)
+
 
 CASES = [
     OpCase("lora_linear", lora_linear_case),
@@ -188,4 +215,6 @@ CASES = [
     OpCase("dora_embedding", dora_embedding_case, dropout=False),
     OpCase("lora_linear_4bit", lora_linear_4bit_case, meta="bitsandbytes quantizes on a real device"),
     OpCase("lora_experts", lora_experts_case, dropout=False),
+
+    OpCase("lora_linear_mixed", lora_linear_mixed_case),
 ]

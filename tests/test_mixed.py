@@ -1,6 +1,8 @@
 """The mixed-adapter LoRA linear (``fastlora.lora_linear_mixed``): both implementations (PyTorch, Triton under the
 interpreter) against a row-by-row float64 oracle that shares no code with them, outputs and every gradient, on
-odd shapes, mixed ranks from 1, base rows, skewed groups, empty batches, dropout."""
+odd shapes, mixed ranks from 1, base rows, skewed groups, empty batches, dropout. What every op shares (tensor
+scaling, torch.compile, autocast, meta, opcheck, double backward) is tests/test_ops_protocol.py's, through the
+op's case in tests/op_cases.py."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +10,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import fastlora
-from fastlora.mixed import MIXED_LORA_LINEAR, lora_embedding_mixed, lora_linear_mixed, pack_adapters
+from fastlora.mixed import lora_embedding_mixed, lora_linear_mixed, pack_adapters
 from fastlora.mixed_reference import MixedTorch, keep_mask, mixed_oracle
 from helpers import assert_close, assert_low_precision_close, nan_poisoned_allocations
 
@@ -258,18 +260,3 @@ def test_triton_kernels_launch_both_walks(monkeypatch):
     assert counts["mixed_shrink_rows"] >= 2 and counts["mixed_expand_rows"] >= 2
     assert counts["mixed_shrink"] >= 2 and counts["mixed_grad"] >= 2
     assert counts.get("mixed_gemm", 0) + counts.get("mixed_expand", 0) >= 2
-
-
-def test_op_is_one_custom_op_under_torch_compile():
-    x, W, b, As, Bs, idx, s, _ = _inputs(6, 8, 5, [2, 3], [0, 1, -1, 1, 0, 0])
-    A, B, ranks = pack_adapters(As, Bs)
-    A.requires_grad_()
-
-    def f(x, A):
-        return MIXED_LORA_LINEAR(x, W, b, A, B, idx, s, ranks=ranks, dropout_ps=[0.0, 0.0])
-
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    y = compiled(x, A)
-    assert_close(y, f(x, A), 1e-6, 1e-6, "compiled")
-    y.sum().backward()
-    assert A.grad is not None
