@@ -161,6 +161,12 @@ def keep_mask(seed: int, index: Tensor, K: int, dropout_ps: Sequence[float], dev
     return torch.where(u >= p, 1.0 / (1.0 - p), 0.0)
 
 
+def _gather(t: Tensor, cls: RankClass) -> Tensor:
+    """(n_tiles, T, ·): the rows of each tile (``index_select``: a row copy each, 5× faster than advanced indexing
+    with a 2-D index on a CPU)."""
+    return t.index_select(0, cls.rows.reshape(-1)).view(*cls.rows.shape, *t.shape[1:])
+
+
 def _padding_zeroed(t: Tensor, cls: RankClass) -> Tensor:
     return t if cls.valid is None else t.masked_fill(~cls.valid[..., None], 0.0)
 
@@ -193,7 +199,7 @@ def mixed_forward(x, weight, bias, lora_A, lora_B, index, ranks, scalings, dropo
         n_t, T = cls.rows.shape
         blk = cls.block
         # rows grouped by adapter: the class's rows are one block of x and y, read and written in place
-        xt = (xd[blk] if blk is not None else xd[cls.rows]).to(ld).view(n_t, T, K)
+        xt = (xd[blk] if blk is not None else _gather(xd, cls)).to(ld).view(n_t, T, K)
         h = torch.bmm(xt, _stack_A(lora_A, plan, cls).to(ld).transpose(1, 2))  # (n_tiles, T, r)
         if save_h:
             if blk is not None:
@@ -242,25 +248,25 @@ def mixed_backward(grad_y, x, weight, lora_A, lora_B, h, index, ranks, scalings,
     for cls in plan.classes:
         r = cls.rank
         st = s[cls.tile_adapter][:, None, None]
-        dyt = _padding_zeroed(grad_y[cls.rows].to(ld), cls)                       # (n_tiles, T, N)
+        dyt = _padding_zeroed(_gather(grad_y, cls).to(ld), cls)                    # (n_tiles, T, N)
         Bt = _stack_B(lora_B, N, plan, cls).to(ld)                                 # (n_tiles, N, r)
         if needs_B:
-            ht = _padding_zeroed(h[cls.rows][..., :r].to(ld), cls)                 # (n_tiles, T, r)
+            ht = _padding_zeroed(_gather(h, cls)[..., :r].to(ld), cls)              # (n_tiles, T, r)
             dBt = torch.bmm(dyt.transpose(1, 2), ht).mul_(st)                      # (n_tiles, N, r)
             _add_packed(dB, dBt, N * r, N, plan, cls)
         if not (needs_input or needs_A):
             continue
         dh = torch.bmm(dyt, Bt).mul_(st)                                           # (n_tiles, T, r)
         if needs_A:
-            xt = x[cls.rows].to(ld)
+            xt = _gather(x, cls).to(ld)
             if keep is not None:
-                xt = xt * keep[cls.rows].to(ld)
+                xt = xt * _gather(keep, cls).to(ld)
             dAt = torch.bmm(dh.transpose(1, 2), _padding_zeroed(xt, cls))          # (n_tiles, r, K)
             _add_packed(dA.view(-1), dAt, r * K, K, plan, cls)
         if needs_input:
             lx = torch.bmm(dh, _stack_A(lora_A, plan, cls).to(ld))                 # (n_tiles, T, K)
             if keep is not None:
-                lx = lx * keep[cls.rows].to(ld)
+                lx = lx * _gather(keep, cls).to(ld)
             rows, vals = _valid_rows(lx, cls)
             dx.index_add_(0, rows, vals.to(dx.dtype))
     return dx, dW, dbias, (None if dA is None else dA.to(lora_A.dtype)), (None if dB is None else dB.to(lora_B.dtype))
