@@ -60,13 +60,19 @@ class RankClass:
     valid: Optional[Tensor]   # (n_tiles, T) bool, None when no slot is padding
     first: int                # with ``views``: the first adapter of the class
     views: bool               # one tile per adapter, adapters first..first+n_tiles-1: packed buffers as views
-    block: Optional[slice]    # the rows of x, in order, when the tiles are exactly them (rows sorted by adapter)
+    block: Optional[slice]    # one tile per adapter, no padding: the class's rows as one block of the sorted rows
 
 
 @dataclass
 class MixedPlan:
     classes: list
     offsets: list             # rank offsets o_a (n + 1,) as Python ints
+    order: Optional[Tensor] = None   # (M,) the rows sorted by adapter (None: already in that order)
+
+    @property
+    def blocks(self) -> bool:
+        """Every class is one block of the sorted rows: the forward can run in sorted order, without scatter."""
+        return bool(self.classes) and all(c.block is not None for c in self.classes)
 
 
 def _next_pow2(v: int) -> int:
@@ -115,9 +121,9 @@ def mixed_plan(index: Tensor, ranks: Sequence[int]) -> MixedPlan:
         else:
             rows = torch.where(valid, rows, order[meta[:, 1:2]])  # padding slots repeat the tile's first row
         views = len(tiles) == len(ids) and ids == list(range(ids[0], ids[0] + len(ids)))
-        block = slice(starts[ids[0]], starts[ids[0]] + len(ids) * T) if in_order and views and valid is None else None
+        block = slice(starts[ids[0]], starts[ids[0]] + len(ids) * T) if views and valid is None else None
         classes.append(RankClass(rank, meta[:, 0], rows, valid, ids[0], views, block))
-    return MixedPlan(classes, offsets)
+    return MixedPlan(classes, offsets, None if in_order else order)
 
 
 def _stack_A(lora_A: Tensor, plan: MixedPlan, cls: RankClass) -> Tensor:
@@ -189,24 +195,28 @@ def mixed_forward(x, weight, bias, lora_A, lora_B, index, ranks, scalings, dropo
     N = weight.shape[0]
     cd = x.dtype
     ld = low_rank_dtype(cd, lora_A.dtype)
-    y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
     h_all = torch.zeros((M, max(ranks)), dtype=h_dtype(cd), device=x.device) if save_h else None
     plan = mixed_plan(index, ranks)
     keep = keep_mask(seed, index, K, dropout_ps, x.device) if plan.classes else None
+    # Where every rank class is one block of the sorted rows (the rows spread evenly, or already grouped), the
+    # whole forward runs in sorted order: one gather of x, the expand in place into y's blocks (baddbmm_), one
+    # gather back. Otherwise: gathered tiles, and their low-rank rows added into y (index_add_).
+    permuted = plan.order is not None and plan.blocks
+    use_blocks = plan.order is None or permuted
+    if permuted:
+        x = x.index_select(0, plan.order)
+        keep = None if keep is None else keep.index_select(0, plan.order)
+    y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
     xd = x if keep is None else (x.to(ld) * keep.to(ld))
     s = scalings.to(device=x.device, dtype=ld)
     for cls in plan.classes:  # one per distinct rank
         n_t, T = cls.rows.shape
-        blk = cls.block
-        # rows grouped by adapter: the class's rows are one block of x and y, read and written in place
+        blk = cls.block if use_blocks else None
         xt = (xd[blk] if blk is not None else _gather(xd, cls)).to(ld).view(n_t, T, K)
         h = torch.bmm(xt, _stack_A(lora_A, plan, cls).to(ld).transpose(1, 2))  # (n_tiles, T, r)
         if save_h:
-            if blk is not None:
-                h_all[blk, :cls.rank] = h.view(-1, cls.rank)
-            else:
-                rows, vals = _valid_rows(h, cls)
-                h_all[:, :cls.rank].index_copy_(0, rows, vals.to(h_all.dtype))
+            rows, vals = _valid_rows(h, cls)  # cls.rows: rows of the caller's x, whatever the working order
+            h_all[:, :cls.rank].index_copy_(0, rows, vals.to(h_all.dtype))
         hs = h * s[cls.tile_adapter][:, None, None]
         Bt = _stack_B(lora_B, N, plan, cls).to(ld).transpose(1, 2)        # (n_tiles, r, N)
         if blk is not None and ld == cd:
@@ -218,6 +228,10 @@ def mixed_forward(x, weight, bias, lora_A, lora_B, index, ranks, scalings, dropo
             continue
         rows, vals = _valid_rows(low, cls)
         y.index_add_(0, rows, vals.to(cd))
+    if permuted:  # back to the caller's row order
+        inverse = torch.empty_like(plan.order)
+        inverse[plan.order] = torch.arange(M, device=inverse.device)
+        y = y.index_select(0, inverse)
     return y, h_all
 
 

@@ -107,8 +107,8 @@ def test_mixed_batch_runs_the_fused_op(op_calls):
     ids = torch.randint(1, 61, (4, 3), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         fused(input_ids=ids, adapter_names=["fr", "en", "en", "__base__"])
-    # 2 layers x 2 targets, each with the two adapters of the batch, ranks in first-appearance order
-    assert op_calls == [[3, 2]] * 4
+    # 2 layers x 2 targets, each with the two adapters of the batch (fr: rank 3, en: rank 2), packed by rank
+    assert op_calls == [[2, 3]] * 4
 
 
 def test_peft_rules_kept():

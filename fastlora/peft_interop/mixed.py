@@ -125,6 +125,8 @@ def _linear(layer, x, names, used):
         return None  # PEFT's base layer raises or casts its own way
     mods = layer._modules
     A_mods, B_mods, drops = mods["lora_A"]._modules, mods["lora_B"]._modules, mods["lora_dropout"]._modules
+    # adapters of one rank next to each other: each rank class is then one block of the packed buffers
+    used = sorted(used, key=lambda a: A_mods[a]._parameters["weight"].shape[0])
     As = [A_mods[a]._parameters["weight"] for a in used]
     Bs = [B_mods[a]._parameters["weight"] for a in used]
     scalings = [layer.scaling[a] for a in used]
