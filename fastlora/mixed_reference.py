@@ -40,6 +40,7 @@ regenerates it from the seed.
 """
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -79,9 +80,30 @@ def _next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
 
+_PLANS: "collections.OrderedDict" = collections.OrderedDict()
+
+
 def mixed_plan(index: Tensor, ranks: Sequence[int]) -> MixedPlan:
     """The tiles of every rank class for ``index`` (M,) (-1: base only) and the adapters' ``ranks``. Reads the
-    per-adapter row counts on the host (one sync on a GPU: this is the PyTorch path)."""
+    per-adapter row counts on the host (one sync on a GPU: this is the PyTorch path).
+
+    On the CPU, plans are cached by value: the key is the index's bytes and the ranks themselves, never a tensor's
+    identity or version, so a hit is the same plan by construction. Every layer of a model sees the same batch
+    composition in one forward: the first layer plans, the others look it up (a 4 KB hash for 512 rows)."""
+    if index.device.type != "cpu" or index.numel() > 1 << 16:
+        return _make_plan(index, ranks)
+    key = (index.numpy().tobytes(), tuple(int(r) for r in ranks))
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _make_plan(index, ranks)
+        if len(_PLANS) > 32:
+            _PLANS.popitem(last=False)
+    else:
+        _PLANS.move_to_end(key)
+    return plan
+
+
+def _make_plan(index: Tensor, ranks: Sequence[int]) -> MixedPlan:
     n = len(ranks)
     M = index.numel()
     offsets = [0]
