@@ -205,6 +205,17 @@ def test_training_requires_the_opt_in_and_the_fastlora_router():
         model(input_ids=ids, adapter_names=["task_a", "task_b"])
 
 
+def test_gradient_checkpointing_is_refused_not_silently_wrong():
+    """A checkpointed layer recomputed in the backward would not see adapter_names (PEFT's hooks live for the
+    forward): refused with a reason instead of wrong gradients."""
+    model = _two_adapter_model()
+    fastlora.allow_mixed_batch_training(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        model(input_ids=torch.randint(1, 61, (2, 4)), adapter_names=["task_a", "task_b"])
+
+
 def test_one_step_gradients_equal_separate_runs_and_frozen_adapters_get_none():
     model = _two_adapter_model()
     model.base_model.set_adapter(["task_a", "task_b"])  # trainable; "frozen" stays frozen

@@ -183,6 +183,11 @@ class _PeftHooksAllowingTraining:
         tuner = self.tuner
         cm = type(tuner)._enable_peft_forward_hooks(tuner, *args, **kwargs)
         lowered = kwargs.get("adapter_names") is not None and tuner.training
+        if lowered and any(getattr(m, "gradient_checkpointing", False) is True for m in tuner.modules()):
+            # the hooks that hand adapter_names to the layers live for the forward only: a checkpointed layer
+            # recomputed in the backward would run its active adapters instead, and the gradients would be wrong
+            raise ValueError("fastlora: training on mixed-adapter batches does not support gradient checkpointing "
+                             "(the recomputed forward would not see adapter_names); disable it for this model")
         with contextlib.ExitStack() as stack:
             if lowered:
                 tuner.__dict__["training"] = False  # the tuner alone: its children keep training (dropout on)
