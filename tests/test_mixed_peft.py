@@ -286,3 +286,26 @@ def test_dropout_is_per_adapter_in_training():
         out = model(input_ids=ids, adapter_names=names).logits
     assert_same(out[1::2], ref[1::2], name="rows of the adapter without dropout")
     assert float((out[0::2] - ref[0::2]).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_base_with_fp32_adapters_equals_peft(dtype):
+    """PEFT keeps the adapters in fp32 on a half base: the low-rank terms in fp32, rounded once into the half
+    output, as PEFT's loop does."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(32, 24)),
+                           LoraConfig(r=4, target_modules=["0"], init_lora_weights=False), adapter_name="en")
+    model.add_adapter("de", LoraConfig(r=8, target_modules=["0"], init_lora_weights=False))
+    layer = model.base_model.model[0]
+    layer.base_layer.to(dtype)
+    assert layer.lora_A["en"].weight.dtype == torch.float32
+    fused = fastlora.accelerate_peft(copy.deepcopy(model)).base_model.model[0]
+    names = ["en", "de", "__base__", "de", "en", "en"]
+    x = torch.randn(len(names), 5, 32).to(dtype)
+    with torch.no_grad():
+        expected = layer(x, adapter_names=names)
+        actual = fused(x, adapter_names=names)
+    assert actual.dtype == expected.dtype == dtype
+    assert_same(actual, expected, atol=1e-2, rtol=1e-2, name=str(dtype))
