@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_precision, interpreted, low_rank_fp32, on_device
+from .common import dot_precision, interpreted, kernel_view, low_rank_fp32, on_device
 from .dropout import PHILOX_ROUNDS, dropout_threshold, philox_keep
 from .lora_kernels import low_rank_dot
 from .lora_linear import gemm_dispatch
@@ -538,7 +538,8 @@ class MixedTriton:
         y = torch.empty((M, N), dtype=x.dtype, device=dev)
         if M == 0:
             return y, (h if save else None,)
-        x, weight, lora_A = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, weight, lora_A))
+        # explicit strides everywhere: a transposed weight (GPT-2's Conv1D) is read as it is, not copied
+        x, weight, lora_A = (kernel_view(t) for t in (x, weight, lora_A))
         lora_B = lora_B.contiguous()
         bias = bias.contiguous() if bias is not None else None
         index = index.contiguous()
@@ -600,8 +601,9 @@ class MixedTriton:
             if n_bb:
                 dB = torch.zeros_like(lora_B)
             return [dx, dW, dbias, dA, dB, None, None]
-        grad_y = grad_y.contiguous()
-        x, weight, lora_A = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, weight, lora_A))
+        grad_y = kernel_view(grad_y)
+        # explicit strides everywhere: a transposed weight (GPT-2's Conv1D) is read as it is, not copied
+        x, weight, lora_A = (kernel_view(t) for t in (x, weight, lora_A))
         lora_B = lora_B.contiguous()
         index = index.contiguous()
         params = _adapter_params(ranks, dropout_ps, dev)

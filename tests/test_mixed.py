@@ -261,3 +261,18 @@ def test_triton_kernels_launch_both_walks(monkeypatch):
     assert counts["mixed_shrink_rows"] >= 2 and counts["mixed_expand_rows"] >= 2
     assert counts["mixed_shrink"] >= 2 and counts["mixed_grad"] >= 2
     assert counts.get("mixed_gemm", 0) + counts.get("mixed_expand", 0) >= 2
+
+
+@pytest.mark.parametrize("M", [5, 70], ids=["rows_walk", "segments_walk"])
+def test_triton_kernels_take_a_transposed_weight(M):
+    """GPT-2's Conv1D hands the op its weight transposed, by strides: the kernels read it as it is."""
+    from fastlora.kernels.mixed import MixedTriton
+
+    x, W, b, As, Bs, idx, s, gy = _inputs(M, 24, 20, [3, 5], [(i * 3) % 3 - 1 for i in range(M)])
+    Wt = W.t().contiguous().t()  # (N, K) with strides (1, N)
+    A, B, ranks = pack_adapters(As, Bs)
+    y, (h,) = MixedTriton.forward(x, Wt, b, A, B, idx, s, ranks, [0.0, 0.0], seed=0, save=True)
+    dx = MixedTriton.backward(gy, x, Wt, b, A, B, idx, s, h, ranks, [0.0, 0.0], seed=0, needs=NEEDS_ALL)[0]
+    y64, expected = _oracle_grads(x, W, b, As, Bs, idx, s, None, gy)
+    assert_close(y, y64, 2e-5, 2e-5, "y")
+    assert_close(dx, expected[0], 5e-5, 5e-5, "dx")
