@@ -146,6 +146,9 @@ def pack_adapters(lora_As: Sequence[Tensor], lora_Bs: Sequence[Tensor]):
     after the other, in one dtype (the widest); differentiable, so gradients reach each adapter's own tensors."""
     dtypes = {t.dtype for t in lora_As} | {t.dtype for t in lora_Bs}
     ranks = [a.shape[0] for a in lora_As]
+    if len(lora_As) == 1 and len(dtypes) == 1 and lora_As[0].is_contiguous() and lora_Bs[0].is_contiguous():
+        # one adapter: its own tensors (views), nothing copied
+        return lora_As[0], lora_Bs[0].reshape(-1), ranks
     if len(dtypes) == 1:  # the usual case: no per-adapter cast
         A = torch.cat(lora_As, 0)
         if len(set(ranks)) == 1 and all(b.is_contiguous() for b in lora_Bs):  # (n·N, r): the same memory order
