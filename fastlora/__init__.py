@@ -43,6 +43,9 @@ from .moe import lora_experts, lora_experts_forward  # noqa: E402
 from .peft_interop import (accelerate_peft, allow_mixed_batch_training, from_pretrained, fused_layers,  # noqa: E402
                            get_peft_model)
 from .qlora import lora_linear_4bit  # noqa: E402
+from .op_common import tag_compile_caches as _tag_compile_caches  # noqa: E402
+
+_tag_compile_caches()  # every op is registered by now: torch.compile's disk caches key on their schemas
 
 __version__ = "0.1.0"
 

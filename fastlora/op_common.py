@@ -55,6 +55,9 @@ from torch import Tensor
 
 from . import backend as _backend
 
+# The schemas of every custom op registered here, in registration order (see ``tag_compile_caches``).
+_SCHEMAS: list[str] = []
+
 __all__ = ["FusedOp", "check_scaling", "check_dropout", "autocast_enabled", "autocast", "flatten_rows", "draw_seed",
            "fold_tensor_scaling", "recompute_grads", "lazy_impl"]
 
@@ -382,6 +385,8 @@ class FusedOp:
                     for t, need in zip(tensors, needs)]
 
         lib = f"fastlora::{self.name}"
+        _SCHEMAS.extend([f"{lib}_fwd({self._schema_args()}) -> ({outs})", f"{lib}_infer({self._schema_args()})",
+                         f"{lib}_bwd{bwd_schema}"])
         self.fwd_op = torch.library.custom_op(f"{lib}_fwd", fwd, mutates_args=(),
                                               schema=f"({self._schema_args()}) -> ({outs})")
         self.fwd_op.register_fake(fwd_fake)
@@ -438,3 +443,25 @@ class _OpFunction(torch.autograd.Function):
         else:
             grads = op.backward(grad_y, tensors, saved, ctx.consts, ctx.seed, ctx.use_triton, needs)
         return (None, None, *[g if need else None for g, need in zip(grads, needs)])
+
+
+def tag_compile_caches() -> str:
+    """Make torch.compile's on-disk caches tell fastlora's custom ops apart from those of another fastlora version.
+
+    Inductor's FX-graph cache (``/tmp/torchinductor_$USER`` by default) can hand a process a graph compiled by an
+    earlier fastlora whose custom ops had other schemas; the graph then calls, e.g., ``fastlora::lora_linear_fwd``
+    with the old argument list and fails ("expected at most 8 argument(s) but received 9"): measured after an
+    upgrade across issue 21's protocol (benchmarks/NOTES.md, "Compiled graphs from another fastlora"). A hash of every
+    registered schema goes into ``torch.compiler.config.cache_key_tag``, which inductor's and AOTAutograd's cache
+    keys include, beside whatever tag the user set. The ops' bodies need no part in it: a compiled graph calls them
+    at run time, so only their schemas are baked into it. Returns the tag."""
+    import hashlib
+
+    digest = hashlib.sha256("\n".join(_SCHEMAS).encode()).hexdigest()[:16]
+    mark = f"fastlora-ops-{digest}"
+    config = getattr(getattr(torch, "compiler", None), "config", None)
+    if config is None or not hasattr(config, "cache_key_tag"):
+        return mark  # a torch without the tag (older than 2.6): nothing to key on
+    kept = [t for t in str(config.cache_key_tag or "").split("|") if t and not t.startswith("fastlora-ops-")]
+    config.cache_key_tag = "|".join(kept + [mark])
+    return config.cache_key_tag

@@ -638,6 +638,20 @@ MUTANTS = [
            (MOE_TESTS,), k="triton and rank_zero", why="a projection without LoRA gets a zero bias gradient"),
 ]
 
+# --- torch.compile's disk caches keyed on the ops' schemas --------------------------------------------------------
+MUTANTS += [
+    Mutant("compile_caches_not_tagged", "fastlora/__init__.py",
+           "_tag_compile_caches()  # every op is registered by now",
+           "pass  # every op is registered by now",
+           ("tests/test_ops_protocol.py",), k="compile_caches",
+           why="a graph compiled by another fastlora version is reused with the old op schemas"),
+    Mutant("compile_caches_tag_ignores_schemas", "fastlora/op_common.py",
+           'digest = hashlib.sha256("\\n".join(_SCHEMAS).encode())',
+           'digest = hashlib.sha256(b"")',
+           ("tests/test_ops_protocol.py",), k="compile_caches",
+           why="the tag stays the same when a schema changes"),
+]
+
 # --- issue 23: mixed-adapter batches ----------------------------------------------------------------------------
 MIXED_REF = "fastlora/mixed_reference.py"
 MIXED_K = "kernels/mixed.py"

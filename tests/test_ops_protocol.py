@@ -175,3 +175,23 @@ def test_every_op_runs_through_the_protocol(case):
                  and isinstance(t, torch.Tensor))
         bad[i] = bad[i].detach().to("meta")
         op(*bad, **call.op_kwargs)
+
+
+def test_compile_caches_are_keyed_on_the_ops_schemas(monkeypatch):
+    """torch.compile's disk caches must not hand this fastlora a graph compiled against other op schemas (an
+    upgrade did: "expected at most 8 argument(s) but received 9"). The import puts a hash of every registered
+    schema into torch.compiler.config.cache_key_tag, beside the user's own tag; another schema, another tag."""
+    from fastlora import op_common
+
+    tag = torch.compiler.config.cache_key_tag
+    marks = [t for t in tag.split("|") if t.startswith("fastlora-ops-")]
+    assert len(marks) == 1, tag
+    registered = {s.split("(")[0] for s in op_common._SCHEMAS}
+    for op in ("lora_linear", "lora_embedding", "dora_linear", "dora_embedding", "lora_linear_4bit", "lora_experts",
+               "lora_linear_mixed"):
+        assert {f"fastlora::{op}_{part}" for part in ("fwd", "infer", "bwd")} <= registered, op
+    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "user-tag|" + tag)
+    assert op_common.tag_compile_caches() == "user-tag|" + marks[0]  # the user's tag kept, ours not doubled
+    monkeypatch.setattr(op_common, "_SCHEMAS", op_common._SCHEMAS[:-1] + [op_common._SCHEMAS[-1] + ", int extra"])
+    changed = op_common.tag_compile_caches()
+    assert changed.startswith("user-tag|fastlora-ops-") and changed != "user-tag|" + marks[0]
