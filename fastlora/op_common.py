@@ -45,6 +45,7 @@ The module also holds the shared checks and helpers the ops use directly (``chec
 """
 from __future__ import annotations
 
+import abc
 import importlib
 import math
 import numbers
@@ -161,7 +162,7 @@ def lazy_impl(path: str):
 # The protocol
 # ---------------------------------------------------------------------------------------------------------
 
-class FusedOp:
+class FusedOp(abc.ABC):
     """Base of every op; see the module docstring. Subclasses set the class attributes and implement ``check``,
     ``fake`` and ``differentiable_forward`` (and ``check_dtypes``, ``flatten`` / ``unflatten`` where the defaults do
     not fit). One instance per op, made at import: it registers the op's custom ops."""
@@ -197,13 +198,13 @@ class FusedOp:
     def check_dtypes(self, a: dict) -> None:
         """Op-specific dtype agreement, after autocast."""
 
+    @abc.abstractmethod
     def fake(self, *args):
         """(y, *saved) as empty tensors of the right shapes, dtypes and devices, for (*tensors, *consts)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def differentiable_forward(self, tensors: tuple, saved: tuple, consts: tuple, seed: int, use_triton: bool):
         """y from ``tensors`` in differentiable PyTorch ops, with the forward's dropout mask (``seed``)."""
-        raise NotImplementedError
 
     def flatten(self, x: Tensor) -> Tensor:
         """The input as the 2-D rows the implementations take."""
