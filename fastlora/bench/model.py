@@ -387,37 +387,57 @@ def goal_line(g) -> str:
     return f"p={g['dropout']:g}: {g['text']}: {value} {verdict}"
 
 
-def render_model_text(report: dict) -> str:
-    from .report import busy_note, text_table, wrap
+def text_head(title: str, meta: dict) -> list:
+    """The first lines of a case set's text report: the command, device, torch, date, timer, then each case."""
+    from .report import wrap
 
-    meta = report["meta"]
-    parts = [wrap(f"fastlora bench --model on {meta['device']} ({meta['device_name']}), torch {meta['torch']}, "
-                   f"{meta['date_utc']}; timer: {meta['timer']}; ratios: {meta['ratios']}")]
+    parts = [wrap(f"fastlora bench --{title} on {meta['device']} ({meta['device_name']}), torch {meta['torch']}, "
+                  f"{meta['date_utc']}; timer: {meta['timer']}; ratios: {meta['ratios']}")]
     for desc in dict.fromkeys(meta["cases"]):
         parts += ["", wrap(desc)]
+    return parts
+
+
+def text_tail(results: list, names: dict) -> list:
+    """The last lines of a case set's text report: the busy-machine note and the providers' errors."""
+    from .report import busy_note, wrap
+
+    parts = []
+    busy = busy_note(results)
+    if busy:
+        parts += ["", wrap(busy)]
+    errors = sorted({f"  {names[r['provider']]}: {r['error']}" for r in results if r.get("error")})
+    if errors:
+        parts += ["", "Errors:"] + [wrap(e) for e in errors]
+    return parts
+
+
+def markdown_head(title: str, meta: dict) -> list:
+    """The first lines of a case set's markdown report: title, command, device, versions, then each case."""
+    lines = [f"# fastlora bench --{title}", "", f"- command: `{meta['command']}`",
+             f"- device: {meta['device']} — {meta['device_name']}; date: {meta['date_utc']}",
+             f"- torch {meta['torch']}, triton {meta['triton']}, fastlora {meta['fastlora']}, "
+             f"{meta['torch_threads']} torch threads; timer: {meta['timer']}; ratios: {meta['ratios']}"]
+    return lines + [f"- {desc}" for desc in dict.fromkeys(meta["cases"])]
+
+
+def render_model_text(report: dict) -> str:
+    from .report import text_table
+
+    parts = text_head("model", report["meta"])
     parts += ["", text_table(MODEL_HEADER, model_table(report["results"]), left=2)]
     parts += _loss_lines(report["results"])
     if report["goals"]:
         parts += ["", "Goals (medians of per-round ratios; ≤ is better):"] + ["  " + goal_line(g)
                                                                                  for g in report["goals"]]
-    busy = busy_note(report["results"])
-    if busy:
-        parts += ["", wrap(busy)]
-    errors = sorted({f"  {MODEL_NAMES[r['provider']]}: {r['error']}" for r in report["results"] if r.get("error")})
-    if errors:
-        parts += ["", "Errors:"] + [wrap(e) for e in errors]
+    parts += text_tail(report["results"], MODEL_NAMES)
     return "\n".join(parts)
 
 
 def render_model_markdown(report: dict) -> str:
     from .report import busy_note, md_table
 
-    meta = report["meta"]
-    lines = ["# fastlora bench --model", "", f"- command: `{meta['command']}`",
-             f"- device: {meta['device']} — {meta['device_name']}; date: {meta['date_utc']}",
-             f"- torch {meta['torch']}, triton {meta['triton']}, fastlora {meta['fastlora']}, "
-             f"{meta['torch_threads']} torch threads; timer: {meta['timer']}; ratios: {meta['ratios']}"]
-    lines += [f"- {desc}" for desc in dict.fromkeys(meta["cases"])]
+    lines = markdown_head("model", report["meta"])
     lines += ["", md_table(MODEL_HEADER, model_table(report["results"]), left=2)]
     lines += [f"\n{line}" for line in _loss_lines(report["results"])]
     if report["goals"]:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .memory import peak_memory_bytes, saved_activation_bytes
-from .model import goal, goal_line, mib, ratio_cell, ratio_stats
+from .model import goal, goal_line, markdown_head, mib, ratio_cell, ratio_stats, text_head, text_tail
 from .providers import sync
 from .timing import time_case
 
@@ -279,13 +279,10 @@ def moe_table(rows: list[dict]) -> list[list[str]]:
 
 
 def render_moe_text(report: dict) -> str:
-    from .report import busy_note, text_table, wrap
+    from .report import text_table, wrap
 
     meta = report["meta"]
-    parts = [wrap(f"fastlora bench --moe on {meta['device']} ({meta['device_name']}), torch {meta['torch']}, "
-                   f"{meta['date_utc']}; timer: {meta['timer']}; ratios: {meta['ratios']}")]
-    for desc in dict.fromkeys(meta["cases"]):
-        parts += ["", wrap(desc)]
+    parts = text_head("moe", meta)
     parts += ["", text_table(MOE_HEADER, moe_table(report["results"]), left=2)]
     parts += ["", wrap("saved MiB: what autograd keeps for backward in one forward, the parameters and the block's "
                         "input excluded.")]
@@ -296,24 +293,14 @@ def render_moe_text(report: dict) -> str:
         parts += ["", "Compositions measured (FASTLORA_MOE_PATH pins one):"]
         parts += [f"  {' '.join(p['key'])}: {p['choice']} "
                   + ", ".join(f"{n} {ms:.3f} ms" for n, ms in p["ms"].items()) for p in meta["moe_paths"]]
-    busy = busy_note(report["results"])
-    if busy:
-        parts += ["", wrap(busy)]
-    errors = sorted({f"  {MOE_NAMES[r['provider']]}: {r['error']}" for r in report["results"] if r.get("error")})
-    if errors:
-        parts += ["", "Errors:"] + [wrap(e) for e in errors]
+    parts += text_tail(report["results"], MOE_NAMES)
     return "\n".join(parts)
 
 
 def render_moe_markdown(report: dict) -> str:
     from .report import busy_note, md_table
 
-    meta = report["meta"]
-    lines = ["# fastlora bench --moe", "", f"- command: `{meta['command']}`",
-             f"- device: {meta['device']} — {meta['device_name']}; date: {meta['date_utc']}",
-             f"- torch {meta['torch']}, triton {meta['triton']}, fastlora {meta['fastlora']}, "
-             f"{meta['torch_threads']} torch threads; timer: {meta['timer']}; ratios: {meta['ratios']}"]
-    lines += [f"- {desc}" for desc in dict.fromkeys(meta["cases"])]
+    lines = markdown_head("moe", report["meta"])
     lines += ["", md_table(MOE_HEADER, moe_table(report["results"]), left=2)]
     if report["goals"]:
         lines += ["", "Goals (medians of per-round ratios):", ""]
