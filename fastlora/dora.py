@@ -71,7 +71,7 @@ from torch import Tensor
 from . import backend as _backend
 from . import reference
 from .autograd import check_linear_dtypes, check_linear_shapes, dropped
-from .op_common import FusedOp
+from .op_common import EmbeddingOp, FusedOp
 
 __all__ = ["dora_linear", "dora_embedding", "dora_weight_norm", "weight_row_sq", "clear_norm_cache",
            "dora_forward_torch", "dora_backward_torch", "DORA_LINEAR", "DoRALinearOp", "DORA_EMBEDDING",
@@ -502,7 +502,7 @@ class TritonDoRAEmbedding(TorchDoRAEmbedding):
     use_triton = True
 
 
-class DoRAEmbeddingOp(FusedOp):
+class DoRAEmbeddingOp(EmbeddingOp):
     """PEFT's DoRA embedding; saves Aᵀ[ids] and the norm."""
 
     name = "dora_embedding"
@@ -534,20 +534,6 @@ class DoRAEmbeddingOp(FusedOp):
         base = a["base_output"]
         if tuple(base.shape) != (*ids.shape, D):
             raise ValueError(f"dora_embedding: base_output {_shape(base)} must be {(*ids.shape, D)}")
-
-    def check_dtypes(self, a):
-        if a["lora_A"].dtype != a["lora_B"].dtype:
-            raise TypeError(f"dora_embedding: lora_A dtype {a['lora_A'].dtype} and lora_B dtype {a['lora_B'].dtype} "
-                            "differ")
-
-    def compute_dtype(self, a):
-        return a["weight"].dtype
-
-    def flatten(self, ids):
-        return ids.reshape(-1)
-
-    def unflatten(self, y, ids):
-        return y.reshape(*ids.shape, y.shape[-1])
 
     def fake(self, ids, weight, lora_A, lora_B, magnitude, base_output, embed_scale, *consts):
         M, D = ids.shape[0], weight.shape[1]

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .op_common import FusedOp
+from .op_common import EmbeddingOp, FusedOp
 
 __all__ = ["LORA_EMBEDDING", "LoRAEmbeddingOp", "add_embedding_update"]
 
@@ -81,7 +81,7 @@ class TorchLoRAEmbedding:
         return None, dW, dA, dB
 
 
-class LoRAEmbeddingOp(FusedOp):
+class LoRAEmbeddingOp(EmbeddingOp):
     """``y = W[ids] + s·Aᵀ[ids] Bᵀ``; saves Aᵀ[ids]."""
 
     name = "lora_embedding"
@@ -105,20 +105,6 @@ class LoRAEmbeddingOp(FusedOp):
         if lora_A.shape[1] != weight.shape[0] or lora_B.shape != (weight.shape[1], lora_A.shape[0]):
             raise ValueError(f"lora_embedding: lora_A {_shape(lora_A)} must be (r, {weight.shape[0]}) and lora_B "
                              f"{_shape(lora_B)} (embedding_dim={weight.shape[1]}, r) for weight {_shape(weight)}")
-
-    def check_dtypes(self, a):
-        if a["lora_A"].dtype != a["lora_B"].dtype:
-            raise TypeError(f"lora_embedding: lora_A dtype {a['lora_A'].dtype} and lora_B dtype {a['lora_B'].dtype} "
-                            "differ")
-
-    def compute_dtype(self, a):
-        return a["weight"].dtype
-
-    def flatten(self, ids):
-        return ids.reshape(-1)
-
-    def unflatten(self, y, ids):
-        return y.reshape(*ids.shape, y.shape[-1])
 
     def fake(self, ids, weight, lora_A, lora_B, *consts):
         M = ids.shape[0]

@@ -466,3 +466,22 @@ def tag_compile_caches() -> str:
     kept = [t for t in str(config.cache_key_tag or "").split("|") if t and not t.startswith("fastlora-ops-")]
     config.cache_key_tag = "|".join(kept + [mark])
     return config.cache_key_tag
+
+
+class EmbeddingOp(FusedOp):
+    """An op whose input is a tensor of ids (a lookup in ``weight``, the table): its rows are the flattened ids, it
+    computes in the table's dtype, and ``lora_A`` and ``lora_B`` share one dtype."""
+
+    def check_dtypes(self, a):
+        if a["lora_A"].dtype != a["lora_B"].dtype:
+            raise TypeError(f"{self.name}: lora_A dtype {a['lora_A'].dtype} and lora_B dtype {a['lora_B'].dtype} "
+                            "differ")
+
+    def compute_dtype(self, a):
+        return a["weight"].dtype
+
+    def flatten(self, ids):
+        return ids.reshape(-1)
+
+    def unflatten(self, y, ids):
+        return y.reshape(*ids.shape, y.shape[-1])
