@@ -69,6 +69,7 @@ class MixedPlan:
     classes: list
     offsets: list             # rank offsets o_a (n + 1,) as Python ints
     order: Optional[Tensor] = None   # (M,) the rows sorted by adapter (None: already in that order)
+    inverse: Optional[Tensor] = None  # (M,) where each row went in ``order`` (None with it)
 
     @property
     def blocks(self) -> bool:
@@ -145,7 +146,11 @@ def _make_plan(index: Tensor, ranks: Sequence[int]) -> MixedPlan:
         views = len(tiles) == len(ids) and ids == list(range(ids[0], ids[0] + len(ids)))
         block = slice(starts[ids[0]], starts[ids[0]] + len(ids) * T) if views and valid is None else None
         classes.append(RankClass(rank, meta[:, 0], rows, valid, ids[0], views, block))
-    return MixedPlan(classes, offsets, None if in_order else order)
+    if in_order:
+        return MixedPlan(classes, offsets)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(M, device=device)
+    return MixedPlan(classes, offsets, order, inverse)
 
 
 def _stack_A(lora_A: Tensor, plan: MixedPlan, cls: RankClass) -> Tensor:
@@ -239,7 +244,7 @@ def mixed_forward(x, weight, bias, lora_A, lora_B, index, ranks, scalings, dropo
         if save_h:
             rows, vals = _valid_rows(h, cls)  # cls.rows: rows of the caller's x, whatever the working order
             h_all[:, :cls.rank].index_copy_(0, rows, vals.to(h_all.dtype))
-        hs = h * s[cls.tile_adapter][:, None, None]
+        hs = h.mul_(s[cls.tile_adapter][:, None, None])  # h is copied into h_all above: scaled in place
         Bt = _stack_B(lora_B, N, plan, cls).to(ld).transpose(1, 2)        # (n_tiles, r, N)
         if blk is not None and ld == cd:
             y[blk].view(n_t, T, N).baddbmm_(hs, Bt)  # in place: nothing (M, N) beside y
@@ -251,9 +256,7 @@ def mixed_forward(x, weight, bias, lora_A, lora_B, index, ranks, scalings, dropo
         rows, vals = _valid_rows(low, cls)
         y.index_add_(0, rows, vals.to(cd))
     if permuted:  # back to the caller's row order
-        inverse = torch.empty_like(plan.order)
-        inverse[plan.order] = torch.arange(M, device=inverse.device)
-        y = y.index_select(0, inverse)
+        y = y.index_select(0, plan.inverse)
     return y, h_all
 
 
