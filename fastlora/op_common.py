@@ -89,6 +89,8 @@ def check_scaling(scaling, device, who: str) -> None:
 
 
 def check_dropout(dropout_p, who: str) -> None:
+    if type(dropout_p) is float and 0.0 <= dropout_p < 1.0:  # the usual case, without the ABC check below
+        return
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"{who}: dropout_p must be a float in [0, 1), got {dropout_p!r}")
 
