@@ -38,15 +38,23 @@ def refuse_peft_mixed_loop(monkeypatch):
 
 @pytest.fixture
 def op_calls(monkeypatch):
-    calls = []
+    calls = _Calls()
     original = type(MIXED_LORA_LINEAR).__call__
 
     def counted(self, *args, **kwargs):
         calls.append(kwargs.get("ranks"))
+        calls_args.append(args)
         return original(self, *args, **kwargs)
 
+    calls_args = []
+
     monkeypatch.setattr(type(MIXED_LORA_LINEAR), "__call__", counted)
+    calls.args = calls_args
     return calls
+
+
+class _Calls(list):
+    pass
 
 
 def _configs(targets, embedding=None):
@@ -105,10 +113,21 @@ def test_generate_with_adapter_names_and_beams():
 def test_mixed_batch_runs_the_fused_op(op_calls):
     plain, fused = _twins(tiny_llama, ["q_proj", "v_proj"])
     ids = torch.randint(1, 61, (4, 3), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        fused(input_ids=ids, adapter_names=["fr", "en", "en", "__base__"])
+    fused.train()  # in training (with the opt-in) and with gradients: the batch's adapters packed, a copy
+    fastlora.allow_mixed_batch_training(fused)
+    fused(input_ids=ids, adapter_names=["fr", "en", "en", "__base__"])
     # 2 layers x 2 targets, each with the two adapters of the batch (fr: rank 3, en: rank 2), packed by rank
     assert op_calls == [[2, 3]] * 4
+    fused.eval()
+    del op_calls[:], op_calls.args[:]
+    with torch.no_grad():  # inference: every adapter of the layer, read where it lies (the bank), no copy
+        fused(input_ids=ids, adapter_names=["fr", "en", "en", "__base__"])
+    assert op_calls == [[2, 3, 5]] * 4
+    layer = fused.base_model.model.model.layers[0].self_attn.q_proj
+    A, B = op_calls.args[0][3], op_calls.args[0][4]
+    for a in ("en", "fr", "de"):
+        for w, packed in ((layer.lora_A[a].weight, A), (layer.lora_B[a].weight, B)):
+            assert w.untyped_storage().data_ptr() == packed.untyped_storage().data_ptr(), a
 
 
 def test_peft_rules_kept():
@@ -309,3 +328,100 @@ def test_half_base_with_fp32_adapters_equals_peft(dtype):
         actual = fused(x, adapter_names=names)
     assert actual.dtype == expected.dtype == dtype
     assert_same(actual, expected, atol=1e-2, rtol=1e-2, name=str(dtype))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The adapter bank: inference reads each layer's adapters where they lie
+# --------------------------------------------------------------------------------------------------------------
+
+def _same_logits(plain, fused, ids, names, what):
+    with torch.no_grad():
+        expected = plain(input_ids=ids, adapter_names=names).logits
+        actual = fused(input_ids=ids, adapter_names=names).logits
+    assert_same(actual, expected, atol=2e-5, rtol=2e-5, name=what)
+
+
+def _lora_weights(model, adapter):
+    return [p for n, p in model.named_parameters() if f"lora_A.{adapter}." in n or f"lora_B.{adapter}." in n]
+
+
+def test_the_bank_reads_the_parameters_live():
+    """After a mixed inference call every adapter of a layer is a view of the layer's bank; whatever changes the
+    adapters afterwards (in-place writes that no version counter records, new storage, an optimizer step, an adapter
+    added or deleted, a dtype change) shows in the next call, which equals PEFT's."""
+    from fastlora.peft_interop.mixed import _BANK
+    from peft import LoraConfig
+
+    plain, fused = _twins(tiny_llama, ["q_proj", "v_proj"])
+    ids = torch.randint(1, 61, (len(NAMES), 5), generator=torch.Generator().manual_seed(5))
+    before = {n: p.detach().clone() for n, p in fused.named_parameters()}
+    _same_logits(plain, fused, ids, NAMES, "first call")
+    layer = fused.base_model.model.model.layers[0].self_attn.q_proj
+    bank = layer.__dict__[_BANK]
+    for a in ("en", "de", "fr"):  # moved, values kept
+        assert layer.lora_A[a].weight.untyped_storage().data_ptr() == bank.A.untyped_storage().data_ptr()
+    for n, p in fused.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+    for model in (plain, fused):  # in place through .data: the version counter does not move
+        for p in _lora_weights(model, "de"):
+            p.data.mul_(-1.5)
+    _same_logits(plain, fused, ids, NAMES, "in-place .data write")
+    assert layer.__dict__[_BANK] is bank  # read where it lies: no rebuild was needed
+
+    for model in (plain, fused):  # new storage for one adapter's weights
+        for p in _lora_weights(model, "fr"):
+            p.data = p.data * 0.5 + 0.01
+    _same_logits(plain, fused, ids, NAMES, "param.data replaced")
+
+    for model in (plain, fused):  # an optimizer step (fused AdamW writes the parameters in place)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:
+            p.grad = torch.ones_like(p)
+        torch.optim.AdamW(params, lr=0.1, fused=True).step()
+        model.eval()
+    _same_logits(plain, fused, ids, NAMES, "after an optimizer step")
+
+    for model in (plain, fused):  # an adapter deleted: the bank is rebuilt without it (its memory freed)
+        model.delete_adapter("de")
+    names = ["fr", "en", "__base__", "fr", "en", "en"]
+    _same_logits(plain, fused, ids, names, "adapter deleted")
+    assert layer.__dict__[_BANK].names == ["en", "fr"]
+    for model in (plain, fused):  # an adapter added (the same random init in both)
+        torch.manual_seed(7)
+        model.add_adapter("it", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                           init_lora_weights=False))
+    names = ["it", "en", "__base__", "fr", "it", "en"]
+    _same_logits(plain, fused, ids, names, "adapter added")
+    assert layer.__dict__[_BANK].names == ["en", "fr", "it"]  # ranks 2, 3, 4
+
+    plain.double(), fused.double()
+    _same_logits(plain, fused, ids, names, "float64")
+
+
+def test_the_bank_survives_inference_mode_save_and_load(tmp_path):
+    """A bank built in inference mode holds plain tensors (the adapters then train); PEFT saves the moved adapters
+    and loads them back, values equal."""
+    from peft import PeftModel
+
+    plain, fused = _twins(tiny_llama, ["q_proj", "v_proj"])
+    ids = torch.randint(1, 61, (len(NAMES), 5), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        fused(input_ids=ids, adapter_names=NAMES)
+    fused.train()
+    fused.base_model.set_adapter(["en", "de"])
+    fastlora.allow_mixed_batch_training(fused)
+    loss = fused(input_ids=ids, adapter_names=["en", "de"] * 3).logits.square().mean()
+    loss.backward()  # an inference tensor would refuse to be saved for backward
+    assert all(p.grad is not None for p in _lora_weights(fused, "en"))
+
+    fused.eval()
+    fused.save_pretrained(tmp_path, selected_adapters=["en", "de", "fr"])
+    for a in ("en", "de", "fr"):  # PEFT saves adapters not named "default" in folders of their names
+        model = PeftModel.from_pretrained(tiny_llama(), tmp_path / a, adapter_name=a)
+        mine = {n: p for n, p in fused.named_parameters() if f".{a}." in n and "lora_" in n}
+        theirs = {n: p for n, p in model.named_parameters() if f".{a}." in n and "lora_" in n}
+        assert mine.keys() == theirs.keys() and mine, a
+        for n in mine:
+            assert torch.equal(mine[n], theirs[n]), n
