@@ -26,22 +26,26 @@
 # First-run cost is bounded: FASTLORA_AUTOTUNE_TOP_K (3 here) benchmarks only the first 3 configs that the
 # resource model keeps per kernel and key, and the Triton cache (TRITON_CACHE_DIR) persists between the steps.
 # A test failure does not stop the benchmark; a benchmark stopped by its budget still writes what it measured; both outcomes are reported at the end, and the exit status is
-# non-zero if either failed. Everything (log, junit xml, results.json/.md/.png) goes to $OUT/gpu_check/ when
-# $OUT is set (the device runner copies $OUT back), else to ./gpu_check_out/.
-# Budget: under 9 minutes on an H100, autotuning included (the device runner allows 10 per call).
+# non-zero if either failed. With $OUT set (the device runner copies $OUT back: at most 8 files, two folders deep),
+# $OUT holds two files: gpu_check.log (the whole log, written as it goes) and gpu_check.tgz (junit xml, every
+# step's results.json/.md/.png; repacked after each step, so a run cut short still returns what it measured).
+# Without $OUT everything stays in ./gpu_check_out/.
+# Budget: TOTAL_BUDGET_S (420 s) bounds the whole script: each step gets its own budget or what is left of the
+# total, whichever is less, and a step with under 10 s left is skipped (said in the log). A device lease is 15
+# minutes in all, start-up included: 7 minutes for the first call leave room to rerun a step.
 #
 # Knobs (environment), e.g. for a dry run on a CPU-only machine:
 #   DEVICE=cpu DTYPE=float32 SHAPES=64x128x128 TESTS=tests/test_bench.py bash benchmarks/gpu_check.sh
 #   DEVICE (cuda)  DTYPE (bfloat16)  RANK (16)  SHAPES (llm-grid)  DROPOUT (0,0.1)  MODES (forward+backward,forward)
 #   PROVIDERS (fastlora,peft,naive,base)  BENCH_BUDGET (0.15 s of timing per measurement)
-#   TESTS (tests)  PYTEST_ARGS (-q --maxfail=5 --durations=15)  TEST_BUDGET_S (170)  BENCH_BUDGET_S (150)
-#   DECODE_SHAPES (decode: M ∈ {1,16,64}, K=N=4096)  DECODE_BUDGET_S (30)
-#   CUBLAS_SHAPES (4096x4096x4096,8192x4096x4096,8192x8192x8192)  CUBLAS_BUDGET_S (40)
-#   AUTOTUNE_TOP_K (3; 0 = every config)  DISPATCH_SHAPES (all: llm-grid + decode)  DISPATCH_BUDGET_S (80)
-#   QLORA_SHAPES (decode)  QLORA_BUDGET_S (45)  DORA_SHAPES (dora_check.py's goal shapes)  DORA_BUDGET_S (45)
+#   TESTS (tests)  PYTEST_ARGS (-q --maxfail=5 --durations=15)  TEST_BUDGET_S (150)  BENCH_BUDGET_S (100)
+#   DECODE_SHAPES (decode: M ∈ {1,16,64}, K=N=4096)  DECODE_BUDGET_S (20)
+#   CUBLAS_SHAPES (4096x4096x4096,8192x4096x4096,8192x8192x8192)  CUBLAS_BUDGET_S (25)
+#   AUTOTUNE_TOP_K (3; 0 = every config)  DISPATCH_SHAPES (all: llm-grid + decode)  DISPATCH_BUDGET_S (40)
+#   QLORA_SHAPES (decode)  QLORA_BUDGET_S (30)  DORA_SHAPES (dora_check.py's goal shapes)  DORA_BUDGET_S (30)
 #   SKIP_INSTALL=1 (do not pip install)  SKIP_TESTS=1  SKIP_DECODE=1  SKIP_CUBLAS=1  SKIP_DISPATCH=1  SKIP_QLORA=1
-#   SKIP_DORA=1  MOE_PRESETS (auto)  MOE_BUDGET_S (45)  SKIP_MOE=1  MIXED_PRESETS (decode,prefill)
-#   MIXED_BUDGET_S (60)  SKIP_MIXED=1  PYTHON (python)
+#   SKIP_DORA=1  MOE_PRESETS (auto)  MOE_BUDGET_S (30)  SKIP_MOE=1  MIXED_PRESETS (decode,prefill)
+#   MIXED_BUDGET_S (40)  SKIP_MIXED=1  PYTHON (python)  TOTAL_BUDGET_S (420)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -58,28 +62,51 @@ BENCH_BUDGET=${BENCH_BUDGET:-0.15}
 TESTS=${TESTS:-tests}
 PYTEST_ARGS=${PYTEST_ARGS:--q --maxfail=5 --durations=15 -p no:cacheprovider}
 TEST_BUDGET_S=${TEST_BUDGET_S:-150}
-BENCH_BUDGET_S=${BENCH_BUDGET_S:-140}
+BENCH_BUDGET_S=${BENCH_BUDGET_S:-100}
 DECODE_SHAPES=${DECODE_SHAPES:-decode}
-DECODE_BUDGET_S=${DECODE_BUDGET_S:-30}
+DECODE_BUDGET_S=${DECODE_BUDGET_S:-20}
 CUBLAS_SHAPES=${CUBLAS_SHAPES:-4096x4096x4096,8192x4096x4096,8192x8192x8192}
-CUBLAS_BUDGET_S=${CUBLAS_BUDGET_S:-40}
+CUBLAS_BUDGET_S=${CUBLAS_BUDGET_S:-25}
 DISPATCH_SHAPES=${DISPATCH_SHAPES:-all}
-DISPATCH_BUDGET_S=${DISPATCH_BUDGET_S:-80}
+DISPATCH_BUDGET_S=${DISPATCH_BUDGET_S:-40}
 QLORA_SHAPES=${QLORA_SHAPES:-decode}
-QLORA_BUDGET_S=${QLORA_BUDGET_S:-45}
-DORA_BUDGET_S=${DORA_BUDGET_S:-45}
+QLORA_BUDGET_S=${QLORA_BUDGET_S:-30}
+DORA_BUDGET_S=${DORA_BUDGET_S:-30}
+MOE_BUDGET_S=${MOE_BUDGET_S:-30}
 MIXED_PRESETS=${MIXED_PRESETS:-decode,prefill}
-MIXED_BUDGET_S=${MIXED_BUDGET_S:-60}
+MIXED_BUDGET_S=${MIXED_BUDGET_S:-40}
+TOTAL_BUDGET_S=${TOTAL_BUDGET_S:-420}
 export FASTLORA_AUTOTUNE_TOP_K=${AUTOTUNE_TOP_K:-3}
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
-RESULTS=${OUT:+$OUT/gpu_check}
-RESULTS=${RESULTS:-$REPO/gpu_check_out}
+if [[ -n "${OUT:-}" ]]; then  # the device runner: results in a work folder, packed into $OUT after each step
+    RESULTS=$(mktemp -d /tmp/gpu_check.XXXXXX)
+    LOG="$OUT/gpu_check.log"
+else
+    RESULTS=$REPO/gpu_check_out
+    LOG="$RESULTS/gpu_check.log"
+fi
 mkdir -p "$RESULTS"
-LOG="$RESULTS/gpu_check.log"
 exec > >(tee "$LOG") 2>&1
 
 START=$(date +%s)
 stamp() { echo; echo "=== [$(( $(date +%s) - START ))s] $*"; }
+# pack() puts the results gathered so far into $OUT/gpu_check.tgz (one file, however many the steps wrote)
+pack() {
+    if [[ -n "${OUT:-}" ]]; then
+        tar czf "$OUT/gpu_check.tgz.part" -C "$RESULTS" . && mv -f "$OUT/gpu_check.tgz.part" "$OUT/gpu_check.tgz" || true
+    fi
+}
+# over N: true (and says so) when the total budget leaves no time for a step
+over() { [[ "$1" == 0 ]] && echo "!!! skipped: the total budget (TOTAL_BUDGET_S=$TOTAL_BUDGET_S) is spent"; }
+# budget N: N seconds, or what is left of TOTAL_BUDGET_S (keeping 40 s for the stop signal's grace and the
+# summary), whichever is less; 0 when under 10 s are left
+budget() {
+    local left=$(( TOTAL_BUDGET_S - ($(date +%s) - START) - 40 ))
+    local b=$1
+    (( left < b )) && b=$left
+    (( b < 10 )) && b=0
+    echo "$b"
+}
 
 stamp "fastlora gpu_check in $REPO, results to $RESULTS ($(date -u '+%Y-%m-%d %H:%M UTC'))"
 echo "git: $(git -C "$REPO" log -1 --format='%h %s' 2>/dev/null || echo 'not a git checkout')"
@@ -123,35 +150,47 @@ EOF
 
 test_rc=skipped
 if [[ "${SKIP_TESTS:-0}" != "1" ]]; then
-    stamp "tests: timeout ${TEST_BUDGET_S}s python -m pytest $TESTS $PYTEST_ARGS"
+    b=$(budget "$TEST_BUDGET_S")
+    stamp "tests: timeout ${b}s python -m pytest $TESTS $PYTEST_ARGS"
+    if over "$b"; then test_rc=no-time; else
     test_rc=0
     # SIGINT first so pytest prints its summary of what ran; SIGKILL 20 s later if it does not stop.
     # shellcheck disable=SC2086
-    timeout -s INT -k 20 "$TEST_BUDGET_S" "$PYTHON" -m pytest $TESTS $PYTEST_ARGS \
+    timeout -s INT -k 20 "$b" "$PYTHON" -m pytest $TESTS $PYTEST_ARGS \
         --junitxml="$RESULTS/tests.xml" || test_rc=$?
     case $test_rc in
         0) echo "tests: passed" ;;
-        124|130|137) echo "!!! tests: stopped by the ${TEST_BUDGET_S}s budget (rc=$test_rc); see above for what ran" ;;
+        124|130|137) echo "!!! tests: stopped by the ${b}s budget (rc=$test_rc); see above for what ran" ;;
         *) echo "!!! tests: FAILED (rc=$test_rc); continuing to the benchmark" ;;
     esac
+    fi
+    pack
 fi
 
 stamp "benchmark: $DEVICE $DTYPE r=$RANK shapes=$SHAPES dropout=$DROPOUT modes=$MODES providers=$PROVIDERS"
 bench_rc=0
-timeout -s INT -k 20 "$BENCH_BUDGET_S" "$PYTHON" -m fastlora bench --device "$DEVICE" --dtype "$DTYPE" \
+b=$(budget "$BENCH_BUDGET_S")
+if over "$b"; then bench_rc=no-time; else
+timeout -s INT -k 20 "$b" "$PYTHON" -m fastlora bench --device "$DEVICE" --dtype "$DTYPE" \
     --rank "$RANK" --shapes "$SHAPES" --dropout "$DROPOUT" --modes "$MODES" --providers "$PROVIDERS" \
     --budget "$BENCH_BUDGET" --goals cuda-kernels --out "$RESULTS" || bench_rc=$?
 [[ $bench_rc -eq 0 ]] || echo "!!! benchmark: FAILED or stopped (rc=$bench_rc)"
+fi
+pack
 
 decode_rc=skipped
 if [[ "${SKIP_DECODE:-0}" != "1" ]]; then
     # issue 3: inference at M <= 64 must not be slower than the base linear plus the two skinny GEMMs (peft math)
     stamp "decode benchmark: inference, $DTYPE r=$RANK shapes=$DECODE_SHAPES"
     decode_rc=0
-    timeout -s INT -k 20 "$DECODE_BUDGET_S" "$PYTHON" -m fastlora bench --device "$DEVICE" --dtype "$DTYPE" \
+    b=$(budget "$DECODE_BUDGET_S")
+    if over "$b"; then decode_rc=no-time; else
+    timeout -s INT -k 20 "$b" "$PYTHON" -m fastlora bench --device "$DEVICE" --dtype "$DTYPE" \
         --rank "$RANK" --shapes "$DECODE_SHAPES" --dropout 0 --modes inference --providers "$PROVIDERS" \
         --budget "$BENCH_BUDGET" --no-plot --out "$RESULTS/decode" || decode_rc=$?
     [[ $decode_rc -eq 0 ]] || echo "!!! decode benchmark: FAILED or stopped (rc=$decode_rc)"
+    fi
+    pack
 fi
 
 cublas_rc=skipped
@@ -160,20 +199,28 @@ if [[ "${SKIP_CUBLAS:-0}" != "1" ]]; then
     # same shapes in the main benchmark above (same machine, same run).
     stamp "FASTLORA_BASE_GEMM=cublas: $DTYPE r=$RANK shapes=$CUBLAS_SHAPES"
     cublas_rc=0
-    FASTLORA_BASE_GEMM=cublas timeout -s INT -k 20 "$CUBLAS_BUDGET_S" "$PYTHON" -m fastlora bench \
+    b=$(budget "$CUBLAS_BUDGET_S")
+    if over "$b"; then cublas_rc=no-time; else
+    FASTLORA_BASE_GEMM=cublas timeout -s INT -k 20 "$b" "$PYTHON" -m fastlora bench \
         --device "$DEVICE" --dtype "$DTYPE" --rank "$RANK" --shapes "$CUBLAS_SHAPES" --dropout 0 \
         --modes forward+backward,forward --providers fastlora,base --budget "$BENCH_BUDGET" --no-plot \
         --out "$RESULTS/cublas" || cublas_rc=$?
     [[ $cublas_rc -eq 0 ]] || echo "!!! cublas benchmark: FAILED or stopped (rc=$cublas_rc)"
+    fi
+    pack
 fi
 
 dispatch_rc=skipped
 if [[ "${SKIP_DISPATCH:-0}" != "1" && "$DEVICE" == cuda* ]]; then
     stamp "dispatch: which base-GEMM composition wins per shape ($DTYPE r=$RANK shapes=$DISPATCH_SHAPES)"
     dispatch_rc=0
-    timeout -s INT -k 20 "$DISPATCH_BUDGET_S" "$PYTHON" benchmarks/dispatch_report.py --shapes "$DISPATCH_SHAPES" \
+    b=$(budget "$DISPATCH_BUDGET_S")
+    if over "$b"; then dispatch_rc=no-time; else
+    timeout -s INT -k 20 "$b" "$PYTHON" benchmarks/dispatch_report.py --shapes "$DISPATCH_SHAPES" \
         --rank "$RANK" --dtype "$DTYPE" --dropout "$DROPOUT" --json "$RESULTS/dispatch.json" || dispatch_rc=$?
     [[ $dispatch_rc -eq 0 ]] || echo "!!! dispatch report: FAILED or stopped (rc=$dispatch_rc)"
+    fi
+    pack
 fi
 
 qlora_rc=skipped
@@ -181,9 +228,13 @@ if [[ "${SKIP_QLORA:-0}" != "1" ]]; then
     if "$PYTHON" -c "import bitsandbytes" >/dev/null 2>&1; then
         stamp "QLoRA: fastlora vs PEFT's QLoRA layer vs bnb dequantize+matmul ($DTYPE shapes=$QLORA_SHAPES)"
         qlora_rc=0
-        timeout -s INT -k 20 "$QLORA_BUDGET_S" "$PYTHON" benchmarks/qlora_check.py --device "$DEVICE" \
+        b=$(budget "$QLORA_BUDGET_S")
+        if over "$b"; then qlora_rc=no-time; else
+        timeout -s INT -k 20 "$b" "$PYTHON" benchmarks/qlora_check.py --device "$DEVICE" \
             --dtype "$DTYPE" --shapes "$QLORA_SHAPES" --out "$RESULTS/qlora" || qlora_rc=$?
         [[ $qlora_rc -eq 0 ]] || echo "!!! QLoRA check: FAILED or stopped (rc=$qlora_rc)"
+        fi
+        pack
     else
         echo "bitsandbytes does not import: the QLoRA section is skipped"
     fi
@@ -193,26 +244,38 @@ dora_rc=skipped
 if [[ "${SKIP_DORA:-0}" != "1" ]]; then
     stamp "DoRA: fastlora's DoRA step vs its LoRA step and PEFT's DoRA ($DTYPE r=$RANK)"
     dora_rc=0
-    timeout -s INT -k 20 "$DORA_BUDGET_S" "$PYTHON" benchmarks/dora_check.py --device "$DEVICE" --dtype "$DTYPE" \
+    b=$(budget "$DORA_BUDGET_S")
+    if over "$b"; then dora_rc=no-time; else
+    timeout -s INT -k 20 "$b" "$PYTHON" benchmarks/dora_check.py --device "$DEVICE" --dtype "$DTYPE" \
         --rank "$RANK" ${DORA_SHAPES:+--shapes "$DORA_SHAPES"} --out "$RESULTS/dora" || dora_rc=$?
     [[ $dora_rc -eq 0 ]] || echo "!!! DoRA check: FAILED or stopped (rc=$dora_rc)"
+    fi
+    pack
 fi
 
 moe_rc=skipped
 if [[ "${SKIP_MOE:-0}" != "1" ]]; then
     stamp "MoE: fastlora vs PEFT's target_parameters LoRA vs the frozen block (${MOE_PRESETS:-auto}, $DTYPE r=$RANK)"
     moe_rc=0
-    timeout -s INT -k 20 "${MOE_BUDGET_S:-45}" "$PYTHON" -m fastlora bench --moe "${MOE_PRESETS:-auto}" \
+    b=$(budget "$MOE_BUDGET_S")
+    if over "$b"; then moe_rc=no-time; else
+    timeout -s INT -k 20 "$b" "$PYTHON" -m fastlora bench --moe "${MOE_PRESETS:-auto}" \
         --device "$DEVICE" --dtype "$DTYPE" --rank "$RANK" --budget "$BENCH_BUDGET" --out "$RESULTS/moe" || moe_rc=$?
     [[ $moe_rc -eq 0 ]] || echo "!!! MoE benchmark: FAILED, a goal missed, or stopped (rc=$moe_rc)"
+    fi
+    pack
 fi
 mixed_rc=skipped
 if [[ "${SKIP_MIXED:-0}" != "1" && "$DEVICE" == cuda* ]]; then
     stamp "mixed-adapter batches: fastlora vs PEFT's mixed batch vs the single-adapter op ($MIXED_PRESETS)"
     mixed_rc=0
-    timeout -s INT -k 20 "$MIXED_BUDGET_S" "$PYTHON" benchmarks/mixed_check.py --preset "$MIXED_PRESETS" \
+    b=$(budget "$MIXED_BUDGET_S")
+    if over "$b"; then mixed_rc=no-time; else
+    timeout -s INT -k 20 "$b" "$PYTHON" benchmarks/mixed_check.py --preset "$MIXED_PRESETS" \
         --budget 0.1 --out "$RESULTS/mixed" || mixed_rc=$?
     [[ $mixed_rc -eq 0 ]] || echo "!!! mixed-batch check: FAILED, a goal MISSED, or stopped (rc=$mixed_rc)"
+    fi
+    pack
 fi
 
 stamp "summary"
@@ -264,8 +327,10 @@ fi
 echo "install rc=$install_rc, tests rc=$test_rc, benchmark rc=$bench_rc, decode rc=$decode_rc, cublas rc=$cublas_rc," \
      "dispatch rc=$dispatch_rc, qlora rc=$qlora_rc, dora rc=$dora_rc, moe rc=$moe_rc, mixed rc=$mixed_rc," \
      "total $(( $(date +%s) - START ))s"
-echo "log, tests.xml, results.json/.md/.png in $RESULTS"
-[[ $install_rc -eq 0 && ( $test_rc == 0 || $test_rc == skipped ) && $bench_rc -eq 0 \
+pack
+if [[ -n "${OUT:-}" ]]; then echo "log in $LOG; tests.xml and every step's results in $OUT/gpu_check.tgz"
+else echo "log, tests.xml, results.json/.md/.png in $RESULTS"; fi
+[[ $install_rc -eq 0 && ( $test_rc == 0 || $test_rc == skipped ) && $bench_rc == 0 \
    && ( $decode_rc == 0 || $decode_rc == skipped ) && ( $cublas_rc == 0 || $cublas_rc == skipped ) \
    && ( $dispatch_rc == 0 || $dispatch_rc == skipped ) && ( $qlora_rc == 0 || $qlora_rc == skipped ) \
    && ( $dora_rc == 0 || $dora_rc == skipped ) && ( $moe_rc == 0 || $moe_rc == skipped ) \
