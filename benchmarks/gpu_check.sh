@@ -98,6 +98,22 @@ pack() {
 }
 # over N: true (and says so) when the total budget leaves no time for a step
 over() { [[ "$1" == 0 ]] && echo "!!! skipped: the total budget (TOTAL_BUDGET_S=$TOTAL_BUDGET_S) is spent"; }
+# step RC_VAR LABEL SECONDS COMMAND...: COMMAND under the step's budget (SIGINT so that it writes what it measured,
+# SIGKILL 20 s later), its exit status into RC_VAR (no-time when the total budget is spent), a failure said, the
+# results packed
+step() {
+    local var=$1 label=$2 b rc=0
+    b=$(budget "$3")
+    shift 3
+    if over "$b"; then
+        printf -v "$var" %s no-time
+    else
+        timeout -s INT -k 20 "$b" "$@" || rc=$?
+        printf -v "$var" %s "$rc"
+        [[ $rc -eq 0 ]] || echo "!!! $label: FAILED, a goal MISSED, or stopped by its ${b}s budget (rc=$rc)"
+    fi
+    pack
+}
 # budget N: N seconds, or what is left of TOTAL_BUDGET_S (keeping 40 s for the stop signal's grace and the
 # summary), whichever is less; 0 when under 10 s are left
 budget() {
@@ -168,29 +184,18 @@ if [[ "${SKIP_TESTS:-0}" != "1" ]]; then
 fi
 
 stamp "benchmark: $DEVICE $DTYPE r=$RANK shapes=$SHAPES dropout=$DROPOUT modes=$MODES providers=$PROVIDERS"
-bench_rc=0
-b=$(budget "$BENCH_BUDGET_S")
-if over "$b"; then bench_rc=no-time; else
-timeout -s INT -k 20 "$b" "$PYTHON" -m fastlora bench --device "$DEVICE" --dtype "$DTYPE" \
+step bench_rc benchmark "$BENCH_BUDGET_S" "$PYTHON" -m fastlora bench --device "$DEVICE" --dtype "$DTYPE" \
     --rank "$RANK" --shapes "$SHAPES" --dropout "$DROPOUT" --modes "$MODES" --providers "$PROVIDERS" \
-    --budget "$BENCH_BUDGET" --goals cuda-kernels --out "$RESULTS" || bench_rc=$?
-[[ $bench_rc -eq 0 ]] || echo "!!! benchmark: FAILED or stopped (rc=$bench_rc)"
-fi
-pack
+    --budget "$BENCH_BUDGET" --goals cuda-kernels --out "$RESULTS"
 
 decode_rc=skipped
 if [[ "${SKIP_DECODE:-0}" != "1" ]]; then
     # issue 3: inference at M <= 64 must not be slower than the base linear plus the two skinny GEMMs (peft math)
     stamp "decode benchmark: inference, $DTYPE r=$RANK shapes=$DECODE_SHAPES"
-    decode_rc=0
-    b=$(budget "$DECODE_BUDGET_S")
-    if over "$b"; then decode_rc=no-time; else
-    timeout -s INT -k 20 "$b" "$PYTHON" -m fastlora bench --device "$DEVICE" --dtype "$DTYPE" \
+    step decode_rc "decode benchmark" "$DECODE_BUDGET_S" \
+        "$PYTHON" -m fastlora bench --device "$DEVICE" --dtype "$DTYPE" \
         --rank "$RANK" --shapes "$DECODE_SHAPES" --dropout 0 --modes inference --providers "$PROVIDERS" \
-        --budget "$BENCH_BUDGET" --no-plot --out "$RESULTS/decode" || decode_rc=$?
-    [[ $decode_rc -eq 0 ]] || echo "!!! decode benchmark: FAILED or stopped (rc=$decode_rc)"
-    fi
-    pack
+        --budget "$BENCH_BUDGET" --no-plot --out "$RESULTS/decode"
 fi
 
 cublas_rc=skipped
@@ -198,43 +203,26 @@ if [[ "${SKIP_CUBLAS:-0}" != "1" ]]; then
     # The Triton GEMM (default) vs cuBLAS + a Triton LoRA epilogue pass: compare fastlora's rows here with the
     # same shapes in the main benchmark above (same machine, same run).
     stamp "FASTLORA_BASE_GEMM=cublas: $DTYPE r=$RANK shapes=$CUBLAS_SHAPES"
-    cublas_rc=0
-    b=$(budget "$CUBLAS_BUDGET_S")
-    if over "$b"; then cublas_rc=no-time; else
-    FASTLORA_BASE_GEMM=cublas timeout -s INT -k 20 "$b" "$PYTHON" -m fastlora bench \
+    step cublas_rc "cublas benchmark" "$CUBLAS_BUDGET_S" env FASTLORA_BASE_GEMM=cublas "$PYTHON" -m fastlora bench \
         --device "$DEVICE" --dtype "$DTYPE" --rank "$RANK" --shapes "$CUBLAS_SHAPES" --dropout 0 \
         --modes forward+backward,forward --providers fastlora,base --budget "$BENCH_BUDGET" --no-plot \
-        --out "$RESULTS/cublas" || cublas_rc=$?
-    [[ $cublas_rc -eq 0 ]] || echo "!!! cublas benchmark: FAILED or stopped (rc=$cublas_rc)"
-    fi
-    pack
+        --out "$RESULTS/cublas"
 fi
 
 dispatch_rc=skipped
 if [[ "${SKIP_DISPATCH:-0}" != "1" && "$DEVICE" == cuda* ]]; then
     stamp "dispatch: which base-GEMM composition wins per shape ($DTYPE r=$RANK shapes=$DISPATCH_SHAPES)"
-    dispatch_rc=0
-    b=$(budget "$DISPATCH_BUDGET_S")
-    if over "$b"; then dispatch_rc=no-time; else
-    timeout -s INT -k 20 "$b" "$PYTHON" benchmarks/dispatch_report.py --shapes "$DISPATCH_SHAPES" \
-        --rank "$RANK" --dtype "$DTYPE" --dropout "$DROPOUT" --json "$RESULTS/dispatch.json" || dispatch_rc=$?
-    [[ $dispatch_rc -eq 0 ]] || echo "!!! dispatch report: FAILED or stopped (rc=$dispatch_rc)"
-    fi
-    pack
+    step dispatch_rc "dispatch report" "$DISPATCH_BUDGET_S" \
+        "$PYTHON" benchmarks/dispatch_report.py --shapes "$DISPATCH_SHAPES" \
+        --rank "$RANK" --dtype "$DTYPE" --dropout "$DROPOUT" --json "$RESULTS/dispatch.json"
 fi
 
 qlora_rc=skipped
 if [[ "${SKIP_QLORA:-0}" != "1" ]]; then
     if "$PYTHON" -c "import bitsandbytes" >/dev/null 2>&1; then
         stamp "QLoRA: fastlora vs PEFT's QLoRA layer vs bnb dequantize+matmul ($DTYPE shapes=$QLORA_SHAPES)"
-        qlora_rc=0
-        b=$(budget "$QLORA_BUDGET_S")
-        if over "$b"; then qlora_rc=no-time; else
-        timeout -s INT -k 20 "$b" "$PYTHON" benchmarks/qlora_check.py --device "$DEVICE" \
-            --dtype "$DTYPE" --shapes "$QLORA_SHAPES" --out "$RESULTS/qlora" || qlora_rc=$?
-        [[ $qlora_rc -eq 0 ]] || echo "!!! QLoRA check: FAILED or stopped (rc=$qlora_rc)"
-        fi
-        pack
+        step qlora_rc "QLoRA check" "$QLORA_BUDGET_S" "$PYTHON" benchmarks/qlora_check.py --device "$DEVICE" \
+            --dtype "$DTYPE" --shapes "$QLORA_SHAPES" --out "$RESULTS/qlora"
     else
         echo "bitsandbytes does not import: the QLoRA section is skipped"
     fi
@@ -243,39 +231,23 @@ fi
 dora_rc=skipped
 if [[ "${SKIP_DORA:-0}" != "1" ]]; then
     stamp "DoRA: fastlora's DoRA step vs its LoRA step and PEFT's DoRA ($DTYPE r=$RANK)"
-    dora_rc=0
-    b=$(budget "$DORA_BUDGET_S")
-    if over "$b"; then dora_rc=no-time; else
-    timeout -s INT -k 20 "$b" "$PYTHON" benchmarks/dora_check.py --device "$DEVICE" --dtype "$DTYPE" \
-        --rank "$RANK" ${DORA_SHAPES:+--shapes "$DORA_SHAPES"} --out "$RESULTS/dora" || dora_rc=$?
-    [[ $dora_rc -eq 0 ]] || echo "!!! DoRA check: FAILED or stopped (rc=$dora_rc)"
-    fi
-    pack
+    step dora_rc "DoRA check" "$DORA_BUDGET_S" \
+        "$PYTHON" benchmarks/dora_check.py --device "$DEVICE" --dtype "$DTYPE" \
+        --rank "$RANK" ${DORA_SHAPES:+--shapes "$DORA_SHAPES"} --out "$RESULTS/dora"
 fi
 
 moe_rc=skipped
 if [[ "${SKIP_MOE:-0}" != "1" ]]; then
     stamp "MoE: fastlora vs PEFT's target_parameters LoRA vs the frozen block (${MOE_PRESETS:-auto}, $DTYPE r=$RANK)"
-    moe_rc=0
-    b=$(budget "$MOE_BUDGET_S")
-    if over "$b"; then moe_rc=no-time; else
-    timeout -s INT -k 20 "$b" "$PYTHON" -m fastlora bench --moe "${MOE_PRESETS:-auto}" \
-        --device "$DEVICE" --dtype "$DTYPE" --rank "$RANK" --budget "$BENCH_BUDGET" --out "$RESULTS/moe" || moe_rc=$?
-    [[ $moe_rc -eq 0 ]] || echo "!!! MoE benchmark: FAILED, a goal missed, or stopped (rc=$moe_rc)"
-    fi
-    pack
+    step moe_rc "MoE benchmark" "$MOE_BUDGET_S" "$PYTHON" -m fastlora bench --moe "${MOE_PRESETS:-auto}" \
+        --device "$DEVICE" --dtype "$DTYPE" --rank "$RANK" --budget "$BENCH_BUDGET" --out "$RESULTS/moe"
 fi
 mixed_rc=skipped
 if [[ "${SKIP_MIXED:-0}" != "1" && "$DEVICE" == cuda* ]]; then
     stamp "mixed-adapter batches: fastlora vs PEFT's mixed batch vs the single-adapter op ($MIXED_PRESETS)"
-    mixed_rc=0
-    b=$(budget "$MIXED_BUDGET_S")
-    if over "$b"; then mixed_rc=no-time; else
-    timeout -s INT -k 20 "$b" "$PYTHON" benchmarks/mixed_check.py --preset "$MIXED_PRESETS" \
-        --budget 0.1 --out "$RESULTS/mixed" || mixed_rc=$?
-    [[ $mixed_rc -eq 0 ]] || echo "!!! mixed-batch check: FAILED, a goal MISSED, or stopped (rc=$mixed_rc)"
-    fi
-    pack
+    step mixed_rc "mixed-batch check" "$MIXED_BUDGET_S" \
+        "$PYTHON" benchmarks/mixed_check.py --preset "$MIXED_PRESETS" \
+        --budget 0.1 --out "$RESULTS/mixed"
 fi
 
 stamp "summary"
