@@ -425,3 +425,17 @@ def test_the_bank_survives_inference_mode_save_and_load(tmp_path):
         assert mine.keys() == theirs.keys() and mine, a
         for n in mine:
             assert torch.equal(mine[n], theirs[n]), n
+
+
+def test_the_bank_never_stands_in_for_an_adapter_it_does_not_hold():
+    """A layer whose adapters differ in dtype: the bank holds those of one dtype; a batch naming as many adapters
+    as the bank holds, one of them outside it, runs every adapter (PEFT's output), never the bank's others."""
+    plain, fused = _twins(tiny_llama, ["q_proj", "v_proj"])
+    for model in (plain, fused):
+        for n, p in model.named_parameters():
+            if ".fr." in n and "lora_" in n:
+                p.data = p.data.double()
+    ids = torch.randint(1, 61, (4, 5), generator=torch.Generator().manual_seed(8))
+    _same_logits(plain, fused, ids, ["en", "de", "en", "__base__"], "the bank of en and de")
+    _same_logits(plain, fused, ids, ["en", "fr", "en", "__base__"], "fr outside the bank, as many adapters")
+    _same_logits(plain, fused, ids, ["fr", "de", "__base__", "en"], "all three")

@@ -212,8 +212,9 @@ class _Bank:
     them (``param.data``), with their values, so that a mixed batch reads them where they lie instead of packing a
     copy per call.
 
-    Nothing is cached: every call checks that each adapter of its batch still *is* its view (its parameter's data
-    pointer, shape and strides; the bank holds its buffers, so no other tensor can live at those addresses), and
+    Nothing is cached: every call checks that each adapter of its batch is in the bank and still *is* its view (its
+    parameters' data pointers and shapes, contiguous; the bank holds its buffers, so no other tensor can be
+    allocated at those addresses), and
     whatever writes the parameters in place (an optimizer, ``load_state_dict``, ``.data.copy_``) writes the
     buffers. A parameter given new storage (``param.data = ...``, ``.to()``, ``load_state_dict(assign=True)``),
     an adapter added or deleted: the next call builds the bank again (one copy, as packing once)."""
@@ -246,13 +247,13 @@ class _Bank:
         the same address short of a reinterpreting ``.view(dtype)``). About 0.4 µs an adapter."""
         if tuple(A_mods) != self.held:
             return False
-        if len(used) == len(self.names):  # every adapter of the bank (checked whatever the order of ``used``)
+        at = list(map(self.pos.get, used))
+        if None in at:  # an adapter outside the bank (another dtype, say)
+            return False
+        if len(used) == len(self.names):  # every adapter of the bank, in whatever order ``used`` has them
             names, a_ptrs, b_ptrs, a_shapes, b_shapes = (self.names, self.a_ptrs, self.b_ptrs, self.a_shapes,
                                                          self.b_shapes)
         else:
-            at = list(map(self.pos.get, used))
-            if None in at:
-                return False
             names = used
             a_ptrs, b_ptrs = [self.a_ptrs[i] for i in at], [self.b_ptrs[i] for i in at]
             a_shapes, b_shapes = [self.a_shapes[i] for i in at], [self.b_shapes[i] for i in at]
