@@ -57,17 +57,17 @@ def dropout_drop_index(seed: int, numel: int, p: float, device) -> torch.Tensor:
         left = numel - 1 - last  # positions still to cover
         count = int(left * p + 6.0 * math.sqrt(left * p * (1.0 - p)) + 16)  # enough gaps but once in ~10⁹ calls
         u = torch.rand(count, dtype=torch.float64, device=device, generator=gen)
-        gaps = u.neg_().log1p_().div_(log_keep).floor_().add_(1.0)  # i.i.d. geometric, ≥ 1
+        # i.i.d. geometric gaps ≥ 1: the quotient is ≥ 0, so truncating to int64 is the floor; the sum of the gaps
+        # then runs in exact integers (one pass fewer than flooring in float64 and converting the positions after)
+        gaps = u.neg_().log1p_().div_(log_keep).to(torch.int64).add_(1)
         pos = gaps.cumsum_(0).add_(last)
-        end = float(pos[-1])
+        end = int(pos[-1])
         if end >= numel:
-            cut = int(torch.searchsorted(pos, torch.tensor([float(numel)], dtype=torch.float64, device=device)))
-            chunks.append(pos[:cut])
+            chunks.append(pos[:int(torch.searchsorted(pos, numel))])
             break
         chunks.append(pos)
-        last = int(end)
-    pos = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-    return pos.to(torch.int64)
+        last = end
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
 
 def dropout_keep_mask(seed: int, shape, p: float, device, dtype=torch.bool) -> torch.Tensor:
