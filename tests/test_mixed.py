@@ -54,6 +54,9 @@ CASES = {
     "primes_mixed_ranks": (37, 33, 17, [17, 3, 5, 8], [(i * 7) % 5 - 1 for i in range(37)]),
     "segments_walk": (70, 16, 12, [16, 1, 33], [(i * 5) % 4 - 1 for i in range(70)]),  # M > 64: sorted segments
     "unused_adapter": (9, 6, 5, [2, 4, 3], [0, 2, 0, 2, -1, 0, 2, 2, 0]),
+    # the segments walk with an adapter that has no row between two that have (the PEFT layer's adapter bank hands
+    # the op every adapter of the layer, used or not)
+    "segments_unused_adapter": (70, 12, 10, [4, 8, 2, 5], [[-1, 0, 2, 3][i % 4] for i in range(70)]),
     # rows already grouped by adapter (a server's batch): each rank class is one block of x and y, no gather
     "grouped_rows": (9, 7, 5, [2, 2, 3], [-1, 0, 0, 0, 1, 1, 1, 2, 2]),
 }
@@ -199,7 +202,7 @@ def _triton_keep(seed, idx, K, ps):
 
 
 KERNEL_CASES = ["three_adapters_base_rows", "rank_1_and_skewed", "primes_mixed_ranks", "segments_walk",
-                "empty_batch", "all_base_rows", "grouped_rows"]
+                "empty_batch", "all_base_rows", "grouped_rows", "unused_adapter", "segments_unused_adapter"]
 
 
 @pytest.mark.parametrize("case", KERNEL_CASES)
