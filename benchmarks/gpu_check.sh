@@ -25,8 +25,9 @@
 #      and fastlora's single-adapter op (goal: within 1.15x of it), outputs checked against PEFT's.
 # First-run cost is bounded: FASTLORA_AUTOTUNE_TOP_K (3 here) benchmarks only the first 3 configs that the
 # resource model keeps per kernel and key, and the Triton cache (TRITON_CACHE_DIR) persists between the steps.
-# A test failure does not stop the benchmark; a benchmark stopped by its budget still writes what it measured; both outcomes are reported at the end, and the exit status is
-# non-zero if either failed. With $OUT set (the device runner copies $OUT back: at most 8 files, two folders deep),
+# A test failure does not stop the benchmark; a benchmark stopped by its budget still writes what it measured; both
+# outcomes are reported at the end, and the exit status is non-zero if a step failed, missed a goal or had no time
+# left. With $OUT set (the device runner copies $OUT back: at most 8 files, two folders deep),
 # $OUT holds two files: gpu_check.log (the whole log, written as it goes) and gpu_check.tgz (junit xml, every
 # step's results.json/.md/.png; repacked after each step, so a run cut short still returns what it measured).
 # Without $OUT everything stays in ./gpu_check_out/.
