@@ -36,6 +36,14 @@ def refuse_peft_mixed_loop(monkeypatch):
         monkeypatch.setattr(cls, "_mixed_batch_forward", refuse)
 
 
+class _Calls(list):
+    """The ``ranks`` of every call of the mixed op, in order; ``args``: each call's tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.args = []
+
+
 @pytest.fixture
 def op_calls(monkeypatch):
     calls = _Calls()
@@ -43,18 +51,11 @@ def op_calls(monkeypatch):
 
     def counted(self, *args, **kwargs):
         calls.append(kwargs.get("ranks"))
-        calls_args.append(args)
+        calls.args.append(args)
         return original(self, *args, **kwargs)
 
-    calls_args = []
-
     monkeypatch.setattr(type(MIXED_LORA_LINEAR), "__call__", counted)
-    calls.args = calls_args
     return calls
-
-
-class _Calls(list):
-    pass
 
 
 def _configs(targets, embedding=None):
