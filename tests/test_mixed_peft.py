@@ -397,7 +397,8 @@ def test_the_bank_reads_the_parameters_live():
     _same_logits(plain, fused, ids, names, "adapter added")
     assert layer.__dict__[_BANK].names == ["en", "fr", "it"]  # ranks 2, 3, 4
 
-    plain.double(), fused.double()
+    for model in (plain, fused):
+        model.double()
     _same_logits(plain, fused, ids, names, "float64")
 
 
