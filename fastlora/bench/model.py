@@ -452,10 +452,49 @@ def render_model_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def measure_cases(cases, providers, measure, budget_s: float, min_reps: int):
+    """(rows, start time): ``measure(case, providers, budget_s=, min_reps=)`` for every case in turn, a progress line
+    each on stderr; Ctrl-C stops and keeps what was measured."""
+    t0 = time.perf_counter()
+    rows = []
+    try:
+        for case in cases:
+            rows += measure(case, providers, budget_s=budget_s, min_reps=min_reps)
+            print(f"  measured {case.label()} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: reporting the {len(rows)} measurements done", file=sys.stderr)
+    return rows, t0
+
+
+def case_set_meta(device, dtype, providers, cases, rows, budget, min_reps, t0, args, **extra) -> dict:
+    """The report's meta of a model-level or MoE case set: the environment, what ran (``extra``: the preset or
+    presets), the timers and how the ratios were taken, the command."""
+    from .run import environment
+
+    meta = environment(device)
+    timers = sorted({r["timer"] for r in rows if r.get("timer")})
+    meta.update({"device": device, "dtype": dtype, **extra, "providers": providers,
+                 "cases": [c.describe() for c in cases], "budget_s": budget, "min_rounds": min_reps,
+                 "timer": ", ".join(timers) or "none", "wall_s": round(time.perf_counter() - t0, 1),
+                 "ratios": ("medians of per-round ratios" if any((r.get("vs_floor") or {}).get("per_round")
+                                                                 for r in rows) else "ratios of medians"),
+                 "command": " ".join(["python -m fastlora bench"] + list(getattr(args, "argv", []) or []))})
+    return meta
+
+
+def write_report(report: dict, out, text: str, markdown: str, stream) -> None:
+    """Print the text report and write results.json and results.md into ``out``."""
+    print(text, file=stream)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out / "results.md").write_text(markdown)
+    print(f"wrote {out / 'results.json'}\nwrote {out / 'results.md'}", file=stream)
+
+
 def run_model_cli(args, device: str, stream=None) -> int:
     """``python -m fastlora bench --model PRESET``: the model-level case set on ``device``."""
     from .cases import DTYPE_NAMES, DTYPES
-    from .run import environment
 
     stream = stream if stream is not None else sys.stdout
     preset = DEFAULT_MODEL[torch.device(device).type] if args.model == "auto" else args.model
@@ -481,28 +520,9 @@ def run_model_cli(args, device: str, stream=None) -> int:
 
     print(wrap(f"fastlora bench --model {preset}: {len(cases)} case(s) × {len(providers)} providers on {device} "
                 f"({dtype}), at least {min_reps} interleaved rounds; results to {args.out}/"), file=stream)
-    t0 = time.perf_counter()
-    rows = []
-    try:
-        for case in cases:
-            rows += measure_model_case(case, providers, budget_s=budget, min_reps=min_reps)
-            print(f"  measured {case.label()} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: reporting the {len(rows)} measurements done", file=sys.stderr)
-    meta = environment(device)
-    timers = sorted({r["timer"] for r in rows if r.get("timer")})
-    meta.update({"device": device, "dtype": dtype, "preset": preset, "providers": providers,
-                 "cases": [c.describe() for c in cases], "budget_s": budget, "min_rounds": min_reps,
-                 "timer": ", ".join(timers) or "none", "wall_s": round(time.perf_counter() - t0, 1),
-                 "ratios": ("medians of per-round ratios" if any((r.get("vs_floor") or {}).get("per_round")
-                                                                 for r in rows) else "ratios of medians"),
-                 "command": " ".join(["python -m fastlora bench"] + list(getattr(args, "argv", []) or []))})
+    rows, t0 = measure_cases(cases, providers, measure_model_case, budget, min_reps)
+    meta = case_set_meta(device, dtype, providers, cases, rows, budget, min_reps, t0, args, preset=preset)
     report = {"meta": meta, "results": rows, "goals": model_goals(rows)}
-    print(render_model_text(report), file=stream)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (out / "results.md").write_text(render_model_markdown(report))
-    print(f"wrote {out / 'results.json'}\nwrote {out / 'results.md'}", file=stream)
+    write_report(report, args.out, render_model_text(report), render_model_markdown(report), stream)
     timed = [r for r in rows if r["provider"] == "fastlora" and r.get("median_s")]
     return 0 if timed and len(rows) == len(cases) * len(providers) else 1

@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import sys
-import time
-from pathlib import Path
 
 import torch
 
 from .memory import peak_memory_bytes, saved_activation_bytes
-from .model import goal, goal_line, markdown_head, mib, ratio_cell, ratio_stats, text_head, text_tail
+from .model import (case_set_meta, goal, goal_line, markdown_head, measure_cases, mib, ratio_cell, ratio_stats,
+                    text_head, text_tail, write_report)
 from .providers import sync
 from .timing import time_case
 
@@ -316,7 +314,6 @@ def run_moe_cli(args, device: str, stream=None) -> int:
     every goal was met, 3 when one was missed, 1 when nothing was timed."""
     from .cases import DTYPE_NAMES, DTYPES
     from .report import wrap
-    from .run import environment
 
     stream = stream if stream is not None else sys.stdout
     kind = torch.device(device).type
@@ -336,34 +333,15 @@ def run_moe_cli(args, device: str, stream=None) -> int:
     budget = args.budget if args.budget is not None else 0.5
     print(wrap(f"fastlora bench --moe: {len(cases)} case(s) × {len(providers)} providers on {device} ({dtype}), at "
                 f"least {min_reps} interleaved rounds; results to {args.out}/"), file=stream)
-    t0 = time.perf_counter()
-    rows = []
-    try:
-        for case in cases:
-            rows += measure_moe_case(case, providers, budget_s=budget, min_reps=min_reps)
-            print(f"  measured {case.label()} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: reporting the {len(rows)} measurements done", file=sys.stderr)
-    meta = environment(device)
-    timers = sorted({r["timer"] for r in rows if r.get("timer")})
-    meta.update({"device": device, "dtype": dtype, "presets": list(presets), "providers": providers,
-                 "cases": [c.describe() for c in cases], "budget_s": budget, "min_rounds": min_reps,
-                 "timer": ", ".join(timers) or "none", "wall_s": round(time.perf_counter() - t0, 1),
-                 "ratios": ("medians of per-round ratios" if any((r.get("vs_floor") or {}).get("per_round")
-                                                                 for r in rows) else "ratios of medians"),
-                 "command": " ".join(["python -m fastlora bench"] + list(getattr(args, "argv", []) or []))})
+    rows, t0 = measure_cases(cases, providers, measure_moe_case, budget, min_reps)
+    meta = case_set_meta(device, dtype, providers, cases, rows, budget, min_reps, t0, args, presets=list(presets))
     if kind == "cuda":  # which composition the measured choice took for each problem, with both times
         from fastlora.kernels import moe as moe_kernels
 
         meta["moe_paths"] = [{"key": [str(k) for k in key], "choice": choice, "ms": times}
                              for key, choice, times in moe_kernels._path_choice().report()]
     report = {"meta": meta, "results": rows, "goals": moe_goals(rows)}
-    print(render_moe_text(report), file=stream)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (out / "results.md").write_text(render_moe_markdown(report))
-    print(f"wrote {out / 'results.json'}\nwrote {out / 'results.md'}", file=stream)
+    write_report(report, args.out, render_moe_text(report), render_moe_markdown(report), stream)
     timed = [r for r in rows if r["provider"] == "fastlora" and r.get("median_s")]
     if not timed or len(rows) < len(cases) * len(providers):
         return 1
