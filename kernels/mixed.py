@@ -70,6 +70,24 @@ def _u_ptrs(u_ptr, o, r, j, k, stride_ur, stride_uk, K, U_PACKED_B: tl.constexpr
     return u_ptr + (o + j).to(tl.int64) * stride_ur + k.to(tl.int64) * stride_uk
 
 
+@triton.jit
+def _segment_low_rank(acc, l_ptr, u_ptr, rows, i_ok, cols, n_ok, o, r, scale, stride_lm, stride_lr, stride_ur,
+                      stride_un, N, cdt, U_PACKED_B: tl.constexpr, LO_FP32: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr, R_BLOCK: tl.constexpr):
+    """acc + scale · L[rows, :r] U_a[:r, cols] for adapter a at rank offset o (U_a read as ``_u_ptrs`` lays it
+    out), rank chunk by chunk: the low-rank term of a segment tile (the expand's output, the fused GEMM's
+    accumulator)."""
+    jj = tl.arange(0, R_BLOCK)
+    for r0 in range(0, r, R_BLOCK):
+        j = r0 + jj
+        l = tl.load(l_ptr + rows[:, None] * stride_lm + j.to(tl.int64)[None, :] * stride_lr,
+                    mask=i_ok[:, None] & (j[None, :] < r), other=0.0)
+        u = tl.load(_u_ptrs(u_ptr, o, r, j[:, None], cols[None, :], stride_ur, stride_un, N, U_PACKED_B),
+                    mask=(j[:, None] < r) & n_ok[None, :], other=0.0)
+        acc = low_rank_dot(l.to(tl.float32) * scale, u, acc, cdt, LO_FP32, DOT_PRECISION)
+    return acc
+
+
 @triton.jit(do_not_specialize=["M", "seed"])
 def mixed_shrink_kernel(
     x_ptr, u_ptr, h_ptr, perm_ptr, seg_start_ptr, tile_cum_ptr, rank_off_ptr, scal_ptr, thr_ptr, inv_keep_ptr,
@@ -191,14 +209,8 @@ def mixed_expand_kernel(
         scale = 1.0
         if HAS_SCALE:
             scale = tl.load(scal_ptr + a)
-        jj = tl.arange(0, R_BLOCK)
-        for r0 in range(0, r, R_BLOCK):
-            j = r0 + jj
-            l = tl.load(l_ptr + rows[:, None] * stride_lm + j.to(tl.int64)[None, :] * stride_lr,
-                        mask=i_ok[:, None] & (j[None, :] < r), other=0.0)
-            u = tl.load(_u_ptrs(u_ptr, o, r, j[:, None], cols[None, :], stride_ur, stride_un, N, U_PACKED_B),
-                        mask=(j[:, None] < r) & n_ok[None, :], other=0.0)
-            acc = low_rank_dot(l.to(tl.float32) * scale, u, acc, cdt, LO_FP32, DOT_PRECISION)
+        acc = _segment_low_rank(acc, l_ptr, u_ptr, rows, i_ok, cols, n_ok, o, r, scale, stride_lm, stride_lr,
+                                stride_ur, stride_un, N, cdt, U_PACKED_B, LO_FP32, DOT_PRECISION, R_BLOCK)
         if LO_DROPOUT:
             keep = philox_keep(seed, tl.load(thr_ptr + a), rows, pid_n * BLOCK_N, TILE_M, BLOCK_N, N_ROUNDS)
             acc = tl.where(keep, acc * tl.load(inv_keep_ptr + a), 0.0)
@@ -275,15 +287,9 @@ def mixed_gemm_kernel(
         a = s - 1
         o = tl.load(rank_off_ptr + a)
         r = tl.load(rank_off_ptr + a + 1) - o
-        scale = tl.load(scal_ptr + a)
-        jj = tl.arange(0, R_BLOCK)
-        for r0 in range(0, r, R_BLOCK):
-            j = r0 + jj
-            l = tl.load(h_ptr + rows[:, None] * stride_hm + j.to(tl.int64)[None, :] * stride_hr,
-                        mask=i_ok[:, None] & (j[None, :] < r), other=0.0)
-            u = tl.load(b_ptr + o.to(tl.int64) * N + cols_w[None, :] * r + j[:, None],
-                        mask=j[:, None] < r, other=0.0)
-            acc = low_rank_dot(l.to(tl.float32) * scale, u, acc, cdt, LO_FP32, DOT_PRECISION)
+        # packed B read at the wrapped columns (in bounds); the store masks the columns past N
+        acc = _segment_low_rank(acc, h_ptr, b_ptr, rows, i_ok, cols_w, n_ok, o, r, tl.load(scal_ptr + a),
+                                stride_hm, stride_hr, 0, 0, N, cdt, True, LO_FP32, DOT_PRECISION, R_BLOCK)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols_w).to(tl.float32)[None, :]
     offs_k = tl.arange(0, BLOCK_K)
