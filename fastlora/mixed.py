@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .autograd import check_linear_dtypes
 from .mixed_reference import MixedTorch, keep_mask
 from .op_common import FusedOp, check_dropout, check_scaling
 from .reference import h_dtype
@@ -85,15 +86,7 @@ class MixedLoRALinearOp(FusedOp):
                              f"{index.dtype}")
 
     def check_dtypes(self, a):
-        who = self.name
-        x, weight, bias, lora_A, lora_B = (a[n] for n in ("input", "weight", "bias", "lora_A", "lora_B"))
-        if weight.dtype != x.dtype:
-            raise TypeError(f"{who}: input dtype {x.dtype} and weight dtype {weight.dtype} differ (as in nn.Linear, "
-                            "they must match; use torch.autocast for mixed precision)")
-        if bias is not None and bias.dtype != x.dtype:
-            raise TypeError(f"{who}: bias dtype {bias.dtype} must match input dtype {x.dtype}")
-        if lora_A.dtype != lora_B.dtype:
-            raise TypeError(f"{who}: lora_A dtype {lora_A.dtype} and lora_B dtype {lora_B.dtype} differ")
+        check_linear_dtypes(self.name, a["input"], a["weight"], a["lora_A"], a["lora_B"], a["bias"])
 
     def fake(self, x, weight, bias, lora_A, lora_B, index, scalings, ranks, dropout_ps):
         M = x.shape[0]
