@@ -67,16 +67,25 @@ def lora_linear_case(device="cpu", dtype=torch.float32, dropout=0.0) -> OpCall:
                   kwargs, (x, A, B), reference)
 
 
-def lora_embedding_case(device="cpu", dtype=torch.float32, dropout=0.0) -> OpCall:
+# F.embedding's options as the embedding ops take them: padding row 1, the rest at their defaults
+_EMBEDDING_OPTIONS = dict(padding_idx=1, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, sparse=False)
+
+
+def _embedding_inputs(device, dtype):
+    """(generator, ids, W, A, B) of the embedding cases: 10 × 6 table, rank 3, the padding row twice in the ids."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 10, (2, 3), generator=g)
     ids[0, 0] = ids[1, 2] = 1  # the padding row, twice: it gets no gradient
     ids = ids.to(device)
     W = _rand(g, 10, 6).to(device, dtype)
     A, B = _leaf(_rand(g, 3, 10), device, dtype), _leaf(_rand(g, 6, 3), device, dtype)
+    return g, ids, W, A, B
+
+
+def lora_embedding_case(device="cpu", dtype=torch.float32, dropout=0.0) -> OpCall:
+    _, ids, W, A, B = _embedding_inputs(device, dtype)
     kwargs = dict(scaling=0.75, padding_idx=1)
-    op_kwargs = dict(scaling=0.75, padding_idx=1, max_norm=None, norm_type=2.0, scale_grad_by_freq=False,
-                     sparse=False)
+    op_kwargs = dict(scaling=0.75, **_EMBEDDING_OPTIONS)
 
     def reference(scaling=0.75, **_):
         return F.embedding(ids, W, padding_idx=1) + F.embedding(ids, A.t(), padding_idx=1) @ B.t() * scaling
@@ -110,18 +119,12 @@ def dora_linear_case(device="cpu", dtype=torch.float32, dropout=0.0) -> OpCall:
 def dora_embedding_case(device="cpu", dtype=torch.float32, dropout=0.0) -> OpCall:
     from fastlora.dora import DORA_EMBEDDING
 
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 10, (2, 3), generator=g)
-    ids[0, 0] = ids[1, 2] = 1  # the padding row, twice: it gets no gradient
-    ids = ids.to(device)
-    W = _rand(g, 10, 6).to(device, dtype)
-    A, B = _leaf(_rand(g, 3, 10), device, dtype), _leaf(_rand(g, 6, 3), device, dtype)
+    g, ids, W, A, B = _embedding_inputs(device, dtype)
     m = _leaf(_rand(g, 6).abs() + 0.5, device, dtype)
     es = torch.tensor(1.5).to(device, dtype)  # an embed scale (Gemma's), applied to the DoRA term too
     base = F.embedding(ids, W, padding_idx=1)
     kwargs = dict(scaling=0.75, base_output=base, embed_scale=es, padding_idx=1)
-    op_kwargs = dict(scaling=0.75, padding_idx=1, max_norm=None, norm_type=2.0, scale_grad_by_freq=False,
-                     sparse=False)
+    op_kwargs = dict(scaling=0.75, **_EMBEDDING_OPTIONS)
 
     def reference(scaling=0.75, **_):
         norm = torch.linalg.vector_norm(W.t() + scaling * (B @ A), dim=1).detach()
