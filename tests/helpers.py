@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.utils._python_dispatch
 
 
 def error_report(actual: torch.Tensor, expected: torch.Tensor, name: str = "tensor") -> str:
@@ -213,3 +214,21 @@ def lora_inputs(M, K, N, r, dtype=torch.float32, adapter_dtype=None, bias=True, 
     b = rnd(N, shift=3.0) if bias else None
     grad = rnd(*rows, N)
     return x, weight, lora_A, lora_B, b, grad
+
+
+class AllocatedShapes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Every shape an op allocates while the mode is on (``shapes``): views and in-place results allocate nothing and
+    are left out. The tests that a path never forms a full-size (out, in) tensor read it."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(ret.alias_info is not None for ret in func._schema.returns):
+            return out
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.shapes.add(tuple(t.shape))
+        return out

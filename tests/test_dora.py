@@ -10,7 +10,6 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 peft = pytest.importorskip("peft")
 
@@ -20,7 +19,7 @@ from fastlora import reference
 from fastlora.op_common import draw_seed  # noqa: E402
 from fastlora.peft_interop import dora as dora_fuser  # noqa: E402
 from fastlora.peft_interop import registry  # noqa: E402
-from helpers import assert_close, assert_low_precision_close  # noqa: E402
+from helpers import AllocatedShapes, assert_close, assert_low_precision_close  # noqa: E402
 
 TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5)}
 KDEV = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels' lane: CUDA, else the interpreter on CPU
@@ -295,20 +294,6 @@ def test_norm_follows_the_weight(torch_backend):
     assert_close(fastlora.dora_weight_norm(p, A, B, 0.5), _explicit_norm(p, A, B, 0.5), 1e-5, 1e-5, ".data.mul_")
 
 
-class _ShapeRecorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.shapes = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if any(ret.alias_info is not None for ret in func._schema.returns):
-            return out  # views (W.t()) and in-place results allocate nothing
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor):
-                self.shapes.add(tuple(t.shape))
-        return out
-
 
 @pytest.mark.parametrize("use_triton", [False, True], ids=["torch", "kernels"])
 @pytest.mark.parametrize("p", [0.0, 0.3])
@@ -324,7 +309,7 @@ def test_never_forms_B_at_A(use_triton, p, triton_backend):
     B = torch.randn(N, r, device=dev, requires_grad=True)
     m = torch.rand(N, device=dev).add_(0.5).requires_grad_(True)
     fdora.clear_norm_cache()
-    with _ShapeRecorder() as rec:
+    with AllocatedShapes() as rec:
         y = fastlora.dora_linear(x, W, A, B, m, scaling=0.5, dropout_p=p)
         y.sum().backward()
     assert (N, K) not in rec.shapes and (K, N) not in rec.shapes, sorted(rec.shapes)

@@ -16,13 +16,8 @@ from fastlora.mixed import MIXED_LORA_LINEAR  # noqa: E402
 from model_helpers import assert_same, perturb_trainable, tiny_gpt2, tiny_llama  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def torch_backend():
-    """The model-level tests run the PyTorch path (the kernels are checked in tests/test_mixed.py): fast on CPU."""
-    before = fastlora.get_backend()
-    fastlora.set_backend("torch")
-    yield
-    fastlora.set_backend(before)
+# The model-level tests run the PyTorch path (the kernels are checked in tests/test_mixed.py): fast on CPU.
+pytestmark = pytest.mark.usefixtures("torch_backend")
 
 
 def refuse_peft_mixed_loop(monkeypatch):

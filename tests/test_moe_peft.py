@@ -10,13 +10,12 @@ import warnings
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 import fastlora  # noqa: E402
-from helpers import assert_close, assert_low_precision_close  # noqa: E402
+from helpers import AllocatedShapes, assert_close, assert_low_precision_close  # noqa: E402
 
 BOTH = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss"]
@@ -191,22 +190,6 @@ def test_reasons_for_peft_path(torch_backend):
     assert_close(fused(input_ids=ids).logits, plain(input_ids=ids).logits, 1e-5, 1e-5, "after")
 
 
-class _ShapeLog(TorchDispatchMode):
-    """Every shape an op allocates (views and in-place results excluded)."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if any(ret.alias_info is not None for ret in func._schema.returns):
-            return out
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor):
-                self.shapes.add(tuple(t.shape))
-        return out
-
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
 def test_no_expert_sized_tensor_in_a_training_step(family, backend):
@@ -216,10 +199,10 @@ def test_no_expert_sized_tensor_in_a_training_step(family, backend):
     stacks = {tuple(p.shape) for n, p in fused.named_parameters() if p.dim() == 3}
     stacks |= {(s[0], s[2], s[1]) for s in stacks} | {s[1:] for s in stacks} | {(s[2], s[1]) for s in stacks}
     ids = torch.randint(0, 48, (2, 5))
-    with _ShapeLog() as log:
+    with AllocatedShapes() as log:
         fused(input_ids=ids, labels=ids).loss.backward()
     assert not (log.shapes & stacks), sorted(log.shapes & stacks)
-    with _ShapeLog() as log:
+    with AllocatedShapes() as log:
         plain(input_ids=ids, labels=ids).loss.backward()
     assert log.shapes & stacks
 
