@@ -36,7 +36,8 @@ import torch
 
 from .memory import peak_memory_bytes, saved_activation_bytes
 from .providers import sync
-from .timing import time_case
+from .run import error_text, or_none
+from .timing import spread, time_case
 
 MODEL_PROVIDERS = ("fastlora", "fastlora_compiled", "peft", "compiled", "base")
 MODEL_FLOOR = "base"
@@ -218,7 +219,7 @@ def build_model_runners(case: ModelCase, providers, *, seed: int = 0, pool_size:
             runners[p] = ModelRunner(case, p, model, lambda ids, run=run: run(input_ids=ids, labels=ids).loss,
                                      _adamw(trainable) if trainable else None, pool_x)
         except Exception as exc:  # noqa: BLE001 - recorded per provider (no compiler, no peft, ...)
-            errors[p] = f"{type(exc).__name__}: {exc}".strip()[:500]
+            errors[p] = error_text(exc)
     return runners, errors
 
 
@@ -242,10 +243,6 @@ def ratio_stats(num: dict, den: dict) -> dict | None:
     return {"median": num["median_s"] / den["median_s"], "q1": None, "q3": None, "per_round": False, "rounds": 0}
 
 
-def _error(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}".strip()[:500]
-
-
 def _first_loss(runner: ModelRunner) -> float | None:
     """The loss of a forward on the first batch before any step (fastlora and PEFT start from the same weights,
     so at dropout 0 their losses must agree). With grad enabled, as the timed steps run: a compiled provider
@@ -254,6 +251,19 @@ def _first_loss(runner: ModelRunner) -> float | None:
         return float(runner.fn(runner.pool_x[0]).detach())
     except Exception:  # noqa: BLE001
         return None
+
+
+def time_rows(rows: dict, runners: dict, budget_s: float, min_reps: int) -> None:
+    """Time ``runners`` interleaved (``time_case``, up to 1 s of warm-up) and put each provider's timing, median in ms
+    and spread into its row, or the error it raised."""
+    timings = time_case(runners, budget_s=budget_s, min_reps=min_reps, warmup_s=min(1.0, budget_s))
+    for p, timing in timings.items():
+        if isinstance(timing, BaseException):
+            rows[p]["error"] = error_text(timing)
+            continue
+        rows[p].update(timing)
+        rows[p]["time_ms"] = timing["median_s"] * 1e3
+        rows[p]["spread"] = spread(timing)
 
 
 def measure_model_case(case: ModelCase, providers, *, budget_s: float = 1.0, min_reps: int = 21,
@@ -267,19 +277,12 @@ def measure_model_case(case: ModelCase, providers, *, budget_s: float = 1.0, min
     try:
         for p, runner in runners.items():
             rows[p]["loss0"] = _first_loss(runner)
-        timings = time_case(runners, budget_s=budget_s, min_reps=min_reps, warmup_s=min(1.0, budget_s))
-        for p, timing in timings.items():
-            if isinstance(timing, BaseException):
-                rows[p]["error"] = _error(timing)
-                continue
-            rows[p].update(timing)
-            rows[p]["time_ms"] = timing["median_s"] * 1e3
-            rows[p]["spread"] = timing["iqr_s"] / timing["median_s"] if timing["median_s"] else None
+        time_rows(rows, runners, budget_s, min_reps)
         for p, runner in runners.items():
             if "error" in rows[p]:
                 continue
-            rows[p]["saved_bytes"] = _or_none(saved_activation_bytes, runner)
-            rows[p]["peak_bytes"] = _or_none(peak_memory_bytes, runner)
+            rows[p]["saved_bytes"] = or_none(saved_activation_bytes, runner)
+            rows[p]["peak_bytes"] = or_none(peak_memory_bytes, runner)
             rows[p]["optimizer"] = (None if runner.optimizer is None else
                                     "AdamW (fused)" if runner.optimizer.defaults.get("fused") else "AdamW")
             if runner.note:
@@ -295,13 +298,6 @@ def measure_model_case(case: ModelCase, providers, *, budget_s: float = 1.0, min
         if "fastlora" in timed and p != "fastlora":
             row["fastlora_over"] = ratio_stats(timed["fastlora"], row)
     return [rows[p] for p in providers]
-
-
-def _or_none(fn, *args):
-    try:
-        return fn(*args)
-    except Exception:  # noqa: BLE001 - memory accounting is best effort (a compiled graph may refuse the hooks)
-        return None
 
 
 def model_goals(rows: list[dict]) -> list[dict]:

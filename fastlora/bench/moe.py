@@ -26,9 +26,9 @@ import torch
 
 from .memory import peak_memory_bytes, saved_activation_bytes
 from .model import (case_set_meta, goal, goal_line, markdown_head, measure_cases, mib, ratio_cell, ratio_stats,
-                    text_head, text_tail, write_report)
+                    text_head, text_tail, time_rows, write_report)
 from .providers import sync
-from .timing import time_case
+from .run import error_text, or_none
 
 MOE_PROVIDERS = ("fastlora", "peft", "base")
 MOE_FLOOR = "base"
@@ -193,15 +193,8 @@ def build_moe_runners(case: MoECase, providers, *, seed: int = 0, pool_size: int
             block.train()
             runners[p] = MoERunner(case, p, block, pool_x, pool_dy)
         except Exception as exc:  # noqa: BLE001 - recorded per provider
-            errors[p] = f"{type(exc).__name__}: {exc}".strip()[:500]
+            errors[p] = error_text(exc)
     return runners, errors
-
-
-def _or_none(fn, *args, **kwargs):
-    try:
-        return fn(*args, **kwargs)
-    except Exception:  # noqa: BLE001 - memory accounting is best effort
-        return None
 
 
 def measure_moe_case(case: MoECase, providers, *, budget_s: float = 0.5, min_reps: int = 21,
@@ -213,18 +206,11 @@ def measure_moe_case(case: MoECase, providers, *, budget_s: float = 0.5, min_rep
     for p, why in errors.items():
         rows[p]["error"] = why
     try:
-        timings = time_case(runners, budget_s=budget_s, min_reps=min_reps, warmup_s=min(1.0, budget_s))
-        for p, timing in timings.items():
-            if isinstance(timing, BaseException):
-                rows[p]["error"] = f"{type(timing).__name__}: {timing}"[:500]
-                continue
-            rows[p].update(timing)
-            rows[p]["time_ms"] = timing["median_s"] * 1e3
-            rows[p]["spread"] = timing["iqr_s"] / timing["median_s"] if timing["median_s"] else None
+        time_rows(rows, runners, budget_s, min_reps)
         for p, runner in runners.items():
             if "error" not in rows[p]:
-                rows[p]["saved_bytes"] = _or_none(saved_activation_bytes, runner, include_input=False)
-                rows[p]["peak_bytes"] = _or_none(peak_memory_bytes, runner)
+                rows[p]["saved_bytes"] = or_none(saved_activation_bytes, runner, include_input=False)
+                rows[p]["peak_bytes"] = or_none(peak_memory_bytes, runner)
     finally:
         runners.clear()
         if torch.device(case.device).type == "cuda":

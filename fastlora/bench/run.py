@@ -21,7 +21,8 @@ from .report import WIDTH
 from .timing import CPU_RATIO_SD, ratio_interval, spread, steady_allocator, time_case
 
 
-def _error(exc: BaseException) -> str:
+def error_text(exc: BaseException) -> str:
+    """An exception as a report's ``error`` field: its type and message, at most 500 characters."""
     return f"{type(exc).__name__}: {exc}".strip()[:500]
 
 
@@ -39,21 +40,21 @@ def measure_case(case: Case, providers, *, budget_s: float = 0.5, min_reps: int 
         try:
             runners[p] = build_runner(p, case, seed=seed)
         except Exception as exc:  # noqa: BLE001
-            rows[p]["error"] = _error(exc)
+            rows[p]["error"] = error_text(exc)
     try:
         timings = time_case(runners, budget_s=budget_s, min_reps=min_reps, warmup_s=min(0.1, budget_s))
         for p, timing in timings.items():
             row, runner = rows[p], runners[p]
             if isinstance(timing, BaseException):
-                row["error"] = _error(timing)
+                row["error"] = error_text(timing)
                 continue
             row.update(timing)
             row["time_ms"] = timing["median_s"] * 1e3
             row["spread"] = spread(timing)
             row["tflops"] = lora_flops(case, p) / timing["median_s"] / 1e12
-            row["saved_bytes"] = _or_none(saved_activation_bytes, runner)
-            row["saved_beyond_input_bytes"] = _or_none(saved_activation_bytes, runner, False)
-            row["peak_bytes"] = _or_none(peak_memory_bytes, runner)
+            row["saved_bytes"] = or_none(saved_activation_bytes, runner)
+            row["saved_beyond_input_bytes"] = or_none(saved_activation_bytes, runner, False)
+            row["peak_bytes"] = or_none(peak_memory_bytes, runner)
             row["dropout_applied"] = runner.dropout_applied
             row["as_asked"] = runner.as_asked
             if runner.note:
@@ -91,9 +92,10 @@ def measure(provider: str, case: Case, *, budget_s: float = 0.5, min_reps: int =
     return measure_case(case, [provider], budget_s=budget_s, min_reps=min_reps, seed=seed)[0]
 
 
-def _or_none(fn, *args):
+def or_none(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, or None where it raises."""
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except Exception:  # memory accounting is best effort: a hook-hostile provider gets no figure
         return None
 
