@@ -40,7 +40,7 @@ def profile(n: int, rounds: int, M: int = 512, K: int = 1024, N: int = 1024, r: 
     with torch.no_grad():
         layer(x, adapter_names=names)  # builds the layer's adapter bank
         bank = layer.__dict__[peft_mixed._BANK]
-        index = peft_mixed._sample_index(names, bank.names, x.device)
+        index = peft_mixed._sample_index(peft_mixed._names(names), bank.names, x.device)
         s = scalings_tensor([layer.scaling[a] for a in bank.names], x.device)
         ps = [0.0] * len(bank.names)
         calls = {

@@ -424,6 +424,45 @@ def test_the_bank_survives_inference_mode_save_and_load(tmp_path):
             assert torch.equal(mine[n], theirs[n]), n
 
 
+def test_what_a_layer_keeps_for_the_last_batch_follows_the_layer(op_calls):
+    """Each layer keeps, for the last batch's names, the adapters it runs, their row index and their scalings; the
+    same names again after the layer changed (an adapter deleted from one layer only, a scaling set, a tensor
+    scaling written in place as PEFT's hot-swap does) give PEFT's output, not the last call's."""
+    from peft.tuners.lora import LoraLayer
+
+    plain, fused = _twins(tiny_llama, ["q_proj", "v_proj"])
+    layers = sum(isinstance(m, LoraLayer) for m in fused.modules())
+    ids = torch.randint(1, 61, (len(NAMES), 5), generator=torch.Generator().manual_seed(9))
+    _same_logits(plain, fused, ids, NAMES, "first call")
+    _same_logits(plain, fused, ids, list(NAMES), "the same names again")
+
+    for model in (plain, fused):  # one layer loses an adapter that the others keep
+        model.base_model.model.model.layers[1].self_attn.v_proj.delete_adapter("de")
+    _same_logits(plain, fused, ids, NAMES, "de deleted from one layer")
+
+    for model in (plain, fused):  # PEFT's scale setters put new floats into layer.scaling
+        for layer in _lora_layers(model):
+            layer.set_scale("fr", 3.0)
+            layer.scaling["en"] = layer.scaling["en"] * -0.5
+    _same_logits(plain, fused, ids, NAMES, "scalings set")
+
+    for model in (plain, fused):  # 0-d tensor scalings, then written in place
+        for layer in _lora_layers(model):
+            layer.scaling["de"] = torch.tensor(float(layer.scaling["de"]))
+    _same_logits(plain, fused, ids, NAMES, "tensor scalings")
+    for model in (plain, fused):
+        for layer in _lora_layers(model):
+            layer.scaling["de"].fill_(-4.0)
+    _same_logits(plain, fused, ids, NAMES, "tensor scalings written in place")
+    assert len(op_calls) == 6 * layers  # every call fused
+
+
+def _lora_layers(model):
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer) and "de" in m.scaling]
+
+
 def test_the_bank_never_stands_in_for_an_adapter_it_does_not_hold():
     """A layer whose adapters differ in dtype: the bank holds those of one dtype; a batch naming as many adapters
     as the bank holds, one of them outside it, runs every adapter (PEFT's output), never the bank's others."""

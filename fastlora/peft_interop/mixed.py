@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import operator
 import threading
 from typing import Optional
 
@@ -33,19 +34,53 @@ __all__ = ["forward", "why_not", "allow_mixed_batch_training", "mixed_batch_trai
 
 BASE = "__base__"
 _INDEX: "collections.OrderedDict" = collections.OrderedDict()
+_INDEX_LOCK = threading.Lock()
+_USED = "_fastlora_mixed_used"
 
 
-def _sample_index(names, adapters, device) -> torch.Tensor:
-    """(batch,) int64 on ``device``: each sample's position in ``adapters``, -1 for the others; cached by value."""
-    key = (tuple(names), tuple(adapters), str(device))
-    hit = _INDEX.get(key)
-    if hit is None:
-        pos = {a: i for i, a in enumerate(adapters)}
-        hit = _INDEX[key] = torch.tensor([pos.get(n, -1) for n in names], dtype=torch.int64).to(device)
+class _Names:
+    """One batch's ``adapter_names``: the names as a tuple (``key``) and its distinct names in first-appearance order
+    (``distinct``). Identity stands for the value: ``_names`` hands every layer of a forward the same object, and
+    the caches of the layers compare it with ``is``, since hashing the names again on every layer costs a cache
+    miss per distinct name once the previous layer's GEMM has evicted them."""
+
+    __slots__ = ("key", "distinct")
+
+    def __init__(self, key: tuple):
+        self.key = key
+        self.distinct = tuple(dict.fromkeys(key))
+
+
+_LAST_NAMES: Optional[_Names] = None
+
+
+def _names(names) -> Optional[_Names]:
+    """The ``_Names`` of ``names`` (a list or tuple; else None): the last one made while the names are equal."""
+    global _LAST_NAMES
+    if not isinstance(names, (list, tuple)):
+        return None
+    key = tuple(names)
+    last = _LAST_NAMES
+    if last is None or last.key != key:  # the same string objects compare by identity: one pass over two tuples
+        last = _LAST_NAMES = _Names(key)
+    return last
+
+
+def _sample_index(batch: _Names, adapters, device) -> torch.Tensor:
+    """(batch,) int64 on ``device``: each sample's position in ``adapters``, -1 for the others; cached for the
+    batch's ``_Names`` and the adapters' names."""
+    key = (batch, tuple(adapters), str(device))
+    with _INDEX_LOCK:
+        hit = _INDEX.get(key)
+        if hit is not None:
+            _INDEX.move_to_end(key)
+            return hit
+    pos = {a: i for i, a in enumerate(adapters)}
+    hit = torch.tensor([pos.get(n, -1) for n in batch.key], dtype=torch.int64).to(device)
+    with _INDEX_LOCK:
+        _INDEX[key] = hit
         if len(_INDEX) > 64:
             _INDEX.popitem(last=False)
-    else:
-        _INDEX.move_to_end(key)
     return hit
 
 
@@ -57,22 +92,35 @@ def _kind(layer) -> Optional[str]:
     return None
 
 
-def _used(layer, names, kind) -> Optional[list]:
-    """The adapters of ``names`` that this layer holds, in first-appearance order (PEFT's set, made stable); None
-    where ``names`` is not a list of names or the layer no kind of ours."""
-    if kind is None or not isinstance(names, (list, tuple)):
+def _used(layer, batch: Optional[_Names], kind) -> Optional[tuple]:
+    """The adapters of the batch that this layer holds, in first-appearance order (PEFT's set, made stable); None
+    where ``adapter_names`` is not a list of names or the layer no kind of ours. Kept per layer for the last batch
+    and the adapters the layer held then."""
+    if kind is None or batch is None:
         return None
-    held = layer._modules["lora_A"]._modules if kind == "linear" else layer._modules["lora_embedding_A"]._parameters
-    return [a for a in dict.fromkeys(names) if a != BASE and a in held]
+    holder = layer._modules["lora_A"]._modules if kind == "linear" else layer._modules["lora_embedding_A"]._parameters
+    held = tuple(holder)
+    hit = layer.__dict__.get(_USED)
+    if hit is not None and hit[0] is batch and hit[1] == held:
+        return hit[2]
+    used = tuple(a for a in batch.distinct if a != BASE and a in holder)
+    layer.__dict__[_USED] = (batch, held, used)
+    return used
 
 
 def why_not(layer, x, names) -> Optional[str]:
     """Why this mixed-batch call runs PEFT's forward, or None when it runs fused."""
     kind = _kind(layer)
-    return _why_not(layer, x, names, kind, _used(layer, names, kind))
+    used = _used(layer, _names(names), kind)
+    why = _layer_reason(layer, x, names, kind, used)
+    if why is not None or kind != "linear":
+        return why
+    found = _linear_adapters(layer, used)
+    return found if isinstance(found, str) else None
 
 
-def _why_not(layer, x, names, kind, used) -> Optional[str]:
+def _layer_reason(layer, x, names, kind, used) -> Optional[str]:
+    """``why_not`` but for the per-adapter checks of a linear layer (``_linear_adapters``)."""
     from . import _hook_reason  # the router's own check of hooks that a fused call would skip
 
     if kind is None:
@@ -90,9 +138,8 @@ def _why_not(layer, x, names, kind, used) -> Optional[str]:
     why = fuser.why_not(layer, first)
     if why is not None:
         return f"adapter {first!r}: {why}"
-    if kind == "linear":  # one pass over the adapters: a mixed batch may hold dozens (checks, hooks)
-        why = _hook_reason(layer, [])
-        return why if why is not None else _linear_adapters_reason(layer, used)
+    if kind == "linear":
+        return _hook_reason(layer, [])  # the sub-layers' hooks: in _linear_adapters, with the other checks
     for a in used[1:]:
         why = _adapter_reason(layer, a, kind)
         if why is not None:
@@ -100,10 +147,17 @@ def _why_not(layer, x, names, kind, used) -> Optional[str]:
     return _hook_reason(layer, used)
 
 
-def _linear_adapters_reason(layer, used) -> Optional[str]:
-    """``_adapter_reason`` for every adapter of ``used`` (the first passed its fuser's whole check) and the hooks on
-    their sub-layers (the router's ``_hook_reason``), in one loop with the checks inlined: a mixed batch may hold
-    dozens of adapters, and through the two functions 64 of them cost 0.2 ms of host time per layer."""
+def _linear_adapters(layer, used):
+    """What makes an adapter of ``used`` unfit (``_adapter_reason``; the first passed its fuser's whole check) or
+    hooked (the router's ``_hook_reason`` on its sub-layers), as a str; else what the call needs of them, read in
+    the same pass: (lora_A weights, lora_B weights, lora_B biases, scalings, dropout ps), one entry per adapter of
+    ``used``.
+
+    One pass with the checks inlined, because a mixed batch may hold dozens of adapters and host work here is
+    bound by cache misses, not by instructions: the GEMM before the call evicts the modules' objects, so each
+    object costs a miss the first time it is read and little after. 64 adapters after a GEMM on this CPU: the
+    checks, the bank's check and the call's lists took 0.45–0.6 ms as four passes, 0.34 ms as this one and the
+    bank's check; the checks alone take 65 µs warm."""
     from . import _RoutedForward, _hooked
 
     mods = layer._modules
@@ -111,18 +165,22 @@ def _linear_adapters_reason(layer, used) -> Optional[str]:
     mags = mods.get("lora_magnitude_vector")
     mags = {} if mags is None else mags._modules
     variants = layer.__dict__.get("lora_variant")
+    scaling = layer.__dict__["scaling"]
     Linear, Dropout, Identity = nn.Linear, nn.Dropout, nn.Identity
+    As, Bs, biases, scalings, ps = [], [], [], [], []
     first = used[0]
     for a in used:
         A, B, d = A_mods[a], B_mods[a], drops[a]
+        a_params, b_params = A._parameters, B._parameters
+        a_w, b_w = a_params["weight"], b_params["weight"]
         if a is not first:
             if variants is None or variants.get(a) is not None:
                 why = linear_fuser.variant_name(layer, a)
                 if why is not None:
                     return f"adapter {a!r}: {why}"
-            if type(A) is not Linear or type(B) is not Linear or A._parameters["bias"] is not None:
+            if type(A) is not Linear or type(B) is not Linear or a_params["bias"] is not None:
                 return f"adapter {a!r}: custom lora_A / lora_B modules"
-            if not A._parameters["weight"].is_floating_point() or not B._parameters["weight"].is_floating_point():
+            if not a_w.is_floating_point() or not b_w.is_floating_point():
                 return f"adapter {a!r}: non-float adapter weights"
             if type(d) is not Identity and (type(d) is not Dropout or d.training and d.p >= 1.0):
                 return f"adapter {a!r}: {registry.dropout_reason(d)}"
@@ -133,7 +191,12 @@ def _linear_adapters_reason(layer, used) -> Optional[str]:
                 return f"hook on {attr}[{a!r}]"
         if mags and a in mags and _hooked(mags[a]):
             return f"hook on lora_magnitude_vector[{a!r}]"
-    return None
+        As.append(a_w)
+        Bs.append(b_w)
+        biases.append(b_params.get("bias"))
+        scalings.append(scaling[a])
+        ps.append(float(d.p) if d.training and type(d) is Dropout else 0.0)
+    return As, Bs, biases, scalings, ps
 
 
 def _adapter_reason(layer, a, kind) -> Optional[str]:
@@ -156,40 +219,48 @@ def _adapter_reason(layer, a, kind) -> Optional[str]:
 def forward(layer, x, names):
     """PEFT's ``layer(x, adapter_names=names)``, fused; None where PEFT's forward must run it (``why_not``)."""
     kind = _kind(layer)
-    used = _used(layer, names, kind)
-    if _why_not(layer, x, names, kind, used) is not None:
+    batch = _names(names)
+    used = _used(layer, batch, kind)
+    if _layer_reason(layer, x, names, kind, used) is not None:
         return None
     if kind == "embedding":
-        return _embedding(layer, x, names, used)
-    return _linear(layer, x, names, used)
+        return _embedding(layer, x, batch, used)
+    found = _linear_adapters(layer, used)
+    if isinstance(found, str):
+        return None
+    return _linear(layer, x, batch, used, *found)
 
 
-def _linear(layer, x, names, used):
+def _linear(layer, x, batch, used, As, Bs, biases, scalings, ps):
     base = linear_fuser.base_of(layer)
     weight = base.weight.t() if linear_fuser.is_conv1d(base) else base.weight
     if not x.is_floating_point() or (x.dtype != weight.dtype and not autocast_enabled(x.device.type)):
         return None  # PEFT's base layer raises or casts its own way
-    mods = layer._modules
-    A_mods, B_mods, drops = mods["lora_A"]._modules, mods["lora_B"]._modules, mods["lora_dropout"]._modules
-    bank = _bank(layer, used, A_mods, B_mods) if not torch.is_grad_enabled() else None
-    if bank is not None:  # the layer's adapters where they lie: no copy
+    n = len(used)
+    found = _bank(layer, used, As, Bs) if not torch.is_grad_enabled() else None
+    if found is not None:  # the layer's adapters where they lie, no copy; those outside the batch get no rows
+        bank, at = found
         members, A, B, ranks = bank.names, bank.A, bank.B, bank.ranks
+        order = [None] * len(members)
+        for i, j in enumerate(at):
+            order[j] = i
     else:
         # adapters of one rank next to each other: each rank class is then one block of the packed buffers
-        members = sorted(used, key=lambda a: A_mods[a]._parameters["weight"].shape[0])
-        A, B, ranks = pack_adapters([A_mods[a]._parameters["weight"] for a in members],
-                                    [B_mods[a]._parameters["weight"] for a in members])
-    in_batch = set(used)
-    scalings = [layer.scaling[a] if a in in_batch else 1.0 for a in members]
-    ps = [registry.dropout_p(drops[a]) if a in in_batch and drops[a].training else 0.0 for a in members]
-    sample = _sample_index(names, members, x.device)
+        order = sorted(range(n), key=lambda i: As[i].shape[0])
+        members = [used[i] for i in order]
+        A, B, ranks = pack_adapters([As[i] for i in order], [Bs[i] for i in order])
+    scalings = [1.0 if i is None else scalings[i] for i in order]
+    ps = [0.0 if i is None else ps[i] for i in order]
+    if found is not None:
+        sample, s = bank.index(batch, x.device), bank.scalings(scalings, x.device)
+    else:
+        sample, s = _sample_index(batch, members, x.device), scalings_tensor(scalings, x.device)
     rows_per_sample = 1
     for d in x.shape[1:-1]:
         rows_per_sample *= d
-    index = sample if rows_per_sample == 1 else sample[:, None].expand(len(names), rows_per_sample).reshape(-1)
-    s = scalings_tensor(scalings, x.device)
+    index = sample if rows_per_sample == 1 else sample[:, None].expand(len(batch.key), rows_per_sample).reshape(-1)
+    lora_biases = [None if i is None else biases[i] for i in order]
     y = MIXED_LORA_LINEAR(x, weight, base.bias, A, B, index, s, ranks=ranks, dropout_ps=ps)
-    lora_biases = [B_mods[a]._parameters.get("bias") if a in in_batch else None for a in members]
     if any(b is not None for b in lora_biases):  # lora_bias: s_a · b_a on adapter a's rows
         zero = y.new_zeros(y.shape[-1])
         table = torch.stack([zero] + [zero if b is None else linear_fuser._scaled(b, s).to(y.dtype)
@@ -240,28 +311,48 @@ class _Bank:
                 o += r
         self.a_ptrs, self.b_ptrs = list(map(_data_ptr, As)), list(map(_data_ptr, Bs))
         self.a_shapes, self.b_shapes = [t.shape for t in As], [t.shape for t in Bs]
+        self._index = self._scalings = None
 
-    def holds(self, used, A_mods, B_mods) -> bool:
-        """The layer holds the same adapters as when the bank was built, and the parameters of every adapter of
-        ``used`` are still the bank's views: the same data pointer and shape, contiguous (the dtype cannot differ at
-        the same address short of a reinterpreting ``.view(dtype)``). About 0.4 µs an adapter."""
+    def index(self, batch: _Names, device) -> torch.Tensor:
+        """(batch,) int64 on ``device``: each sample's adapter, its position in the bank, -1 for the others; kept
+        for the last batch."""
+        hit = self._index
+        if hit is not None and hit[0] is batch and hit[1] == device:
+            return hit[2]
+        pos = self.pos
+        index = torch.tensor([pos.get(n, -1) for n in batch.key], dtype=torch.int64).to(device)
+        self._index = (batch, device, index)
+        return index
+
+    def scalings(self, scalings: list, device) -> torch.Tensor:
+        """``scalings_tensor(scalings, device)``, kept for the last list while it holds the same objects: Python
+        numbers, which cannot change (a tensor scaling can, in place: those are stacked anew every call)."""
+        hit = self._scalings
+        if (hit is not None and hit[1] == device and len(hit[0]) == len(scalings)
+                and all(map(operator.is_, hit[0], scalings))):
+            return hit[2]
+        s = scalings_tensor(scalings, device)
+        if all(type(v) in (float, int) for v in scalings):
+            self._scalings = (scalings, device, s)
+        return s
+
+    def holds(self, used, As, Bs, A_mods) -> Optional[list]:
+        """Each adapter's position in the bank, for the adapters of ``used`` (their lora_A / lora_B weights ``As``,
+        ``Bs``), where the layer holds the same adapters as when the bank was built and those weights are still the
+        bank's views: the same data pointer and shape, contiguous (the dtype cannot differ at the same address short
+        of a reinterpreting ``.view(dtype)``); else None. About 0.4 µs an adapter."""
         if tuple(A_mods) != self.held:
-            return False
+            return None
         at = list(map(self.pos.get, used))
         if None in at:  # an adapter outside the bank (another dtype, say)
-            return False
-        if len(used) == len(self.names):  # every adapter of the bank, in whatever order ``used`` has them
-            names, a_ptrs, b_ptrs, a_shapes, b_shapes = (self.names, self.a_ptrs, self.b_ptrs, self.a_shapes,
-                                                         self.b_shapes)
-        else:
-            names = used
-            a_ptrs, b_ptrs = [self.a_ptrs[i] for i in at], [self.b_ptrs[i] for i in at]
-            a_shapes, b_shapes = [self.a_shapes[i] for i in at], [self.b_shapes[i] for i in at]
-        As = [m._parameters["weight"] for m in map(A_mods.__getitem__, names)]
-        Bs = [m._parameters["weight"] for m in map(B_mods.__getitem__, names)]
-        return (list(map(_data_ptr, As)) == a_ptrs and list(map(_data_ptr, Bs)) == b_ptrs
-                and [t.shape for t in As] == a_shapes and [t.shape for t in Bs] == b_shapes
-                and all(map(_contiguous, As)) and all(map(_contiguous, Bs)))
+            return None
+        a_ptrs, b_ptrs, a_shapes, b_shapes = self.a_ptrs, self.b_ptrs, self.a_shapes, self.b_shapes
+        if ([a_ptrs[i] for i in at] == list(map(_data_ptr, As)) and [b_ptrs[i] for i in at] == list(map(_data_ptr, Bs))
+                and [a_shapes[i] for i in at] == [t.shape for t in As]
+                and [b_shapes[i] for i in at] == [t.shape for t in Bs]
+                and all(map(_contiguous, As)) and all(map(_contiguous, Bs))):
+            return at
+        return None
 
 
 _data_ptr = torch.Tensor.data_ptr
@@ -278,33 +369,36 @@ def _bankable(layer, a, A_mods, B_mods, like) -> bool:
                and w.device == like.device and w.layout == torch.strided for w in (a_w, b_w))
 
 
-def _bank(layer, used, A_mods, B_mods) -> Optional[_Bank]:
-    """The layer's bank holding every adapter of ``used``, built (or rebuilt) where needed; None where one cannot
-    hold them (an adapter of another dtype or device, tensor subclasses, tracing)."""
+def _bank(layer, used, As, Bs) -> Optional[tuple]:
+    """(the layer's bank holding every adapter of ``used``, each one's position in it), the bank built (or rebuilt)
+    where needed; None where one cannot hold them (an adapter of another dtype or device, tensor subclasses,
+    tracing). ``As`` and ``Bs``: the lora_A and lora_B weights of ``used``."""
     if torch.compiler.is_compiling():
         return None
+    A_mods, B_mods = layer._modules["lora_A"]._modules, layer._modules["lora_B"]._modules
     bank = layer.__dict__.get(_BANK)
-    if bank is not None and bank.holds(used, A_mods, B_mods):
-        return bank
+    at = None if bank is None else bank.holds(used, As, Bs, A_mods)
+    if at is not None:
+        return bank, at
     with _BANK_LOCK:
         bank = layer.__dict__.get(_BANK)
-        if bank is not None and bank.holds(used, A_mods, B_mods):
-            return bank
-        like = A_mods[used[0]]._parameters["weight"]
-        names = [a for a in A_mods if _bankable(layer, a, A_mods, B_mods, like)]
+        at = None if bank is None else bank.holds(used, As, Bs, A_mods)
+        if at is not None:
+            return bank, at
+        names = [a for a in A_mods if _bankable(layer, a, A_mods, B_mods, As[0])]
         if not set(used) <= set(names):
             return None
         names.sort(key=lambda a: A_mods[a]._parameters["weight"].shape[0])  # each rank class one block
         bank = _Bank(layer, names, A_mods, B_mods)
         layer.__dict__[_BANK] = bank
-        return bank
+        return bank, [bank.pos[a] for a in used]
 
 
-def _embedding(layer, x, names, used):
+def _embedding(layer, x, batch, used):
     base = layer.get_base_layer()
     A = [layer.lora_embedding_A[a] for a in used]
     B = [layer.lora_embedding_B[a] for a in used]
-    sample = _sample_index(names, used, x.device)
+    sample = _sample_index(batch, used, x.device)
     return lora_embedding_mixed(x, base.weight, A, B, sample, scalings=[layer.scaling[a] for a in used],
                                 padding_idx=base.padding_idx, max_norm=base.max_norm, norm_type=base.norm_type,
                                 scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
