@@ -303,6 +303,25 @@ def test_dropout_is_per_adapter_in_training():
     assert float((out[0::2] - ref[0::2]).abs().max()) > 1e-3
 
 
+def test_a_mixed_batch_compiles_in_one_graph():
+    """torch.compile(fullgraph=True) of an accelerated layer called with adapter_names: the PEFT-level call
+    (checks, names, row index) traces without a graph break, and two batches of other names give PEFT's output."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(32, 24)),
+                           LoraConfig(r=4, target_modules=["0"], init_lora_weights=False), adapter_name="en")
+    model.add_adapter("de", LoraConfig(r=8, target_modules=["0"], init_lora_weights=False))
+    model.eval()
+    layer = model.base_model.model[0]
+    fused = fastlora.accelerate_peft(copy.deepcopy(model)).base_model.model[0]
+    compiled = torch.compile(fused, fullgraph=True, backend="eager")
+    x = torch.randn(4, 3, 32)
+    with torch.no_grad():
+        for names in (["en", "de", "__base__", "de"], ["de", "de", "en", "__base__"]):
+            assert_same(compiled(x, adapter_names=names), layer(x, adapter_names=names), name=str(names))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_base_with_fp32_adapters_equals_peft(dtype):
     """PEFT keeps the adapters in fp32 on a half base: the low-rank terms in fp32, rounded once into the half

@@ -15,7 +15,6 @@ step, with its own dropout.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import operator
 import threading
@@ -33,8 +32,7 @@ from . import registry
 __all__ = ["forward", "why_not", "allow_mixed_batch_training", "mixed_batch_training_allowed"]
 
 BASE = "__base__"
-_INDEX: "collections.OrderedDict" = collections.OrderedDict()
-_INDEX_LOCK = threading.Lock()
+_INDEX: dict = {}
 _USED = "_fastlora_mixed_used"
 
 
@@ -70,17 +68,13 @@ def _sample_index(batch: _Names, adapters, device) -> torch.Tensor:
     """(batch,) int64 on ``device``: each sample's position in ``adapters``, -1 for the others; cached for the
     batch's ``_Names`` and the adapters' names."""
     key = (batch, tuple(adapters), str(device))
-    with _INDEX_LOCK:
-        hit = _INDEX.get(key)
-        if hit is not None:
-            _INDEX.move_to_end(key)
-            return hit
-    pos = {a: i for i, a in enumerate(adapters)}
-    hit = torch.tensor([pos.get(n, -1) for n in batch.key], dtype=torch.int64).to(device)
-    with _INDEX_LOCK:
+    hit = _INDEX.get(key)
+    if hit is None:
+        pos = {a: i for i, a in enumerate(adapters)}
+        hit = torch.tensor([pos.get(n, -1) for n in batch.key], dtype=torch.int64).to(device)
+        if len(_INDEX) >= 64:  # emptied rather than trimmed: atomic, so threads need no lock (which torch.compile
+            _INDEX.clear()     # cannot trace)
         _INDEX[key] = hit
-        if len(_INDEX) > 64:
-            _INDEX.popitem(last=False)
     return hit
 
 
