@@ -165,7 +165,8 @@ def scalings_tensor(scalings: Sequence, device) -> Tensor:
         return torch.stack([torch.as_tensor(s).reshape(()).to(device=device, dtype=torch.float32) for s in scalings])
     if torch.compiler.is_compiling():  # a constant of the graph: no cache to consult while tracing
         return torch.tensor([float(s) for s in scalings], dtype=torch.float32, device=device)
-    key = (tuple(float(s) for s in scalings), str(device))
+    # an inference-mode tensor cannot be saved for a backward outside inference mode: one entry per mode
+    key = (tuple(float(s) for s in scalings), str(device), torch.is_inference_mode_enabled())
     hit = _SCALINGS.get(key)
     if hit is None:
         hit = _SCALINGS[key] = torch.tensor(key[0], dtype=torch.float32).to(device)

@@ -303,6 +303,36 @@ def test_dropout_is_per_adapter_in_training():
     assert float((out[0::2] - ref[0::2]).abs().max()) > 1e-3
 
 
+def test_a_batch_run_in_inference_mode_then_trains():
+    """Adapters of two dtypes (no bank: packed per call) run in inference mode, then train on the same names: the
+    cached row index and scalings made in inference mode must not reach the training call, whose op saves them
+    for the backward (torch refuses to save inference tensors). Gradients equal PEFT's loop on the same layer."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(32, 24)),
+                           LoraConfig(r=4, target_modules=["0"], init_lora_weights=False), adapter_name="en")
+    model.add_adapter("de", LoraConfig(r=8, target_modules=["0"], init_lora_weights=False))
+    model.base_model.set_adapter(["en", "de"])
+    layer = model.base_model.model[0]
+    for n, p in layer.named_parameters():
+        if ".de." in n:
+            p.data = p.data.double()
+    fused = fastlora.accelerate_peft(copy.deepcopy(model)).base_model.model[0]
+    x = torch.randn(4, 32)
+    names = ["en", "de", "en", "__base__"]
+    with torch.inference_mode():
+        fused(x, adapter_names=names)
+    expected, actual = layer(x, adapter_names=names), fused(x, adapter_names=names)
+    assert_same(actual, expected, name="training-mode output")
+    expected.square().sum().backward()
+    actual.square().sum().backward()
+    mine = dict(fused.named_parameters())
+    for n, p in layer.named_parameters():
+        if p.requires_grad:
+            assert_same(mine[n].grad, p.grad, name=n)
+
+
 def test_a_mixed_batch_compiles_in_one_graph():
     """torch.compile(fullgraph=True) of an accelerated layer called with adapter_names: the PEFT-level call
     (checks, names, row index) traces without a graph break, and two batches of other names give PEFT's output."""

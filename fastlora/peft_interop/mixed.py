@@ -66,8 +66,12 @@ def _names(names) -> Optional[_Names]:
 
 def _sample_index(batch: _Names, adapters, device) -> torch.Tensor:
     """(batch,) int64 on ``device``: each sample's position in ``adapters``, -1 for the others; cached for the
-    batch's ``_Names`` and the adapters' names."""
-    key = (batch, tuple(adapters), str(device))
+    batch's ``_Names``, the adapters' names and the inference mode (a tensor made in inference mode cannot be saved
+    for a backward outside it, and the op saves the index)."""
+    if torch.compiler.is_compiling():  # a constant of the graph: no cache (dynamo cannot read the inference mode)
+        pos = {a: i for i, a in enumerate(adapters)}
+        return torch.tensor([pos.get(n, -1) for n in batch.key], dtype=torch.int64, device=device)
+    key = (batch, tuple(adapters), str(device), torch.is_inference_mode_enabled())
     hit = _INDEX.get(key)
     if hit is None:
         pos = {a: i for i, a in enumerate(adapters)}
