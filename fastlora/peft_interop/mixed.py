@@ -76,8 +76,8 @@ def _sample_index(batch: _Names, adapters, device) -> torch.Tensor:
     if hit is None:
         pos = {a: i for i, a in enumerate(adapters)}
         hit = torch.tensor([pos.get(n, -1) for n in batch.key], dtype=torch.int64).to(device)
-        if len(_INDEX) >= 64:  # emptied rather than trimmed: atomic, so threads need no lock (which torch.compile
-            _INDEX.clear()     # cannot trace)
+        if len(_INDEX) >= 64:  # emptied rather than trimmed: one atomic call, safe across threads without a lock
+            _INDEX.clear()
         _INDEX[key] = hit
     return hit
 
