@@ -153,13 +153,18 @@ def _make_plan(index: Tensor, ranks: Sequence[int]) -> MixedPlan:
     return MixedPlan(classes, offsets, order, inverse)
 
 
+def _tile_offsets(plan: MixedPlan, cls: RankClass, device) -> Tensor:
+    """(n_tiles,) int64: the rank offset o_a of each tile's adapter."""
+    return torch.tensor(plan.offsets[:-1], dtype=torch.int64, device=device)[cls.tile_adapter]
+
+
 def _stack_A(lora_A: Tensor, plan: MixedPlan, cls: RankClass) -> Tensor:
     """(n_tiles, r, K): each tile's A."""
     r, K = cls.rank, lora_A.shape[1]
     if cls.views:
         o = plan.offsets[cls.first]
         return lora_A[o:o + cls.tile_adapter.numel() * r].view(-1, r, K)
-    offs = torch.tensor(plan.offsets[:-1], dtype=torch.int64, device=lora_A.device)[cls.tile_adapter]
+    offs = _tile_offsets(plan, cls, lora_A.device)
     return lora_A[(offs[:, None] + torch.arange(r, device=lora_A.device)).view(-1)].view(-1, r, K)
 
 
@@ -169,7 +174,7 @@ def _stack_B(lora_B: Tensor, N: int, plan: MixedPlan, cls: RankClass) -> Tensor:
     if cls.views:
         o = N * plan.offsets[cls.first]
         return lora_B[o:o + cls.tile_adapter.numel() * N * r].view(-1, N, r)
-    offs = N * torch.tensor(plan.offsets[:-1], dtype=torch.int64, device=lora_B.device)[cls.tile_adapter]
+    offs = N * _tile_offsets(plan, cls, lora_B.device)
     return lora_B[(offs[:, None] + torch.arange(N * r, device=lora_B.device)).view(-1)].view(-1, N, r)
 
 
@@ -296,16 +301,17 @@ def mixed_backward(grad_y, x, weight, lora_A, lora_B, h, index, ranks, scalings,
         if not (needs_input or needs_A):
             continue
         dh = torch.bmm(dyt, Bt).mul_(st)                                           # (n_tiles, T, r)
+        kt = None if keep is None else _gather(keep, cls).to(ld)                   # dA and dx share the tiles' mask
         if needs_A:
             xt = _gather(x, cls).to(ld)
-            if keep is not None:
-                xt = xt * _gather(keep, cls).to(ld)
+            if kt is not None:
+                xt = xt * kt
             dAt = torch.bmm(dh.transpose(1, 2), _padding_zeroed(xt, cls))          # (n_tiles, r, K)
             _add_packed(dA.view(-1), dAt, r * K, K, plan, cls)
         if needs_input:
             lx = torch.bmm(dh, _stack_A(lora_A, plan, cls).to(ld))                 # (n_tiles, T, K)
-            if keep is not None:
-                lx = lx * _gather(keep, cls).to(ld)
+            if kt is not None:
+                lx = lx * kt
             rows, vals = _valid_rows(lx, cls)
             dx.index_add_(0, rows, vals.to(dx.dtype))
     return dx, dW, dbias, (None if dA is None else dA.to(lora_A.dtype)), (None if dB is None else dB.to(lora_B.dtype))
@@ -319,7 +325,7 @@ def _add_packed(flat: Tensor, per_tile: Tensor, size: int, unit: int, plan: Mixe
         o = unit * plan.offsets[cls.first]
         flat[o:o + per_tile.numel()].add_(per_tile.reshape(-1))
         return
-    offs = unit * torch.tensor(plan.offsets[:-1], dtype=torch.int64, device=flat.device)[cls.tile_adapter]
+    offs = unit * _tile_offsets(plan, cls, flat.device)
     idx = offs[:, None] + torch.arange(size, device=flat.device)
     flat.index_add_(0, idx.reshape(-1), per_tile.reshape(-1))
 

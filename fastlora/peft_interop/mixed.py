@@ -64,18 +64,21 @@ def _names(names) -> Optional[_Names]:
     return last
 
 
+def _positions(batch: _Names, pos: dict, device) -> torch.Tensor:
+    """(batch,) int64 on ``device``: each sample's adapter's position in ``pos``, -1 for names outside it."""
+    return torch.tensor([pos.get(n, -1) for n in batch.key], dtype=torch.int64).to(device)
+
+
 def _sample_index(batch: _Names, adapters, device) -> torch.Tensor:
     """(batch,) int64 on ``device``: each sample's position in ``adapters``, -1 for the others; cached for the
     batch's ``_Names``, the adapters' names and the inference mode (a tensor made in inference mode cannot be saved
     for a backward outside it, and the op saves the index)."""
     if torch.compiler.is_compiling():  # a constant of the graph: no cache (dynamo cannot read the inference mode)
-        pos = {a: i for i, a in enumerate(adapters)}
-        return torch.tensor([pos.get(n, -1) for n in batch.key], dtype=torch.int64, device=device)
+        return _positions(batch, {a: i for i, a in enumerate(adapters)}, device)
     key = (batch, tuple(adapters), str(device), torch.is_inference_mode_enabled())
     hit = _INDEX.get(key)
     if hit is None:
-        pos = {a: i for i, a in enumerate(adapters)}
-        hit = torch.tensor([pos.get(n, -1) for n in batch.key], dtype=torch.int64).to(device)
+        hit = _positions(batch, {a: i for i, a in enumerate(adapters)}, device)
         if len(_INDEX) >= 64:  # emptied rather than trimmed: one atomic call, safe across threads without a lock
             _INDEX.clear()
         _INDEX[key] = hit
@@ -234,7 +237,6 @@ def _linear(layer, x, batch, used, As, Bs, biases, scalings, ps):
     weight = base.weight.t() if linear_fuser.is_conv1d(base) else base.weight
     if not x.is_floating_point() or (x.dtype != weight.dtype and not autocast_enabled(x.device.type)):
         return None  # PEFT's base layer raises or casts its own way
-    n = len(used)
     found = _bank(layer, used, As, Bs) if not torch.is_grad_enabled() else None
     if found is not None:  # the layer's adapters where they lie, no copy; those outside the batch get no rows
         bank, at = found
@@ -244,7 +246,7 @@ def _linear(layer, x, batch, used, As, Bs, biases, scalings, ps):
             order[j] = i
     else:
         # adapters of one rank next to each other: each rank class is then one block of the packed buffers
-        order = sorted(range(n), key=lambda i: As[i].shape[0])
+        order = sorted(range(len(used)), key=lambda i: As[i].shape[0])
         members = [used[i] for i in order]
         A, B, ranks = pack_adapters([As[i] for i in order], [Bs[i] for i in order])
     scalings = [1.0 if i is None else scalings[i] for i in order]
@@ -317,8 +319,7 @@ class _Bank:
         hit = self._index
         if hit is not None and hit[0] is batch and hit[1] == device:
             return hit[2]
-        pos = self.pos
-        index = torch.tensor([pos.get(n, -1) for n in batch.key], dtype=torch.int64).to(device)
+        index = _positions(batch, self.pos, device)
         self._index = (batch, device, index)
         return index
 
