@@ -679,7 +679,7 @@ MUTANTS += [
            why="every row drops at the largest adapter's rate"),
     Mutant("mixed_ref_in_place_block_unscaled", MIXED_REF,
            "y[blk].view(n_t, T, N).baddbmm_(hs, Bt)",
-           "y[blk].view(n_t, T, N).baddbmm_(h, Bt)",
+           "y[blk].view(n_t, T, N).baddbmm_(hs / s[cls.tile_adapter][:, None, None], Bt)",
            (MIXED_TESTS,), k="torch_implementation and grouped", why="rows grouped by adapter: the scaling is lost"),
     Mutant("mixed_ref_sorted_rows_left_sorted", MIXED_REF,
            "        y = y.index_select(0, plan.inverse)\n",
